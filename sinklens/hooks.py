@@ -1,0 +1,54 @@
+"""Running the bridge batch by batch with hooks that reduce activations as they fire."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from .progress import progress
+from .tokens import TokenBatch
+
+
+def pattern_hook(layer: int) -> str:
+    """Hook name of the [batch, head, query, key] attention pattern of ``layer``."""
+    return f"blocks.{layer}.attn.hook_pattern"
+
+
+def resid_pre_hook(layer: int) -> str:
+    """Hook name of the residual stream entering ``layer``."""
+    return f"blocks.{layer}.hook_resid_pre"
+
+
+def attn_input_hook(layer: int) -> str:
+    """Hook name of ``layer``'s attention input after RMSNorm and its gain (what q_proj/k_proj multiply)."""
+    return f"blocks.{layer}.ln1.hook_out"
+
+
+def batches(batch: TokenBatch, batch_size: int, desc: str, show_progress: bool = True) -> Iterator[tuple[int, TokenBatch]]:
+    """Yield ``(offset, sub_batch)`` slices of ``batch`` with a progress bar."""
+    n = batch.tokens.shape[0]
+    starts = range(0, n, batch_size)
+    for start in progress(starts, desc=desc, total=len(starts), enabled=show_progress):
+        sl = slice(start, start + batch_size)
+        yield start, TokenBatch(batch.tokens[sl], batch.attention_mask[sl], batch.prepend_bos)
+
+
+def run_hooked(model, batch: TokenBatch, fwd_hooks: Sequence[tuple[str, Callable]], layers: Sequence[int]) -> None:
+    """One forward of ``batch`` with ``fwd_hooks``, stopping after the last layer of ``layers``."""
+    last = max(layers) + 1
+    stop = last if last < model.cfg.n_layers else None
+    with torch.inference_mode():
+        model.run_with_hooks(batch.tokens, attention_mask=batch.attention_mask, fwd_hooks=list(fwd_hooks),
+                             stop_at_layer=stop)
+
+
+def relative_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a 0/1 mask [batch, pos]: first real position, number of real tokens, and for every
+    relative position r the absolute position ``start + r`` (clamped) with a validity mask."""
+    lengths = mask.sum(1)
+    starts = mask.argmax(1)
+    rel = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+    absolute = (starts[:, None] + rel).clamp(max=mask.shape[1] - 1)
+    valid = rel < lengths[:, None]
+    return absolute, valid, lengths

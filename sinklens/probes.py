@@ -1,0 +1,73 @@
+"""A probe set of real English text that is available offline.
+
+Source: the documentation topics that ship with CPython in ``pydoc_data.topics`` (the text of
+the Python Language Reference used by ``help()``; PSF License). The topics are joined in sorted
+key order with blank lines, tokenized once, and cut into consecutive, non-overlapping chunks.
+The first half of the token stream feeds the probe split, the second half the held-out split,
+so evaluation text never overlaps the prompts used to find heads and dimensions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from functools import lru_cache
+
+from .errors import InputError
+from .tokens import TokenBatch, pad_rows
+
+SPLITS = ("probe", "heldout")
+
+
+def probe_text() -> str:
+    """The full source text (deterministic for a given Python version)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def probe_provenance() -> dict:
+    """Where the probe text comes from, to store with results."""
+    text = probe_text()
+    return {
+        "source": "pydoc_data.topics (CPython documentation topics, PSF License)",
+        "python": platform.python_version(),
+        "chars": len(text),
+        "sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "join": "topics in sorted key order, separated by blank lines",
+    }
+
+
+@lru_cache(maxsize=4)
+def _stream(tokenizer) -> tuple[int, ...]:
+    return tuple(tokenizer(probe_text(), add_special_tokens=False)["input_ids"])
+
+
+def probe_tokens(model, n_prompts: int = 128, seq_len: int = 64, prepend_bos: bool = True,
+                 split: str = "probe") -> TokenBatch:
+    """``n_prompts`` prompts of real text, each ``seq_len - 1`` text tokens, BOS prepended if asked.
+
+    The text chunks do not depend on ``prepend_bos``: with BOS a prompt has ``seq_len`` tokens,
+    without it the same text has ``seq_len - 1``. That makes with/without-BOS runs comparable.
+    """
+    if split not in SPLITS:
+        raise InputError(f"Unknown split {split!r}: use one of {SPLITS}.")
+    if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < 1:
+        raise InputError(f"n_prompts must be a positive int, got {n_prompts!r}.")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise InputError(f"seq_len must be an int >= 2 (it counts the BOS), got {seq_len!r}.")
+    stream = _stream(model.tokenizer)
+    half = len(stream) // 2
+    chunk = seq_len - 1
+    available = half // chunk
+    if n_prompts > available:
+        raise InputError(f"The {split} split holds {available} prompts of {seq_len} tokens; asked for {n_prompts}. "
+                         "Use fewer or shorter prompts, or pass your own texts to sinklens.tokenize.")
+    start = 0 if split == "probe" else half
+    rows = [stream[start + i * chunk: start + (i + 1) * chunk] for i in range(n_prompts)]
+    if prepend_bos:
+        bos = model.tokenizer.bos_token_id
+        if bos is None:
+            raise InputError("This tokenizer has no BOS token: call with prepend_bos=False.")
+        rows = [(bos, *row) for row in rows]
+    return pad_rows(model, rows, prepend_bos=prepend_bos)

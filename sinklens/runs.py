@@ -1,0 +1,53 @@
+"""Writing results into a run folder: figures (offline HTML), tables (CSV) and JSON.
+
+Plotly HTML files reference one ``plotly.min.js`` written beside them (no CDN), so a run folder
+opens offline and stays small however many figures it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import InputError
+
+
+class RunFolder:
+    """A folder that notebooks write their outputs into (``figures/``, ``tables/`` and JSON files)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            (self.path / "figures").mkdir(parents=True, exist_ok=True)
+            (self.path / "tables").mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(f"Cannot create run folder {self.path}: {err}. Pass a writable out_dir.") from err
+        if not os.access(self.path, os.W_OK):
+            raise InputError(f"Run folder {self.path} is not writable: pass a writable out_dir.")
+
+    def save_figure(self, fig, name: str) -> Path:
+        """Write a plotly figure as ``figures/<name>.html`` sharing one local plotly.min.js."""
+        path = self.path / "figures" / f"{name}.html"
+        fig.write_html(path, include_plotlyjs="directory", full_html=True)
+        return path
+
+    def save_html(self, html: str, name: str) -> Path:
+        """Write a self-contained HTML page (e.g. a circuitsvis view) as ``figures/<name>.html``."""
+        path = self.path / "figures" / f"{name}.html"
+        path.write_text(html, encoding="utf-8")
+        return path
+
+    def save_table(self, frame: pd.DataFrame, name: str) -> Path:
+        """Write ``tables/<name>.csv``."""
+        path = self.path / "tables" / f"{name}.csv"
+        frame.to_csv(path, index=False)
+        return path
+
+    def save_json(self, data: dict, name: str) -> Path:
+        """Write ``<name>.json`` at the top of the run folder."""
+        path = self.path / f"{name}.json"
+        path.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+        return path

@@ -1,0 +1,108 @@
+"""Shared fixtures.
+
+- ``tiny_dir`` (parametrized MHA / GQA): a randomly initialised Llama checkpoint folder with a
+  small WordLevel tokenizer, built in the test session (no hub, no download).
+- ``tiny``: a fresh bridge loaded from that folder with ``sinklens.load_model`` (cheap: ~0.1 s),
+  so tests that edit weights cannot leak into each other.
+- ``hf_reference``: a separate HF model with eager attention on the same weights, the
+  independent computation every metric is checked against.
+- ``smollm``: the embedded SmolLM2-135M, loaded once per session (integration tier).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import sinklens as sl
+
+TINY_CONFIGS = {
+    # name: (query heads, kv heads)
+    "mha": (4, 4),
+    "gqa": (6, 2),
+}
+TINY_VOCAB = 128
+
+
+def build_tiny_checkpoint(folder, n_heads: int, n_kv_heads: int, seed: int = 0, n_layers: int = 3,
+                          d_model: int = 48, max_positions: int = 96):
+    """Write a random Llama checkpoint with a WordLevel tokenizer ("w3 w4 ..." are tokens)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=d_model, intermediate_size=2 * d_model,
+                         num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                         max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                         initializer_range=0.2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    # larger norm gains make patterns peaked enough to be interesting
+    for layer in model.model.layers:
+        layer.input_layernorm.weight.data.uniform_(0.5, 2.0)
+    model.save_pretrained(folder)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, TINY_VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="</s>").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
+def tiny_dir(request, tmp_path_factory):
+    n_heads, n_kv = TINY_CONFIGS[request.param]
+    return build_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-{request.param}"), n_heads, n_kv)
+
+
+@pytest.fixture
+def tiny(tiny_dir):
+    return sl.load_model(str(tiny_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def hf_reference_factory():
+    from transformers import AutoModelForCausalLM
+
+    cache = {}
+
+    def load(folder):
+        key = str(folder)
+        if key not in cache:
+            cache[key] = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+        return cache[key]
+    return load
+
+
+@pytest.fixture
+def hf_reference(tiny_dir, hf_reference_factory):
+    return hf_reference_factory(tiny_dir)
+
+
+def random_tokens(n: int, length: int, seed: int = 0, bos: bool = True) -> torch.Tensor:
+    """Random ids of the tiny vocabulary (3..127), BOS (id 1) first when ``bos``."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, TINY_VOCAB, (n, length), generator=generator)
+    if bos:
+        tokens[:, 0] = 1
+    return tokens
+
+
+def padded_mask(n: int, length: int, side: str, seed: int = 0) -> torch.Tensor:
+    """A 0/1 mask with random prompt lengths (>= length // 2), padded on ``side``."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(length // 2, length + 1, (n,), generator=generator)
+    lengths[0] = length
+    pos = torch.arange(length)[None, :]
+    if side == "right":
+        return (pos < lengths[:, None]).long()
+    return (pos >= (length - lengths)[:, None]).long()
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The embedded SmolLM2-135M bridge, loaded once for the whole session."""
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    return sl.load_model("smollm2-135m", device="cpu")
