@@ -106,3 +106,21 @@ def smollm():
     """The embedded SmolLM2-135M bridge, loaded once for the whole session."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     return sl.load_model("smollm2-135m", device="cpu")
+
+
+NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
+
+
+def execute_notebook(name: str, out_dir, **params):
+    """Run ``notebooks/<name>`` headless with papermill (kernel python3) and return the executed copy's path.
+
+    ``out_dir`` receives the executed notebook and is passed to the notebook as its ``out_dir``.
+    """
+    import papermill
+
+    out_dir = str(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    output = os.path.join(out_dir, name)
+    papermill.execute_notebook(os.path.join(NOTEBOOKS, name), output, parameters={"out_dir": out_dir, **params},
+                               kernel_name="python3", progress_bar=False, cwd=os.path.dirname(NOTEBOOKS))
+    return output

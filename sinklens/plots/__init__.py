@@ -1,0 +1,1 @@
+"""Plotly figure helpers, one module per topic (census, pruning, selection). Each returns the figure."""
