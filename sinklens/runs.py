@@ -15,11 +15,22 @@ import pandas as pd
 from .errors import InputError
 
 
+def project_path(path: str | os.PathLike) -> Path:
+    """``path`` as given, except that a relative path used from inside the project's ``notebooks/``
+    folder (an interactive Jupyter session) is taken relative to the project root, as papermill and
+    ``python -m sinklens run`` (which run notebooks from the root) take it."""
+    path = Path(path)
+    cwd = Path.cwd()
+    if not path.is_absolute() and cwd.name == "notebooks" and (cwd.parent / "pyproject.toml").is_file():
+        return cwd.parent / path
+    return path
+
+
 class RunFolder:
     """A folder that notebooks write their outputs into (``figures/``, ``tables/`` and JSON files)."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = project_path(path)
         try:
             (self.path / "figures").mkdir(parents=True, exist_ok=True)
             (self.path / "tables").mkdir(parents=True, exist_ok=True)

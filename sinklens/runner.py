@@ -1,0 +1,397 @@
+"""Run the notebook series headless: ``python -m sinklens run``.
+
+Every notebook matching ``notebooks/[0-9][0-9]_*.ipynb`` runs in sorted order with papermill
+into a new folder ``<out>/<YYYYmmdd-HHMMSS>-<model>/`` (never an existing one), receiving only
+the parameters its ``parameters`` cell declares, plus ``model_name`` and ``out_dir`` (the run
+folder). Parameter overrides are parsed to the declared types and checked before anything
+runs. The folder receives the executed notebooks and a ``manifest.json`` (versions, git commit,
+parameters, wall time and status per notebook); ``<out>/latest`` points at the newest run.
+A failing notebook stops the series; what finished is kept and the failure is recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .loading import EMBEDDED_MODELS
+from .notebook_params import _coerce, notebook_parameters
+
+NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
+DEFAULT_MODEL = next(iter(EMBEDDED_MODELS))
+# Small parameters for --ci: the whole series in well under a minute per notebook on 2 CPU cores.
+# Applied to the notebooks that declare them; -p and --params still override them.
+CI_PARAMS: dict[str, Any] = {"n_prompts": 8, "seq_len": 32, "batch_size": 8, "n_boot": 100}
+# Set by the runner itself, never by -p or a params file.
+RESERVED = {"model_name": "--model", "out_dir": "--out"}
+MANIFEST = "manifest.json"
+LATEST = "latest"
+EXIT_INPUT = 2
+EXIT_FAILED = 1
+
+
+def default_notebooks_dir() -> Path:
+    """``./notebooks`` when it exists, else the ``notebooks`` folder of the source checkout."""
+    here = Path.cwd() / "notebooks"
+    return here if here.is_dir() else Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def discover_notebooks(folder: str | os.PathLike) -> list[Path]:
+    """The series: files matching ``[0-9][0-9]_*.ipynb`` in ``folder``, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"Notebook folder {folder} does not exist: run from the repository root or pass --notebooks DIR.")
+    found = sorted(folder.glob(NOTEBOOK_GLOB))
+    if not found:
+        raise InputError(f"No notebooks matching {NOTEBOOK_GLOB} in {folder}: pass the folder that holds the series.")
+    return found
+
+
+def select_notebooks(notebooks: Sequence[Path], only: Iterable[str] | None) -> list[Path]:
+    """The notebooks named by ``only`` (number prefix ``01``, stem or file name), in series order."""
+    if not only:
+        return list(notebooks)
+    chosen = set()
+    for name in only:
+        hits = [nb for nb in notebooks if name in (nb.name[:2], nb.stem, nb.name)]
+        if not hits:
+            raise InputError(f"--only {name}: no such notebook. Available: "
+                             f"{', '.join(nb.stem for nb in notebooks)} (give the number, e.g. --only 01).")
+        chosen.update(hits)
+    return [nb for nb in notebooks if nb in chosen]
+
+
+def parse_assignments(items: Iterable[str] | None) -> dict[str, str]:
+    """``["key=value", ...]`` from ``-p`` into a dict of raw strings."""
+    parsed = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise InputError(f"-p {item!r} is not key=value: write e.g. -p n_prompts=64.")
+        parsed[key] = value
+    return parsed
+
+
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def parse_value(name: str, text: str, kind: type) -> Any:
+    """Convert the command-line text of parameter ``name`` to its declared type."""
+    example = {int: "64", float: "0.3", bool: "true", str: "text", list: "[1, 2]", dict: "{a: 1}"}.get(kind, "...")
+    fail = InputError(f"-p {name}={text!r}: {name} is declared as {kind.__name__}; write e.g. -p {name}={example}.")
+    if kind is str:
+        return text
+    if kind is int:
+        if not re.fullmatch(r"\s*[+-]?\d+\s*", text):
+            raise fail
+        return int(text)
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise fail from None
+    if kind is bool:
+        if text.strip().lower() not in _BOOLS:
+            raise fail
+        return _BOOLS[text.strip().lower()]
+    if kind in (list, dict):
+        import yaml
+
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise fail from None
+        if not isinstance(value, kind):
+            raise fail
+        return value
+    raise InputError(f"Parameter {name} has type {kind.__name__}, which the command line cannot set.")
+
+
+def load_params_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML (or JSON) mapping ``{parameter: value}``."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise InputError(f"Cannot read --params {path}: {err}. Pass an existing YAML file.") from err
+    except yaml.YAMLError as err:
+        raise InputError(f"--params {path} is not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise InputError(f"--params {path} must hold a mapping of parameter names to values, e.g. `n_prompts: 64`.")
+    return data
+
+
+@dataclass
+class NotebookPlan:
+    """One notebook of the series and the parameters it will receive."""
+
+    path: Path
+    declared: dict[str, tuple[type, Any]]
+    passed: dict[str, Any]
+
+    @property
+    def effective(self) -> dict[str, Any]:
+        """Declared defaults overlaid with the passed values (what the notebook runs with)."""
+        return {name: default for name, (_, default) in self.declared.items()} | self.passed
+
+
+@dataclass
+class RunPlan:
+    """Everything checked before a run starts."""
+
+    model: str
+    notebooks: list[NotebookPlan]
+    out_root: Path
+    repo_root: Path
+    ci: bool = False
+    argv: list[str] = field(default_factory=list)
+
+
+def plan_run(notebooks_dir: str | os.PathLike | None = None, model: str | None = None,
+             overrides: Mapping[str, str] | None = None, params_file: str | os.PathLike | None = None,
+             only: Iterable[str] | None = None, ci: bool = False, out: str | os.PathLike | None = None) -> RunPlan:
+    """Validate a run (notebooks, parameters, output folder) without running anything.
+
+    Precedence of values: notebook default < ``CI_PARAMS`` (with ``ci``) < ``params_file`` <
+    ``overrides`` (raw ``-p`` strings, parsed to each notebook's declared type).
+    """
+    notebooks_dir = Path(notebooks_dir) if notebooks_dir is not None else default_notebooks_dir()
+    selected = select_notebooks(discover_notebooks(notebooks_dir), only)
+    declared = {nb: notebook_parameters(nb) for nb in selected}
+    model = model or DEFAULT_MODEL
+    if not isinstance(model, str) or not model.strip():
+        raise InputError("--model must be a non-empty model name, folder or hub id.")
+    overrides = dict(overrides or {})
+    from_file = load_params_file(params_file) if params_file is not None else {}
+    for source, names in (("-p", overrides), (f"--params {params_file}", from_file)):
+        for name in names:
+            if name in RESERVED:
+                raise InputError(f"{source}: {name} is set by the runner; use {RESERVED[name]} instead.")
+            if not any(name in params for params in declared.values()):
+                users = [nb.stem for nb in discover_notebooks(notebooks_dir)
+                         if nb not in declared and name in notebook_parameters(nb)]
+                hint = (f" It is declared by {', '.join(users)}, which --only does not select." if users else
+                        f" Known parameters: {', '.join(sorted({n for p in declared.values() for n in p} - set(RESERVED)))}.")
+                raise InputError(f"{source}: unknown parameter {name!r}: no selected notebook declares it.{hint}")
+    plans = []
+    for nb, params in declared.items():
+        passed: dict[str, Any] = {}
+        if ci:
+            passed |= {name: value for name, value in CI_PARAMS.items() if name in params}
+        for name, value in from_file.items():
+            if name in params:
+                try:
+                    passed[name] = _coerce(name, value, params[name][0])
+                except InputError as err:
+                    raise InputError(f"--params {params_file}: {err} ({nb.name} declares it as "
+                                     f"{params[name][0].__name__}).") from None
+        for name, text in overrides.items():
+            if name in params:
+                passed[name] = parse_value(name, text, params[name][0])
+        passed["model_name"] = model
+        plans.append(NotebookPlan(nb, params, passed))
+    # absolute: the notebooks run with the repository root as working directory
+    out_root = Path(out).expanduser().resolve() if out is not None else notebooks_dir.resolve().parent / "runs"
+    _check_writable(out_root)
+    return RunPlan(model=model, notebooks=plans, out_root=out_root, repo_root=notebooks_dir.resolve().parent, ci=ci)
+
+
+def _check_writable(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise InputError(f"Cannot write run folders under {root}: {err.strerror or err}. "
+                         "Pass a writable folder with --out DIR.") from None
+
+
+def model_label(model: str) -> str:
+    """The model part of a run folder name: the last path or hub-id component, filesystem-safe."""
+    label = Path(model.rstrip("/\\")).name or "model"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label)
+
+
+def new_run_folder(out_root: str | os.PathLike, model: str) -> Path:
+    """Create ``<out_root>/<YYYYmmdd-HHMMSS>-<model>``; if that exists, ``...-2``, ``...-3``, ... (never reused)."""
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    base = f"{time.strftime('%Y%m%d-%H%M%S')}-{model_label(model)}"
+    for attempt in range(1, 1000):
+        folder = out_root / (base if attempt == 1 else f"{base}-{attempt}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise InputError(f"Could not find a free run folder name under {out_root}: clean it up or pass another --out.")
+
+
+def update_latest(out_root: Path, run_dir: Path, log: Callable[[str], None] = print) -> None:
+    """Point ``<out_root>/latest`` at ``run_dir`` (relative symlink, replaced atomically)."""
+    link = out_root / LATEST
+    if link.exists() and not link.is_symlink():
+        log(f"warning: {link} exists and is not a symlink; left alone.")
+        return
+    tmp = out_root / f".{LATEST}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.symlink(run_dir.name, tmp)
+        os.replace(tmp, link)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        log(f"warning: could not update {link}: {err}")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of the packages that decide the numbers."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("sinklens", "torch", "transformer-lens", "transformers", "papermill"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_state(repo_root: Path) -> dict[str, Any] | None:
+    """Commit and dirtiness of the checkout, or None outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo_root), *args], capture_output=True, text=True, timeout=20,
+                              check=True).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def report_hook(run_dir: Path, manifest: dict) -> None:
+    """Hook point for the run report (``index.html``), called once after the notebooks, also after a
+    failure. The report is built in a later task; until then this does nothing."""
+
+
+def _kernel_name(notebook: Path) -> str:
+    spec = json.loads(notebook.read_text(encoding="utf-8")).get("metadata", {}).get("kernelspec", {})
+    return spec.get("name") or "python3"
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    """Kernels started inside inherit SINKLENS_PROGRESS=0: no progress bars in executed notebooks."""
+    before = os.environ.get("SINKLENS_PROGRESS")
+    os.environ["SINKLENS_PROGRESS"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("SINKLENS_PROGRESS", None)
+        else:
+            os.environ["SINKLENS_PROGRESS"] = before
+
+
+def _write_manifest(run_dir: Path, manifest: dict) -> None:
+    tmp = run_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, run_dir / MANIFEST)
+
+
+def execute(plan: RunPlan, log: Callable[[str], None] = print,
+            err: Callable[[str], None] | None = None) -> tuple[Path, dict]:
+    """Run the planned notebooks into a new run folder; return it and the manifest.
+
+    Stops at the first failing notebook (its error is reported through ``err``); the manifest
+    is rewritten after every notebook so an interrupted run still describes itself.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    err = err or (lambda text: print(text, file=sys.stderr, flush=True))
+    run_dir = new_run_folder(plan.out_root, plan.model)
+    manifest = {
+        "model": plan.model, "run_dir": str(run_dir.resolve()), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "ci": plan.ci, "argv": plan.argv, "versions": package_versions(), "git": git_state(plan.repo_root),
+        "status": "running",
+        "notebooks": [{"notebook": nb.path.name, "parameters": nb.effective | {"out_dir": str(run_dir)},
+                       "passed": nb.passed | {"out_dir": str(run_dir)}, "status": "pending", "wall_s": None}
+                      for nb in plan.notebooks],
+    }
+    _write_manifest(run_dir, manifest)
+    log(f"Run folder: {run_dir}")
+    total = len(plan.notebooks)
+    status = "ok"
+    for i, (nb, entry) in enumerate(zip(plan.notebooks, manifest["notebooks"]), 1):
+        log(f"[{i}/{total}] {nb.path.name} ...")
+        start = time.perf_counter()
+        entry["status"] = "running"
+        _write_manifest(run_dir, manifest)
+        try:
+            with _quiet_progress():
+                papermill.execute_notebook(str(nb.path), str(run_dir / nb.path.name), parameters=entry["passed"],
+                                           kernel_name=_kernel_name(nb.path), progress_bar=False, log_output=False,
+                                           cwd=str(plan.repo_root))
+            entry["status"] = "ok"
+        except PapermillExecutionError as error:
+            entry["status"] = "failed"
+            entry["error"] = {"cell_index": error.cell_index, "exec_count": error.exec_count,
+                              "ename": error.ename, "evalue": error.evalue}
+            err(f"FAILED: {nb.path.name}, cell {error.exec_count}: {error.ename}: {error.evalue}\n"
+                f"  full traceback in {run_dir / nb.path.name}")
+        except Exception as error:  # kernel died, notebook unreadable, ...
+            entry["status"] = "failed"
+            entry["error"] = {"ename": type(error).__name__, "evalue": str(error)}
+            err(f"FAILED: {nb.path.name}: {type(error).__name__}: {error}")
+        finally:
+            entry["wall_s"] = round(time.perf_counter() - start, 2)
+            if entry["status"] == "running":  # interrupted (KeyboardInterrupt)
+                entry["status"] = "interrupted"
+                manifest["status"] = "interrupted"
+                _write_manifest(run_dir, manifest)
+        if entry["status"] == "ok":
+            entry["output"] = nb.path.name
+            log(f"      ok in {entry['wall_s']:.1f} s")
+        else:
+            status = "failed"
+            for later in manifest["notebooks"][i:]:
+                later["status"] = "not run"
+            break
+    manifest["status"] = status
+    manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    manifest["wall_s"] = round(sum(e["wall_s"] or 0 for e in manifest["notebooks"]), 2)
+    _write_manifest(run_dir, manifest)
+    report_hook(run_dir, manifest)
+    update_latest(plan.out_root, run_dir, log)
+    log(f"{'Done' if status == 'ok' else 'Stopped after a failure'}: {run_dir}")
+    return run_dir, manifest
+
+
+def run(notebooks_dir: str | os.PathLike | None = None, model: str | None = None,
+        overrides: Mapping[str, str] | None = None, params_file: str | os.PathLike | None = None,
+        only: Iterable[str] | None = None, ci: bool = False, out: str | os.PathLike | None = None,
+        argv: Sequence[str] | None = None) -> int:
+    """Plan and execute a run; return the exit code (0 ok, 1 a notebook failed, 2 bad input)."""
+    try:
+        plan = plan_run(notebooks_dir, model, overrides, params_file, only, ci, out)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return EXIT_INPUT
+    plan.argv = list(argv or [])
+    _, manifest = execute(plan, log=lambda text: print(text, flush=True))
+    return 0 if manifest["status"] == "ok" else EXIT_FAILED

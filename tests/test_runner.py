@@ -1,0 +1,180 @@
+"""`python -m sinklens run`: validation before anything runs, run folders, manifest, latest link, failures."""
+
+import json
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from sinklens import runner
+from sinklens.__main__ import main
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = REPO / "notebooks"
+
+
+def _write_notebook(path, parameters, body):
+    params = new_code_cell(parameters)
+    params.metadata["tags"] = ["parameters"]
+    check = new_code_cell("import json, os\nfrom sinklens.notebook_params import check_params\nP = check_params(globals())")
+    nb = new_notebook(cells=[params, check, new_code_cell(body)],
+                      metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nbformat.write(nb, str(path))
+
+
+@pytest.fixture
+def series(tmp_path):
+    """Three quick notebooks that need no model: 01 writes its parameters, 02 fails unless told not to, 03 writes."""
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    write = "with open(os.path.join(out_dir, NAME + '.json'), 'w') as fh:\n    json.dump(P, fh)"
+    _write_notebook(folder / "01_alpha.ipynb",
+                    'model_name: str = "m"\nn_prompts: int = 4\neps: float = 0.3\nflag: bool = False\n'
+                    'sizes: list = [1]\nout_dir: str = "runs/scratch"', "NAME = 'alpha'\n" + write)
+    _write_notebook(folder / "02_beta.ipynb", 'model_name: str = "m"\nn_boot: int = 10\nfail: bool = True\n'
+                    'out_dir: str = "runs/scratch"',
+                    "NAME = 'beta'\nif fail:\n    raise ValueError('boom from beta')\n" + write)
+    _write_notebook(folder / "03_gamma.ipynb", 'model_name: str = "m"\nout_dir: str = "runs/scratch"',
+                    "NAME = 'gamma'\n" + write)
+    (folder / "helper.ipynb").write_text("not part of the series")  # no NN_ prefix: never run
+    return folder
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-p", "n_promts=8"], "unknown parameter 'n_promts'"),
+    (["-p", "n_prompts=lots"], "n_prompts is declared as int"),
+    (["-p", "n_prompts=8.5"], "n_prompts is declared as int"),
+    (["-p", "eps=high"], "eps is declared as float"),
+    (["-p", "k_values=3"], "k_values is declared as list"),
+    (["-p", "out_dir=/tmp/x"], "use --out"),
+    (["-p", "model_name=x"], "use --model"),
+    (["-p", "n_prompts"], "not key=value"),
+    (["--only", "07"], "--only 07: no such notebook"),
+    (["--only", "01", "-p", "n_boot=5"], "declared by 02_head_specialization"),
+])
+def test_bad_arguments_exit_2_before_anything_runs(tmp_path, capsys, args, message):
+    out = tmp_path / "runs"
+    code, stdout, stderr = _run(["run", "--notebooks", str(NOTEBOOKS), "--out", str(out), *args], capsys)
+    assert code == 2
+    assert message in stderr
+    assert not out.exists() or not [p for p in out.iterdir() if not p.name.startswith(".")]
+
+
+def test_unwritable_out_and_bad_params_file(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code, _, stderr = _run(["run", "--notebooks", str(NOTEBOOKS), "--out", str(blocker / "runs")], capsys)
+    assert code == 2 and "Pass a writable folder with --out" in stderr
+    params = tmp_path / "params.yaml"
+    params.write_text("n_prompts: many\n")
+    code, _, stderr = _run(["run", "--notebooks", str(NOTEBOOKS), "--out", str(tmp_path / "r"), "--params",
+                            str(params)], capsys)
+    assert code == 2 and "n_prompts must be int" in stderr and "params.yaml" in stderr
+    code, _, stderr = _run(["run", "--notebooks", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "does not exist" in stderr
+
+
+def test_parse_value_uses_the_declared_type():
+    assert runner.parse_value("n", "12", int) == 12
+    assert runner.parse_value("eps", "1", float) == 1.0 and isinstance(runner.parse_value("eps", "1", float), float)
+    assert runner.parse_value("flag", "False", bool) is False and runner.parse_value("flag", "yes", bool) is True
+    assert runner.parse_value("ks", "[1, 2, 10]", list) == [1, 2, 10]
+    assert runner.parse_value("name", "12", str) == "12"
+    with pytest.raises(runner.InputError):
+        runner.parse_value("flag", "maybe", bool)
+
+
+def test_plan_passes_each_notebook_only_what_it_declares(series, tmp_path):
+    params = tmp_path / "p.yaml"
+    params.write_text("eps: 1\nn_boot: 7\n")
+    plan = runner.plan_run(series, model="tiny-model", overrides={"n_prompts": "5", "sizes": "[2, 3]"},
+                           params_file=params, ci=True, out=tmp_path / "runs")
+    assert [nb.path.name for nb in plan.notebooks] == ["01_alpha.ipynb", "02_beta.ipynb", "03_gamma.ipynb"]
+    alpha, beta, gamma = (nb.passed for nb in plan.notebooks)
+    # -p beats --params beats CI_PARAMS; ints become floats for float parameters
+    assert alpha == {"n_prompts": 5, "eps": 1.0, "sizes": [2, 3], "model_name": "tiny-model"}
+    assert isinstance(alpha["eps"], float)
+    assert beta == {"n_boot": 7, "model_name": "tiny-model"}
+    assert gamma == {"model_name": "tiny-model"}
+    assert plan.notebooks[0].effective["flag"] is False  # declared default kept
+    ci_only = runner.plan_run(series, ci=True, out=tmp_path / "runs")
+    assert ci_only.notebooks[0].passed["n_prompts"] == runner.CI_PARAMS["n_prompts"]
+    assert ci_only.notebooks[1].passed["n_boot"] == runner.CI_PARAMS["n_boot"]
+
+
+def test_run_folder_names_are_never_reused(tmp_path):
+    first = runner.new_run_folder(tmp_path, "org/Some Model")
+    second = runner.new_run_folder(tmp_path, "org/Some Model")
+    assert first != second and first.is_dir() and second.is_dir()
+    assert first.name.endswith("-Some_Model")
+    assert second.name.startswith(first.name[:15])
+
+
+def test_failing_notebook_stops_the_run_and_keeps_what_finished(series, tmp_path, capsys):
+    out = tmp_path / "runs"
+    code, stdout, stderr = _run(["run", "--notebooks", str(series), "--out", str(out), "-p", "n_prompts=6"], capsys)
+    assert code == 1
+    assert "ValueError: boom from beta" in stderr and "02_beta.ipynb" in stderr
+    assert "[1/3] 01_alpha.ipynb" in stdout and "[3/3]" not in stdout
+    run_dir = (out / "latest").resolve()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    assert [e["status"] for e in manifest["notebooks"]] == ["ok", "failed", "not run"]
+    assert manifest["notebooks"][1]["error"]["ename"] == "ValueError"
+    assert manifest["notebooks"][1]["error"]["evalue"] == "boom from beta"
+    assert json.loads((run_dir / "alpha.json").read_text())["n_prompts"] == 6  # finished output kept
+    assert (run_dir / "01_alpha.ipynb").is_file() and (run_dir / "02_beta.ipynb").is_file()
+    assert not (run_dir / "gamma.json").exists() and not (run_dir / "03_gamma.ipynb").exists()
+
+    # a second run goes to a new folder and moves `latest`
+    code, _, _ = _run(["run", "--notebooks", str(series), "--out", str(out), "--only", "03"], capsys)
+    assert code == 0
+    second = (out / "latest").resolve()
+    assert second != run_dir and run_dir.is_dir() and (second / "gamma.json").is_file()
+    assert os.readlink(out / "latest") == second.name  # relative link
+    assert json.loads((second / "gamma.json").read_text())["out_dir"] == str(second)
+
+
+@pytest.mark.notebook
+def test_real_ci_run_of_notebook_01(tmp_path, capsys):
+    out = tmp_path / "runs"
+    code, stdout, stderr = _run(["run", "--only", "01", "--ci", "--out", str(out), "--notebooks", str(NOTEBOOKS)],
+                                capsys)
+    assert code == 0, stderr
+    run_dir = (out / "latest").resolve()
+    assert run_dir.parent == out.resolve() and run_dir.name.endswith("-smollm2-135m")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "ok" and manifest["model"] == "smollm2-135m" and manifest["ci"] is True
+    assert set(manifest["versions"]) >= {"torch", "transformer-lens", "transformers", "sinklens"}
+    assert manifest["versions"]["transformer-lens"].startswith("4.")
+    (entry,) = manifest["notebooks"]
+    assert entry["notebook"] == "01_sink_discovery.ipynb" and entry["status"] == "ok" and entry["wall_s"] > 0
+    assert entry["parameters"]["n_prompts"] == runner.CI_PARAMS["n_prompts"]
+    assert entry["parameters"]["seq_len"] == runner.CI_PARAMS["seq_len"]
+    assert entry["parameters"]["out_dir"] == str(run_dir)
+    assert "n_boot" not in entry["passed"]  # 01 does not declare it
+    executed = nbformat.read(str(run_dir / "01_sink_discovery.ipynb"), 4)
+    assert any(cell.get("outputs") for cell in executed.cells if cell.cell_type == "code")
+    summary = json.loads((run_dir / "sink_discovery.json").read_text())
+    assert summary["n_prompts"] == runner.CI_PARAMS["n_prompts"] and summary["model"]["name"] == "smollm2-135m"
+    assert "[1/1] 01_sink_discovery.ipynb" in stdout
+
+
+def test_relative_out_dir_from_the_notebooks_folder_means_the_project_root(tmp_path, monkeypatch):
+    from sinklens.runs import RunFolder
+
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")  # an interactive Jupyter session
+    assert RunFolder("runs/scratch").path == tmp_path / "runs" / "scratch"
+    monkeypatch.chdir(tmp_path)  # papermill and the runner work from the root
+    assert RunFolder("runs/scratch").path.resolve() == tmp_path / "runs" / "scratch"
+    assert RunFolder(tmp_path / "abs").path == tmp_path / "abs"
