@@ -21,9 +21,13 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# JupyterLab in .venv with its "python3" kernel (.venv/bin/python, installed with the venv; JUPYTER_PREFER_ENV_PATH
+# makes it win over a user-level kernelspec of that name). No browser is opened without a display, --allow-root
+# is added for root. More options: make lab LAB_ARGS="--port 8890".
 lab: $(STAMP)
-	$(PY) -m pip install -q jupyterlab
-	.venv/bin/jupyter lab notebooks/
+	$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -q jupyterlab==4.6.6
+	JUPYTER_PREFER_ENV_PATH=1 .venv/bin/jupyter lab notebooks/ $(if $(DISPLAY),,--no-browser) \
+		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/census.py

@@ -4,9 +4,12 @@ Every notebook matching ``notebooks/[0-9][0-9]_*.ipynb`` runs in sorted order wi
 into a new folder ``<out>/<YYYYmmdd-HHMMSS>-<model>/`` (never an existing one), receiving only
 the parameters its ``parameters`` cell declares, plus ``model_name`` and ``out_dir`` (the run
 folder). Parameter overrides are parsed to the declared types and checked before anything
-runs. The folder receives the executed notebooks and a ``manifest.json`` (versions, git commit,
-parameters, wall time and status per notebook); ``<out>/latest`` points at the newest run.
-A failing notebook stops the series; what finished is kept and the failure is recorded.
+runs. The folder receives the executed notebooks, a ``manifest.json`` (versions, git commit,
+parameters, wall time, status and the files written, per notebook) and the report
+``index.html`` (:mod:`sinklens.report`); ``<out>/latest`` points at the newest run.
+A failing notebook stops the series; what finished is kept, the failure is recorded and shown
+in the report. A successful default run (whole series, embedded model, no ``--ci``, ``-p`` or
+``--params``) also rewrites the headline numbers in the project's README.
 """
 
 from __future__ import annotations
@@ -164,6 +167,13 @@ class RunPlan:
     repo_root: Path
     ci: bool = False
     argv: list[str] = field(default_factory=list)
+    complete: bool = True  # every notebook of the series is selected
+
+    @property
+    def default_run(self) -> bool:
+        """The reference run: whole series, default model, declared defaults (no --ci, -p or --params)."""
+        return (self.complete and not self.ci and self.model == DEFAULT_MODEL
+                and all(set(nb.passed) <= {"model_name"} for nb in self.notebooks))
 
 
 def plan_run(notebooks_dir: str | os.PathLike | None = None, model: str | None = None,
@@ -175,7 +185,8 @@ def plan_run(notebooks_dir: str | os.PathLike | None = None, model: str | None =
     ``overrides`` (raw ``-p`` strings, parsed to each notebook's declared type).
     """
     notebooks_dir = Path(notebooks_dir) if notebooks_dir is not None else default_notebooks_dir()
-    selected = select_notebooks(discover_notebooks(notebooks_dir), only)
+    series = discover_notebooks(notebooks_dir)
+    selected = select_notebooks(series, only)
     declared = {nb: notebook_parameters(nb) for nb in selected}
     model = model or DEFAULT_MODEL
     if not isinstance(model, str) or not model.strip():
@@ -212,7 +223,8 @@ def plan_run(notebooks_dir: str | os.PathLike | None = None, model: str | None =
     # absolute: the notebooks run with the repository root as working directory
     out_root = Path(out).expanduser().resolve() if out is not None else notebooks_dir.resolve().parent / "runs"
     _check_writable(out_root)
-    return RunPlan(model=model, notebooks=plans, out_root=out_root, repo_root=notebooks_dir.resolve().parent, ci=ci)
+    return RunPlan(model=model, notebooks=plans, out_root=out_root, repo_root=notebooks_dir.resolve().parent, ci=ci,
+                   complete=len(selected) == len(series))
 
 
 def _check_writable(root: Path) -> None:
@@ -283,9 +295,40 @@ def git_state(repo_root: Path) -> dict[str, Any] | None:
         return None
 
 
-def report_hook(run_dir: Path, manifest: dict) -> None:
-    """Hook point for the run report (``index.html``), called once after the notebooks, also after a
-    failure. The report is built in a later task; until then this does nothing."""
+def report_hook(run_dir: Path, manifest: dict, readme: Path | None = None,
+                log: Callable[[str], None] = print) -> None:
+    """Write the run report ``index.html`` (called once after the notebooks, also after a failure) and,
+    given ``readme`` and a successful run, rewrite its headline numbers. Problems here are reported as
+    warnings: they never change the run's status."""
+    from . import report
+
+    try:
+        log(f"Report: {report.write_report(run_dir, manifest, log=log)}")
+    except Exception as error:
+        log(f"warning: the report index.html could not be written: {type(error).__name__}: {error}")
+    if readme is None or manifest.get("status") != "ok":
+        return
+    if not readme.is_file():
+        log(f"warning: {readme} not found: headline numbers not written.")
+        return
+    try:
+        changed = report.update_readme_headline(readme, run_dir, manifest)
+        log(f"{readme.name}: headline numbers {'updated from this run' if changed else 'unchanged'}.")
+    except Exception as error:
+        log(f"warning: {readme.name} headline numbers not written: {error}")
+
+
+def _snapshot(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """``{relative path: (mtime_ns, size)}`` of the files in a run folder."""
+    found = {}
+    for path in run_dir.rglob("*"):
+        try:
+            if path.is_file():
+                stat = path.stat()
+                found[path.relative_to(run_dir).as_posix()] = (stat.st_mtime_ns, stat.st_size)
+        except OSError:  # removed while listing
+            continue
+    return found
 
 
 def _kernel_name(notebook: Path) -> str:
@@ -327,7 +370,8 @@ def execute(plan: RunPlan, log: Callable[[str], None] = print,
     run_dir = new_run_folder(plan.out_root, plan.model)
     manifest = {
         "model": plan.model, "run_dir": str(run_dir.resolve()), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "ci": plan.ci, "argv": plan.argv, "versions": package_versions(), "git": git_state(plan.repo_root),
+        "ci": plan.ci, "default_run": plan.default_run, "argv": plan.argv, "versions": package_versions(),
+        "git": git_state(plan.repo_root),
         "status": "running",
         "notebooks": [{"notebook": nb.path.name, "parameters": nb.effective | {"out_dir": str(run_dir)},
                        "passed": nb.passed | {"out_dir": str(run_dir)}, "status": "pending", "wall_s": None}
@@ -342,6 +386,7 @@ def execute(plan: RunPlan, log: Callable[[str], None] = print,
         start = time.perf_counter()
         entry["status"] = "running"
         _write_manifest(run_dir, manifest)
+        before = _snapshot(run_dir)
         try:
             with _quiet_progress():
                 papermill.execute_notebook(str(nb.path), str(run_dir / nb.path.name), parameters=entry["passed"],
@@ -360,6 +405,10 @@ def execute(plan: RunPlan, log: Callable[[str], None] = print,
             err(f"FAILED: {nb.path.name}: {type(error).__name__}: {error}")
         finally:
             entry["wall_s"] = round(time.perf_counter() - start, 2)
+            # what this notebook wrote: files new or changed since it started (not the bookkeeping)
+            entry["outputs"] = sorted(rel for rel, stat in _snapshot(run_dir).items()
+                                      if before.get(rel) != stat and not rel.startswith(".")
+                                      and rel not in (MANIFEST, nb.path.name))
             if entry["status"] == "running":  # interrupted (KeyboardInterrupt)
                 entry["status"] = "interrupted"
                 manifest["status"] = "interrupted"
@@ -376,7 +425,7 @@ def execute(plan: RunPlan, log: Callable[[str], None] = print,
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     manifest["wall_s"] = round(sum(e["wall_s"] or 0 for e in manifest["notebooks"]), 2)
     _write_manifest(run_dir, manifest)
-    report_hook(run_dir, manifest)
+    report_hook(run_dir, manifest, readme=plan.repo_root / "README.md" if plan.default_run else None, log=log)
     update_latest(plan.out_root, run_dir, log)
     log(f"{'Done' if status == 'ok' else 'Stopped after a failure'}: {run_dir}")
     return run_dir, manifest
