@@ -23,7 +23,7 @@ from torch import Tensor
 from .errors import InputError
 from .hooks import batches, pattern_hook, relative_index, run_hooked
 from .loading import model_info
-from .tokens import TokenBatch, as_batch
+from .tokens import as_batch
 from .validate import check_fraction, check_layers
 
 

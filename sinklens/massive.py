@@ -22,7 +22,7 @@ from torch import Tensor
 from .errors import InputError
 from .hooks import attn_input_hook, batches, relative_index, resid_pre_hook, run_hooked
 from .loading import model_info
-from .tokens import TokenBatch, as_batch
+from .tokens import as_batch
 from .validate import check_index, check_k, check_layers
 
 BASES = ("resid", "normalized")

@@ -60,5 +60,17 @@ class RunFolder:
     def save_json(self, data: dict, name: str) -> Path:
         """Write ``<name>.json`` at the top of the run folder."""
         path = self.path / f"{name}.json"
-        path.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+        path.write_text(json.dumps(data, indent=2, default=_json_value), encoding="utf-8")
         return path
+
+
+def _json_value(value):
+    """numpy scalars as numbers, missing values (pd.NA, NaT) as null, anything else as text."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    try:
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    return str(value)

@@ -18,6 +18,11 @@ import torch
 
 import sinklens as sl
 
+# One thread for torch, here and in the notebook kernels (they inherit OMP_NUM_THREADS): the tiny models and small
+# batches of this suite run several times faster without OpenMP spin-waits on a busy 2-core machine.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+
 TINY_CONFIGS = {
     # name: (query heads, kv heads)
     "mha": (4, 4),
@@ -104,7 +109,6 @@ def padded_mask(n: int, length: int, side: str, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(scope="session")
 def smollm():
     """The embedded SmolLM2-135M bridge, loaded once for the whole session."""
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     return sl.load_model("smollm2-135m", device="cpu")
 
 

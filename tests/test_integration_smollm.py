@@ -1,7 +1,6 @@
 """The embedded SmolLM2-135M, through one session-scoped fixture: loading, census and massive
 activations checked against a separate HF eager model loaded from the same cached checkpoint."""
 
-import numpy as np
 import pytest
 import torch
 
