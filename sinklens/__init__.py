@@ -1,18 +1,30 @@
 """sinklens: attention sinks, massive activations and QK column pruning on TransformerLens."""
 
 from .census import Census, first_token_comparison, run_census, sink_scores
+from .checkpoint import read_manifest, save_pruned
 from .errors import HubUnreachableError, InputError, SinklensError, UnknownModelError, UnsupportedArchitectureError
 from .loading import ModelInfo, load_model, model_info
 from .massive import MassiveActivations, bos_top_dims, massive_activations
 from .probes import probe_provenance, probe_tokens
+from .pruning import (
+    HeadRemovalHandle, PruneHandle, active_edits, apply_head_removal, apply_pruning, layer_heads, prune_qk,
+    remove_heads, select_dims,
+)
+from .reconstruction import error_quantiles, k_sweep, reconstruction_error, smallest_k
 from .specialization import sink_specialized_heads, specialization_table
 from .tokens import TokenBatch, tokenize
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Census", "HubUnreachableError", "InputError", "MassiveActivations", "ModelInfo", "SinklensError", "TokenBatch",
-    "UnknownModelError", "UnsupportedArchitectureError", "bos_top_dims", "first_token_comparison", "load_model",
-    "massive_activations", "model_info", "probe_provenance", "probe_tokens", "run_census", "sink_scores",
-    "sink_specialized_heads", "specialization_table", "tokenize",
+    # model, tokens, probe set
+    "HubUnreachableError", "InputError", "ModelInfo", "SinklensError", "TokenBatch", "UnknownModelError",
+    "UnsupportedArchitectureError", "load_model", "model_info", "probe_provenance", "probe_tokens", "tokenize",
+    # sinks and massive activations
+    "Census", "MassiveActivations", "bos_top_dims", "first_token_comparison", "massive_activations", "run_census",
+    "sink_scores", "sink_specialized_heads", "specialization_table",
+    # QK column pruning, reconstruction error, pruned checkpoints
+    "HeadRemovalHandle", "PruneHandle", "active_edits", "apply_head_removal", "apply_pruning", "error_quantiles",
+    "k_sweep", "layer_heads", "prune_qk", "read_manifest", "reconstruction_error", "remove_heads", "save_pruned",
+    "select_dims", "smallest_k",
 ]

@@ -1,0 +1,151 @@
+"""Writing a pruned model as a standard Hugging Face checkpoint, with a sinklens manifest.
+
+The folder holds ``config.json``, ``model.safetensors`` (standard HF key names), the tokenizer files and
+``sinklens_manifest.json`` (source model, every active edit with its heads, dims, k, basis and GQA
+policy, the Q/K parameters zeroed, the sinklens version). It reloads with
+``AutoModelForCausalLM.from_pretrained(folder)`` or ``sinklens.load_model(folder)``.
+
+``gqa="exact"`` pruning of part of a KV group gives the selected query heads private pruned K copies,
+which a grouped checkpoint cannot hold. The checkpoint is then written exactly by ungrouping the whole
+model: ``num_key_value_heads = num_attention_heads``, every k_proj / v_proj row block repeated once per
+query head, and the selected heads' K copies pruned. The manifest records it (``layout: "ungrouped"``).
+Nothing is ever approximated.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+from .loading import model_info
+from .pruning import PruneHandle, active_edits, count_parameters
+
+MANIFEST = "sinklens_manifest.json"
+
+
+def standard_state_dict(model) -> dict[str, torch.Tensor]:
+    """The bridged HF model's tensors under standard HF names (the live tensors, not copies)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in model.original_model.state_dict(keep_vars=True).items():
+        name = key.replace("._original_component", "")
+        if name in out and out[name] is not tensor:
+            raise RuntimeError(f"Two tensors map to {name}: cannot build a standard state dict.")
+        out[name] = tensor
+    return out
+
+
+def _ungroup(state: dict[str, torch.Tensor], n_layers: int, group_size: int, d_head: int) -> None:
+    """Repeat every k_proj / v_proj row block (and bias) once per query head, in place in ``state``."""
+    for layer in range(n_layers):
+        for proj in ("k_proj", "v_proj"):
+            for part in ("weight", "bias"):
+                key = f"model.layers.{layer}.self_attn.{proj}.{part}"
+                if key not in state:
+                    continue
+                t = state[key].detach()
+                blocks = t.reshape(-1, d_head, *t.shape[1:])
+                state[key] = blocks.repeat_interleave(group_size, dim=0).reshape(-1, *t.shape[1:]).clone()
+
+
+def checkpoint_params_zeroed(model) -> dict:
+    """Q/K (and o_proj, for removed heads) weights the checkpoint of the model's active edits zeroes."""
+    info = model_info(model)
+    edits = active_edits(model)
+    ungrouped = info.group_size > 1 and any(isinstance(e, PruneHandle) and e.plan.k_copies for e in edits)
+    dh, full, gs = info.d_head, info.d_model, info.group_size
+    q = k = o = 0
+    for edit in edits:
+        if isinstance(edit, PruneHandle):
+            plan = edit.plan
+            q += sum(dh * (full - d.numel()) for d in plan.q_edits.values())
+            k += sum(dh * (full - d.numel()) for d in plan.k_copies.values())
+            k += sum(dh * (full - d.numel()) * (gs if ungrouped else 1) for d in plan.k_edits.values())
+        else:
+            o += edit.params_zeroed()["total"]
+    total = count_parameters(model)
+    extra = 2 * info.n_layers * (info.n_heads - info.n_kv_heads) * dh * full if ungrouped else 0
+    return {"q": q, "k": k, "o": o, "total": q + k + o, "model_params": total, "share": (q + k + o) / total,
+            "layout": "ungrouped" if ungrouped else "grouped", "checkpoint_params": total + extra}
+
+
+def save_pruned(model, folder: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write the model with its active edits (apply_pruning / apply_head_removal) as an HF checkpoint.
+
+    Refuses a model without active edits, and a non-empty folder unless ``overwrite``. Returns the folder.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from . import __version__
+
+    edits = active_edits(model)
+    if not edits:
+        raise InputError("The model has no active pruning or head removal: apply one first "
+                         "(handle = sinklens.apply_pruning(...)), then save_pruned(model, folder).")
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
+        raise InputError(f"{folder} exists and is not an empty folder: pick a new folder or pass overwrite=True.")
+    info = model_info(model)
+    counts = checkpoint_params_zeroed(model)
+    state = {name: t.detach() for name, t in standard_state_dict(model).items()}
+    config = copy.deepcopy(model.original_model.config)
+    if counts["layout"] == "ungrouped":
+        _ungroup(state, info.n_layers, info.group_size, info.d_head)
+        config.num_key_value_heads = config.num_attention_heads
+        dh = info.d_head
+        for edit in edits:
+            if isinstance(edit, PruneHandle):
+                for (layer, head), keep in edit.plan.k_copies.items():
+                    weight = state[f"model.layers.{layer}.self_attn.k_proj.weight"]
+                    drop = torch.ones(info.d_model, dtype=torch.bool)
+                    drop[keep] = False
+                    weight[head * dh:(head + 1) * dh, drop.to(weight.device)] = 0
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    expected = set(fresh.state_dict())
+    missing = sorted(expected - set(state))
+    if missing:
+        raise RuntimeError(f"Cannot map the bridged model to standard HF names: missing {missing[:5]}.")
+    fresh.load_state_dict({name: state[name].contiguous() for name in expected}, strict=True, assign=True)
+    for name, buffer in list(fresh.named_buffers()):  # non-persistent buffers (rotary inv_freq) from the live model
+        if buffer.is_meta:
+            module_name, _, attr = name.rpartition(".")
+            live = dict(model.original_model.named_buffers())
+            source = next((b for n, b in live.items() if n.replace("._original_component", "") == name), None)
+            if source is None:
+                raise RuntimeError(f"No live buffer for {name}.")
+            fresh.get_submodule(module_name)._buffers[attr] = source.detach().clone()
+    fresh.tie_weights()
+    folder.mkdir(parents=True, exist_ok=True)
+    fresh.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    import transformers
+
+    manifest = {
+        "format": 1,
+        "sinklens_version": __version__,
+        "source_model": {"name": info.name, **info.as_dict()},
+        "layout": counts["layout"],
+        "num_key_value_heads": {"source": info.n_kv_heads, "checkpoint": int(config.num_key_value_heads)},
+        "ungrouped_note": ("gqa='exact' pruned part of a KV group: every k_proj/v_proj row block was repeated per "
+                           "query head (exact, no approximation)") if counts["layout"] == "ungrouped" else None,
+        "edits": [edit.record() for edit in edits],
+        "params_zeroed": counts,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    return folder
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """The sinklens manifest of a checkpoint written by :func:`save_pruned`."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise InputError(f"{path} does not exist: is {folder} a checkpoint written by sinklens.save_pruned?")
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,86 @@
+"""Notebooks 03 (top-k pruning of one layer) and 04 (reconstruction error against k) run headless and write
+real content: the numbers in their tables agree with each other and with the package's definitions."""
+
+import json
+
+import nbformat
+import pandas as pd
+import pytest
+
+from conftest import execute_notebook
+
+pytestmark = [pytest.mark.notebook, pytest.mark.integration]
+
+CI = dict(n_prompts=4, seq_len=32, batch_size=4)
+
+
+def outputs_text(path):
+    nb = nbformat.read(path, as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    return "\n".join(o.get("text", "") for o in outputs)
+
+
+def test_notebook_03_topk_pruning(tmp_path):
+    out = tmp_path / "nb03"
+    executed = execute_notebook("03_topk_pruning.ipynb", out, k=8, **CI)
+    assert "sink-specialized heads" in outputs_text(executed)
+    summary = json.loads((out / "topk_pruning.json").read_text())
+    layer, heads = summary["layer"], [tuple(h) for h in summary["heads"]]
+    assert heads and all(l == layer for l, _ in heads) and summary["n_sink_heads"] >= len(heads)
+    record = summary["pruning"]
+    assert record["k"] == 8 and record["dims_policy"] == "bos_top" and record["basis"] == "normalized"
+    assert record["gqa"] == "exact" and record["params_zeroed"]["total"] > 0
+    kept = pd.read_csv(out / "tables" / "kept_dims.csv")
+    assert len(kept) == 8 * len(heads)
+    assert all(sorted(part["dim"]) == record["dims"][f"{l}.{h}"] for (l, h), part in kept.groupby(["layer", "head"]))
+    errors = pd.read_csv(out / "tables" / "reconstruction_error.csv")
+    assert sorted(zip(errors["layer"], errors["head"])) == sorted(heads)
+    assert errors["frob_rel"].between(0, 2).all() and (errors["kl"] >= 0).all()
+    assert (errors["alpha0"] > 0.3 * 0.9).all()  # sink-specialized: above eps on >= 90% of the prompts
+    assert (errors["alpha0"] + errors["d_alpha0"]).between(0, 1).all()
+    head = summary["headline"]
+    assert head["n_heads_pruned"] == len(heads) and head["frob_rel_median"] == pytest.approx(errors["frob_rel"].median())
+    assert head["alpha0_pruned_mean"] == pytest.approx((errors["alpha0"] + errors["d_alpha0"]).mean())
+    assert errors["next_kl"].nunique() == 1 and errors["next_kl"].iloc[0] > 0
+    figures = {p.name for p in (out / "figures").iterdir()}
+    assert {"kept_dims.html", "patterns_before_after.html", "alpha0_before_after.html",
+            "attention_views_before_after.html"} <= figures
+    views = (out / "figures" / "attention_views_before_after.html").read_text()
+    assert views.count("CircuitsVis.render(") == 2 and "cdn.jsdelivr" not in views
+
+
+def test_notebook_04_reconstruction_error(tmp_path):
+    out = tmp_path / "nb04"
+    execute_notebook("04_reconstruction_error.ipynb", out, k=10, ks=[1, 10, 50], seeds=[0, 1], model_prompts=2, **CI)
+    summary = json.loads((out / "reconstruction_error.json").read_text())
+    n_heads = summary["n_sink_heads"]
+    assert n_heads > 0 and len(summary["sink_heads"]) == n_heads
+    sweep = pd.read_csv(out / "tables" / "k_sweep.csv")
+    assert set(sweep["dims"]) == {"bos_top", "random", "weight_norm", "whole_head"}
+    assert sorted(sweep["k"].unique()) == [1, 10, 50]
+    sizes = sweep.groupby("dims").size()
+    assert sizes["random"] == 2 * 3 * n_heads and sizes["bos_top"] == 3 * n_heads
+    whole = sweep[sweep["dims"] == "whole_head"]
+    assert (whole["out_rel"].round(6) == 1).all() and whole["frob_rel"].isna().all()
+    # BOS dims: more kept dims, less error; and far less than random dims at the same k
+    med = sweep[sweep["dims"] != "whole_head"].groupby(["dims", "k"])["frob_rel"].median().unstack()
+    assert med.loc["bos_top", 50] < med.loc["bos_top", 1] and med.loc["bos_top", 50] < med.loc["random", 50]
+    quantiles = pd.read_csv(out / "tables" / "frob_rel_quantiles_at_k.csv")
+    bos = sweep[(sweep["dims"] == "bos_top") & (sweep["k"] == 10)]["frob_rel"]
+    assert quantiles.set_index("dims").loc["bos_top", "q50"] == pytest.approx(bos.median())
+    smallest = pd.read_csv(out / "tables" / "smallest_k.csv")
+    assert len(smallest) == 4 * 2 and set(smallest["threshold"]) == {0.2, 0.1}
+    every = pd.read_csv(out / "tables" / "all_heads_at_k.csv")
+    model = summary["model"]
+    assert len(every) == model["n_layers"] * model["n_heads"] and (every["k"] == 10).all()
+    level = pd.read_csv(out / "tables" / "model_level_at_k.csv")
+    assert set(level["level"]) == {"model"} and (level["next_kl"] >= 0).all() and level["n_prompts"].eq(2).all()
+    assert 0 < summary["params_zeroed_all_sink_heads_at_k"]["share"] < 1
+    head = summary["headline"]
+    assert head["frob_rel_median_at_k"]["bos_top"] == pytest.approx(bos.median())
+    assert set(head["smallest_k_median_below_0.2"]) == {"bos_top", "random", "weight_norm"}
+    assert head["d_loss_at_k"]["bos_top"] == pytest.approx(level[level["dims"] == "bos_top"]["d_loss"].mean())
+    figures = {p.name for p in (out / "figures").iterdir()}
+    assert {"frob_rel_vs_k.html", "out_rel_vs_k.html", "frob_rel_vs_k_by_layer.html", "frob_rel_vs_k_by_head.html",
+            "frob_rel_heatmap_at_k.html", "model_level_at_k.html"} <= figures
