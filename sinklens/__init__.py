@@ -3,6 +3,8 @@
 from .census import Census, first_token_comparison, run_census, sink_scores
 from .checkpoint import read_manifest, save_pruned
 from .errors import HubUnreachableError, InputError, SinklensError, UnknownModelError, UnsupportedArchitectureError
+from .evaluation import EvalResult, evaluate, retention
+from .lm_eval_bridge import evaluate_lm_eval
 from .loading import ModelInfo, load_model, model_info
 from .massive import MassiveActivations, bos_top_dims, massive_activations
 from .probes import probe_provenance, probe_tokens
@@ -11,6 +13,7 @@ from .pruning import (
     remove_heads, select_dims,
 )
 from .reconstruction import error_quantiles, k_sweep, reconstruction_error, smallest_k
+from .selection import LayerSelection, layer_selection
 from .specialization import sink_specialized_heads, specialization_table
 from .tokens import TokenBatch, tokenize
 
@@ -27,4 +30,6 @@ __all__ = [
     "HeadRemovalHandle", "PruneHandle", "active_edits", "apply_head_removal", "apply_pruning", "error_quantiles",
     "k_sweep", "layer_heads", "prune_qk", "read_manifest", "reconstruction_error", "remove_heads", "save_pruned",
     "select_dims", "smallest_k",
+    # evaluation and layer selection
+    "EvalResult", "LayerSelection", "evaluate", "evaluate_lm_eval", "layer_selection", "retention",
 ]

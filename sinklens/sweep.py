@@ -1,0 +1,387 @@
+"""Sweep engine: evaluate pruning configurations once, store each result as it finishes, resume.
+
+A configuration prunes (or removes) every listed head of a set of layers and evaluates an
+:class:`~sinklens.evaluation.EvalPlan`. Results go to a SQLite file, one row per configuration,
+committed in its own transaction as soon as it is computed, keyed by a hash of the configuration,
+the evaluation plan, the pruning settings and the model's fingerprint. A rerun skips finished
+rows; a sweep killed at any point (SIGKILL included) resumes without lost or duplicated rows.
+A file written for another model, another sinklens version or another file schema is refused.
+
+Speed: pruning layer l cannot change anything below l. The residual stream entering every layer
+is cached from one dense pass over the plan, and a configuration whose first edited layer is l
+runs only layers l..L-1 from that cache. More generally the cache is keyed by the edits below
+the layer, so a configuration extending a cached one (greedy selection) starts at its new layer.
+(TransformerLens 4.3's ``forward(resid, start_at_layer=l)`` is no shortcut: it still executes
+blocks 0..l-1 and discards their output, and for a float input it skips the mask-derived position
+ids. :meth:`EvalPlan.run` calls the bridge's blocks itself from layer l, with explicit position
+ids and attention mask; a test checks it against full forwards.)
+Memory: the dense cache holds plan tokens x d_model x n_layers values per split (about 0.2 GB for
+SmolLM2-135M and 3k tokens), on the model's device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sqlite3
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .errors import InputError
+from .evaluation import EvalPlan, EvalResult, plan_fingerprint
+from .loading import model_info
+from .massive import MassiveActivations
+from .progress import progress
+from .pruning import active_edits, prune_qk, remove_heads
+
+SCHEMA = 1
+METHODS = ("dense", "qk", "remove")
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of the model's shapes, dtype, device and a strided sample of every parameter's values.
+
+    Computed on the unedited model (refused while pruning edits are active).
+    """
+    if active_edits(model):
+        raise InputError("The model has active pruning edits: fingerprint (and sweep) the dense model; "
+                         "restore the edits first.")
+    shape = {k: v for k, v in model_info(model).as_dict().items() if k != "name"}  # the weights, not the path
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, param in model.original_model.named_parameters():
+            flat = param.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            digest.update(name.encode())
+            digest.update(str(tuple(param.shape)).encode())
+            digest.update(flat[::step].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+# --- the results file ----------------------------------------------------------------------------
+
+class ResultsFile:
+    """SQLite results of one model and sinklens version; ``":memory:"`` (or None) keeps them in memory."""
+
+    def __init__(self, path: str | Path | None, meta: Mapping[str, str], fresh: bool = False):
+        self.path = ":memory:" if path is None or str(path) == ":memory:" else Path(path)
+        if isinstance(self.path, Path):
+            if fresh and self.path.exists():
+                self.path.unlink()
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise InputError(f"Cannot create the folder of results file {self.path}: {err}. "
+                                 "Pass a writable path.") from err
+        try:
+            self.conn = sqlite3.connect(str(self.path), timeout=30)
+            self.conn.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self.conn.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, config TEXT NOT NULL, "
+                              "metrics TEXT NOT NULL, extra TEXT NOT NULL, items BLOB NOT NULL, created REAL NOT NULL)")
+            self.conn.commit()
+            stored = dict(self.conn.execute("SELECT name, value FROM meta").fetchall())
+        except sqlite3.DatabaseError as err:
+            raise InputError(f"{self.path} is not a sinklens results file ({err}): pass another path, or fresh=True "
+                             "to replace it.") from err
+        if stored:
+            self._check(stored, dict(meta))
+        else:
+            with self.conn:
+                self.conn.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
+
+    def _check(self, stored: dict, meta: dict) -> None:
+        def describe(values: dict, name: str) -> str:
+            if name == "fingerprint":
+                return f"model {values.get('model')!r} (fingerprint {values.get('fingerprint')})"
+            return repr(values.get(name))
+
+        labels = {"schema": "results-file schema", "sinklens": "sinklens version", "fingerprint": "model"}
+        for name, label in labels.items():
+            if stored.get(name) != meta.get(name):
+                raise InputError(
+                    f"Results file {self.path} was written with {label} {describe(stored, name)}, but this sweep "
+                    f"uses {describe(meta, name)}: its rows cannot be reused. Start fresh: delete the file, pass "
+                    "another results path, or pass fresh=True (which deletes it).")
+
+    def get(self, key: str) -> dict | None:
+        row = self.conn.execute("SELECT config, metrics, extra, items FROM results WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        config, metrics, extra, items = row
+        table = pd.read_parquet(io.BytesIO(items))
+        return {"config": json.loads(config), "metrics": json.loads(metrics), "extra": json.loads(extra),
+                "items": table}
+
+    def put(self, key: str, config: dict, result: EvalResult, extra: dict) -> None:
+        """Append one finished configuration (its own transaction: durable once this returns)."""
+        buffer = io.BytesIO()
+        result.items.to_parquet(buffer, index=False)  # exact float64 round trip
+        blob = buffer.getvalue()
+        with self.conn:
+            self.conn.execute("INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?, ?)",
+                              (key, json.dumps(config, sort_keys=True), json.dumps(result.metrics),
+                               json.dumps(extra, default=str), blob, time.time()))
+
+    def __contains__(self, key: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM results WHERE key = ?", (key,)).fetchone() is not None
+
+    def keys(self) -> list[str]:
+        return [k for (k,) in self.conn.execute("SELECT key FROM results ORDER BY rowid")]
+
+    def __len__(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def open_results(model, path: str | Path | None, fresh: bool = False) -> ResultsFile:
+    """Open (or create) the results file of ``model``, refusing one written for another model,
+    sinklens version or schema."""
+    if not isinstance(fresh, bool):
+        raise InputError(f"fresh must be True or False, got {fresh!r}.")
+    meta = {"schema": str(SCHEMA), "sinklens": _version(), "model": model_info(model).name,
+            "fingerprint": model_fingerprint(model)}
+    return ResultsFile(path, meta, fresh=fresh)
+
+
+# --- configurations ------------------------------------------------------------------------------
+
+@dataclass
+class Record:
+    """One evaluated configuration."""
+
+    method: str
+    layers: tuple[int, ...]
+    heads: tuple[tuple[int, int], ...]
+    split: str
+    key: str
+    result: EvalResult
+    params: dict = field(default_factory=dict)
+    cached: bool = False  # read from the results file
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.result.metrics
+
+
+class Sweep:
+    """Evaluate pruning configurations of one model on named evaluation plans, with a results file.
+
+    ``heads_by_layer`` maps each layer to the heads pruned when that layer is selected;
+    ``massive`` (measured on BOS-prepended probe prompts) gives the top-k BOS dims per layer;
+    ``k``, ``basis`` and ``gqa`` are passed to :func:`sinklens.prune_qk`.
+    """
+
+    def __init__(self, model, plans: Mapping[str, EvalPlan], heads_by_layer: Mapping[int, Sequence[int]],
+                 massive: MassiveActivations | None, k: int, basis: str = "normalized", gqa: str = "exact",
+                 results: str | Path | None = None, fresh: bool = False, show_progress: bool = True,
+                 max_cached: int = 2):
+        if not plans:
+            raise InputError("plans is empty: pass at least one evaluation plan (sinklens.evaluation.build_plan).")
+        self.model = model
+        self.info = model_info(model)
+        self.plans = dict(plans)
+        self.heads_by_layer = {int(l): tuple(sorted(int(h) for h in hs)) for l, hs in heads_by_layer.items()}
+        self.massive = massive
+        self.k, self.basis, self.gqa = k, basis, gqa
+        self.show_progress = show_progress
+        self.file = open_results(model, results, fresh=fresh)
+        self.fingerprint = dict(self.file.conn.execute("SELECT name, value FROM meta"))["fingerprint"]
+        dims = {} if massive is None else {
+            str(l): massive.top_dims(l, k, basis).sort().values.tolist() for l in sorted(self.heads_by_layer)}
+        self.settings = {"k": k, "basis": basis, "gqa": gqa, "dims": dims,
+                         "heads": {str(l): list(h) for l, h in sorted(self.heads_by_layer.items())}}
+        self.plan_ids = {name: plan_fingerprint(plan) for name, plan in self.plans.items()}
+        self._cache: dict[tuple, list[torch.Tensor]] = {}  # (split, layer, edits below it) -> resid per batch
+        self._pinned: set[tuple] = set()  # dense entries, kept for the whole sweep
+        self._owners: OrderedDict[tuple, list[tuple]] = OrderedDict()  # recent configurations' entries
+        self._records: dict[str, Record] = {}  # this session's records by key
+        self.max_cached = max_cached
+        self.forward_equivalents = 0.0  # sum over runs of layers run / n_layers
+        self.n_evaluated = 0  # configurations computed (not read back), dense excluded
+        self.n_dense_runs = 0
+
+    # keys ------------------------------------------------------------------------------------
+    def heads_of(self, layers: Iterable[int]) -> tuple[tuple[int, int], ...]:
+        out = []
+        for layer in layers:
+            if layer not in self.heads_by_layer or not self.heads_by_layer[layer]:
+                raise InputError(f"Layer {layer} has no heads to prune in this sweep (layers with heads: "
+                                 f"{sorted(l for l, h in self.heads_by_layer.items() if h)}).")
+            out += [(layer, h) for h in self.heads_by_layer[layer]]
+        return tuple(out)
+
+    def _normalize(self, method: str, layers: Iterable[int], split: str) -> tuple[str, tuple[int, ...]]:
+        if method not in METHODS:
+            raise InputError(f"Unknown method {method!r}: use one of {METHODS}.")
+        if split not in self.plans:
+            raise InputError(f"Unknown split {split!r}: this sweep has plans {sorted(self.plans)}.")
+        layers = list(layers)
+        if any(isinstance(l, bool) or not isinstance(l, (int, np.integer)) for l in layers):
+            raise InputError(f"Layers must be ints, got {layers!r}.")
+        layers = tuple(sorted({int(l) for l in layers}))
+        if method == "dense" and layers:
+            raise InputError("A dense configuration has no layers.")
+        if method != "dense" and not layers:
+            raise InputError("The layer set is empty: pass at least one layer to prune (or method='dense').")
+        for layer in layers:
+            if not 0 <= layer < self.info.n_layers:
+                raise InputError(f"layer={layer} is out of range: the model has {self.info.n_layers} layers.")
+        return method, layers
+
+    def key(self, method: str, layers: Iterable[int], split: str) -> str:
+        method, layers = self._normalize(method, layers, split)
+        payload = {"schema": SCHEMA, "model": self.fingerprint, "plan": self.plan_ids[split],
+                   "settings": self.settings if method == "qk" else {"heads": self.settings["heads"]},
+                   "method": method, "layers": list(layers)}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+    def _prefix(self, method: str, layers: tuple[int, ...], below: int) -> tuple:
+        return tuple((method, l) for l in layers if l < below)
+
+    # evaluation ------------------------------------------------------------------------------
+    def has(self, method: str, layers: Iterable[int], split: str) -> bool:
+        """Whether this configuration's result is already known (this session or the results file)."""
+        key = self.key(method, layers, split)
+        return key in self._records or key in self.file
+
+    def dense(self, split: str) -> Record:
+        """The unedited model on ``split`` (computed once; also fills the residual cache)."""
+        return self.evaluate("dense", (), split)
+
+    def evaluate(self, method: str, layers: Iterable[int], split: str, keep_prefix: bool = False) -> Record:
+        """One configuration: read back from the results file, or computed and appended to it.
+
+        ``keep_prefix`` caches this configuration's residuals (for extensions of it, as in greedy
+        selection); the dense residuals of each split are always cached.
+        """
+        method, layers = self._normalize(method, layers, split)
+        heads = self.heads_of(layers) if method != "dense" else ()
+        key = self.key(method, layers, split)
+        if key in self._records and not keep_prefix:
+            return self._records[key]
+        stored = self.file.get(key)
+        if stored is not None and not keep_prefix:
+            result = EvalResult(items=stored["items"], meta=dict(self.plans[split].meta))
+            record = Record(method, layers, heads, split, key, result, stored["extra"].get("params", {}), cached=True)
+            self._records[key] = record
+            return record
+        if active_edits(self.model):
+            raise InputError("The model has active pruning edits: run the sweep on the dense model.")
+        plan = self.plans[split]
+        n_layers = self.info.n_layers
+        start, resid = self._lookup(split, method, layers) if method != "dense" else (0, None)
+        if method != "dense" and resid is None:  # the dense pass fills the cache first
+            self._ensure_dense_cache(split)
+            start, resid = self._lookup(split, method, layers)
+        capture = range(start, n_layers) if (method == "dense" or keep_prefix) else ()
+        params = {}
+        with self._edit(method, heads) as handle:
+            result = plan.run(self.model, start_layer=start, resid=resid, capture=capture)
+            if handle is not None:
+                params = handle.params_zeroed()
+        self.forward_equivalents += (n_layers - start) / n_layers
+        if method == "dense":
+            self.n_dense_runs += 1
+        elif stored is None:
+            self.n_evaluated += 1
+        self._store_prefix(split, method, layers, result.resid, pin=method == "dense")
+        result.resid = {}
+        if stored is None:
+            config = {"method": method, "layers": list(layers), "heads": [list(h) for h in heads], "split": split,
+                      "k": self.k if method == "qk" else None}
+            self.file.put(key, config, result, {"params": params, "start_layer": start})
+        record = Record(method, layers, heads, split, key, result, params, cached=stored is not None)
+        self._records[key] = record
+        return record
+
+    def run(self, configs: Sequence[tuple[str, Iterable[int], str]], desc: str = "sweep") -> list[Record]:
+        """Evaluate ``(method, layers, split)`` configurations in order, with a progress bar."""
+        configs = [(m, tuple(ls), s) for m, ls, s in configs]
+        for method, layers, split in configs:  # validate every configuration before any work
+            method, layers = self._normalize(method, layers, split)
+            if method != "dense":
+                self.heads_of(layers)
+        return [self.evaluate(*config) for config in progress(configs, desc=desc, enabled=self.show_progress)]
+
+    def _edit(self, method: str, heads):
+        if method == "qk":
+            return prune_qk(self.model, list(heads), self.k, dims="bos_top", tokens=self.massive, basis=self.basis,
+                            gqa=self.gqa)
+        if method == "remove":
+            return remove_heads(self.model, list(heads))
+        return nullcontext(None)
+
+    # the residual cache ----------------------------------------------------------------------
+    def _ensure_dense_cache(self, split: str) -> None:
+        if (split, 0, ()) not in self._cache:
+            stored_key = self.key("dense", (), split)
+            if self.file.get(stored_key) is None:
+                self.dense(split)
+            else:  # the dense row exists (resumed sweep): recompute only to fill the cache
+                self._run_dense_capture(split)
+
+    def _run_dense_capture(self, split: str) -> None:
+        plan = self.plans[split]
+        result = plan.run(self.model, capture=range(self.info.n_layers))
+        self.forward_equivalents += 1.0
+        self.n_dense_runs += 1
+        self._store_prefix(split, "dense", (), result.resid, pin=True)
+
+    def _store_prefix(self, split: str, method: str, layers: tuple[int, ...], resid: dict, pin: bool) -> None:
+        """Cache the residuals a run captured, keyed by (split, layer, edits below the layer).
+
+        Dense residuals are kept for the whole sweep; those of other configurations only for the
+        ``max_cached`` most recent ones.
+        """
+        if not resid:
+            return
+        keys = [(split, layer, self._prefix(method, layers, layer)) for layer in resid]
+        for key, layer in zip(keys, resid):
+            self._cache[key] = resid[layer]
+        if pin:
+            self._pinned.update(keys)
+            return
+        owner = (split, method, layers)
+        self._owners[owner] = [k for k in keys if k not in self._pinned]
+        self._owners.move_to_end(owner)
+        while len(self._owners) > self.max_cached:
+            _, stale = self._owners.popitem(last=False)
+            in_use = {k for ks in self._owners.values() for k in ks}
+            for key in stale:
+                if key not in in_use and key not in self._pinned:
+                    self._cache.pop(key, None)
+
+    def _lookup(self, split: str, method: str, layers: tuple[int, ...]) -> tuple[int, list | None]:
+        """The highest layer whose entering residual is cached for this configuration's edits below it."""
+        for layer in range(max(layers), -1, -1):  # nothing above the last edited layer can be reused
+            hit = self._cache.get((split, layer, self._prefix(method, layers, layer)))
+            if hit is not None:
+                return layer, hit
+        return 0, None
+
+    # reporting -------------------------------------------------------------------------------
+    def cost(self) -> dict:
+        """Forward-equivalents spent (layers run / n_layers, summed), per evaluated configuration."""
+        n = max(self.n_evaluated, 1)
+        return {"configs_evaluated": self.n_evaluated, "dense_runs": self.n_dense_runs,
+                "forward_equivalents": self.forward_equivalents,
+                "forward_equivalents_per_config": self.forward_equivalents / n}
+
+    def close(self) -> None:
+        self.file.close()

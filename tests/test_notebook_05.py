@@ -1,0 +1,80 @@
+"""Notebook 05 (layer selection) run headless with tiny CI parameters on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import nbformat
+import pandas as pd
+import pytest
+from conftest import build_tiny_checkpoint, execute_notebook
+
+pytestmark = pytest.mark.notebook
+
+ITEMS = [
+    {"id": f"i{i}", "task": "t" + str(i % 2), "context": f"w{5 + i} w{6 + 2 * i} w{7 + 3 * i}",
+     "choices": [f" w{20 + i}", f" w{40 + i} w{41 + i}", f" w{60 + i}"], "gold": i % 3}
+    for i in range(8)
+]
+FIGURES = ["single_layer_retention", "retention_by_n_layers", "pareto_frontier", "removal_comparison"]
+TABLES = ["configurations", "dense", "frontier", "largest_meeting", "removal_comparison"]
+TARGET = 0.9
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("nb05")
+    model = build_tiny_checkpoint(folder / "tiny", 6, 2)
+    items = folder / "items.jsonl"
+    items.write_text("".join(json.dumps(item) + "\n" for item in ITEMS))
+    out = folder / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SINKLENS_PROGRESS", "0")
+        execute_notebook("05_layer_selection.ipynb", out, model_name=str(model), items_file=str(items), k=4,
+                         target_retention=TARGET, targets=[TARGET, 0.95], n_prompts=8, seq_len=16, eps=0.05, q=0.5,
+                         limit=4, n_lm_prompts=2, lm_seq_len=12, n_copy=2, greedy_pool=3, exhaustive_pool=3,
+                         exhaustive_size=2, n_random=1, n_boot=50)
+    return out
+
+
+def test_outputs_exist_offline_and_notebook_ran_clean(run_dir):
+    for name in FIGURES:
+        page = (run_dir / "figures" / f"{name}.html").read_text()
+        assert 'src="plotly.min.js"' in page and not re.search(r"<script[^>]*src=\"https?:", page), name
+    for name in TABLES:
+        assert (run_dir / "tables" / f"{name}.csv").is_file(), name
+    assert (run_dir / "layer_selection.sqlite").stat().st_size > 0
+    executed = nbformat.read(str(run_dir / "05_layer_selection.ipynb"), 4)
+    outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "sink-specialized heads in layers" in text and ("best: layers" in text or "no configuration" in text)
+
+
+def test_saved_tables_are_consistent(run_dir):
+    table = pd.read_csv(run_dir / "tables" / "configurations.csv", dtype={"layers": str})
+    assert {"single_layer", "single_layer_rank", "greedy", "exhaustive", "random", "removal"} <= set(table["strategy"])
+    summary = json.loads((run_dir / "layer_selection.json").read_text())
+    confirmed = table[(table["split"] == "heldout") & (table["method"] == "qk")]
+    meeting = confirmed[confirmed["retention"] >= TARGET]
+    removal_rows = table[(table["split"] == "heldout") & (table["method"] == "remove")].astype({"layers": str})
+    if meeting.empty:
+        assert summary["best"] is None
+    else:  # the best configuration is recomputed from the saved table
+        assert summary["best"]["n_heads"] == meeting["n_heads"].max()
+        assert summary["best"]["retention"] >= TARGET
+        head = summary["headline"]
+        assert head["best_retention"] == summary["best"]["retention"] and head["best_layers"] == str(summary["best"]["layers"])
+        same = removal_rows[removal_rows["layers"] == head["best_layers"]]["retention"]
+        assert head["removal_retention_same_heads"] == (pytest.approx(same.iloc[0]) if len(same) else None)
+    assert summary["parameters"]["k"] == 4 and summary["settings"]["k"] == 4
+    assert len(summary["heads"]) == table[table["strategy"] == "single_layer"]["n_heads"].sum()
+    frontier = pd.read_csv(run_dir / "tables" / "frontier.csv")
+    assert frontier["n_heads"].is_monotonic_increasing and frontier["retention"].is_monotonic_decreasing
+    dense = pd.read_csv(run_dir / "tables" / "dense.csv")
+    assert {"acc/mean", "lm/ppl", "copy/acc", "mc/acc"} <= set(dense["metric"])
+    removal = pd.read_csv(run_dir / "tables" / "removal_comparison.csv", dtype={"layers": str})
+    largest = pd.read_csv(run_dir / "tables" / "largest_meeting.csv", dtype={"layers": str})
+    meeting_sets = set(largest.loc[(largest["n_layers"] > 0) & (largest["target"] == TARGET), "layers"])
+    assert meeting_sets <= set(removal["layers"]) <= set(confirmed["layers"]) and len(removal) > 0
