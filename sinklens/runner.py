@@ -38,7 +38,12 @@ NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
 DEFAULT_MODEL = next(iter(EMBEDDED_MODELS))
 # Small parameters for --ci: the whole series in well under a minute per notebook on 2 CPU cores.
 # Applied to the notebooks that declare them; -p and --params still override them.
-CI_PARAMS: dict[str, Any] = {"n_prompts": 8, "seq_len": 32, "batch_size": 8, "n_boot": 100}
+CI_PARAMS: dict[str, Any] = {
+    "n_prompts": 8, "seq_len": 32, "batch_size": 8, "n_boot": 100,  # census, bootstrap (all notebooks)
+    "ks": [1, 10, 50], "seeds": [0, 1], "model_prompts": 2,  # k sweep (04)
+    "limit": 2, "n_lm_prompts": 2, "n_copy": 2,  # evaluation items per split (05)
+    "greedy_pool": 2, "exhaustive_pool": 2, "exhaustive_size": 2, "n_random": 1,  # layer search (05)
+}
 # Set by the runner itself, never by -p or a params file.
 RESERVED = {"model_name": "--model", "out_dir": "--out"}
 MANIFEST = "manifest.json"
