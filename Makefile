@@ -31,6 +31,7 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/census.py
+	$(PY) bench/sweep.py
 
 clean-venv:
 	rm -rf .venv
