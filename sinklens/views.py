@@ -127,7 +127,9 @@ def views_page(views: Sequence[AttentionView], title: str = "Attention views") -
     views = list(views)
     if not views or not all(isinstance(v, AttentionView) for v in views):
         raise InputError("views must be a non-empty list of AttentionView (from sinklens.views.attention_view).")
-    body = "\n".join(f"<h2>{html_lib.escape(v.title)}</h2>\n{_view_div(v)}" for v in views)
+    # a view whose title is the page's is not titled twice
+    body = "\n".join((f"<h2>{html_lib.escape(v.title)}</h2>\n" if v.title and v.title != title else "") + _view_div(v)
+                     for v in views)
     return (f'<!DOCTYPE html>\n<html>\n<head>\n<meta charset="utf-8">\n<title>{html_lib.escape(title)}</title>\n'
             f"{_bundle_tag()}\n</head>\n<body>\n<h1>{html_lib.escape(title)}</h1>\n{body}\n</body>\n</html>\n")
 

@@ -1,6 +1,7 @@
 """Attention views (pattern from the model, offline HTML), head choice, census summaries and census figures."""
 
 import json
+import html
 import re
 
 import pandas as pd
@@ -61,6 +62,8 @@ def test_view_html_is_self_contained_and_carries_the_pattern(tiny):
     single = first.html()
     assert single.startswith("<!DOCTYPE html>") and single.count("var CircuitsVis=") == 1
     assert not re.search(r"<script[^>]*\bsrc\s*=", single)
+    assert page.count(f"<h2>{html.escape(first.title)}</h2>") == 1  # each view of a page has its heading
+    assert single.count(html.escape(first.title)) == 2  # <title> and <h1>; not titled twice on the page
 
 
 def test_view_of_a_padded_batch_row_drops_the_padding(tiny):
