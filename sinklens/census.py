@@ -27,6 +27,12 @@ from .tokens import as_batch
 from .validate import check_fraction, check_layers
 
 
+# the three cases of first_token_comparison
+CASE_BOS = "BOS at position 0"
+CASE_AFTER_BOS = "first text token at position 1 (after BOS)"
+CASE_NO_BOS = "first text token at position 0 (no BOS)"
+
+
 @dataclass
 class Census:
     """Attention statistics of every head of ``layers`` on a prompt set.
@@ -168,8 +174,7 @@ def first_token_comparison(with_bos: Census, without_bos: Census, eps: float = 0
     first text token when no BOS is prepended (position 0)."""
     if with_bos.prepend_bos is not True or without_bos.prepend_bos is not False:
         raise InputError("first_token_comparison needs a census with prepend_bos=True and one with prepend_bos=False.")
-    cases = {"BOS at position 0": (with_bos, 0), "first text token at position 1 (after BOS)": (with_bos, 1),
-             "first text token at position 0 (no BOS)": (without_bos, 0)}
+    cases = {CASE_BOS: (with_bos, 0), CASE_AFTER_BOS: (with_bos, 1), CASE_NO_BOS: (without_bos, 0)}
     rows = []
     for case, (census, pos) in cases.items():
         scores = census.sink_scores(pos)

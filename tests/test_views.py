@@ -1,7 +1,7 @@
 """Attention views (pattern from the model, offline HTML), head choice, census summaries and census figures."""
 
-import json
 import html
+import json
 import re
 
 import pandas as pd
@@ -11,7 +11,7 @@ import torch
 from conftest import padded_mask, random_tokens
 
 import sinklens as sl
-from sinklens import views
+from sinklens import summaries, views
 from sinklens.hooks import pattern_hook
 from sinklens.plots import census as plots
 
@@ -104,38 +104,38 @@ def censuses(tiny):
 def test_strongest_sink_head_from_census_and_table(censuses):
     census, _ = censuses
     mean = census.sink_scores(0).mean(0)
-    layer, head = views.strongest_sink_head(census)
+    layer, head = summaries.strongest_sink_head(census)
     assert mean[census.layers.index(layer), head] == mean.max()
     table = sl.specialization_table(census.sink_scores(0), n_boot=20, layers=census.layers)
-    assert views.strongest_sink_head(table) == (layer, head)
+    assert summaries.strongest_sink_head(table) == (layer, head)
     shuffled = pd.DataFrame({"layer": [3, 1, 2], "head": [0, 5, 1], "mean": [0.2, 0.9, 0.4]})
-    assert views.strongest_sink_head(shuffled) == (1, 5)
+    assert summaries.strongest_sink_head(shuffled) == (1, 5)
     with pytest.raises(sl.InputError, match="specialization_table"):
-        views.strongest_sink_head(pd.DataFrame({"layer": [1]}))
+        summaries.strongest_sink_head(pd.DataFrame({"layer": [1]}))
 
 
 def test_first_token_verdict_reads_the_comparison(censuses):
-    real = views.first_token_verdict(sl.first_token_comparison(*censuses))  # case names stay in sync
+    real = summaries.first_token_verdict(sl.first_token_comparison(*censuses))  # case names stay in sync
     assert real["verdict"] in {"position", "token", "mixed", "none"}
-    assert set(real["sink_rate_pct"]) == {views.CASE_BOS, views.CASE_AFTER_BOS, views.CASE_NO_BOS}
+    assert set(real["sink_rate_pct"]) == {summaries.CASE_BOS, summaries.CASE_AFTER_BOS, summaries.CASE_NO_BOS}
 
     def frame(bos, after, no_bos):
-        rates = {views.CASE_BOS: bos, views.CASE_AFTER_BOS: after, views.CASE_NO_BOS: no_bos}
+        rates = {summaries.CASE_BOS: bos, summaries.CASE_AFTER_BOS: after, summaries.CASE_NO_BOS: no_bos}
         return pd.DataFrame([{"case": c, "layer": l, "mean_alpha": r / 100, "sink_rate": r}
                              for c, r in rates.items() for l in range(2)])
-    assert views.first_token_verdict(frame(80, 2, 75))["verdict"] == "position"
-    assert views.first_token_verdict(frame(80, 2, 10))["verdict"] == "token"
-    assert views.first_token_verdict(frame(80, 60, 75))["verdict"] == "mixed"
-    assert views.first_token_verdict(frame(0, 0, 0))["verdict"] == "none"
-    assert views.first_token_verdict(frame(80, 2, 75))["sink_rate_pct"][views.CASE_NO_BOS] == pytest.approx(75)
+    assert summaries.first_token_verdict(frame(80, 2, 75))["verdict"] == "position"
+    assert summaries.first_token_verdict(frame(80, 2, 10))["verdict"] == "token"
+    assert summaries.first_token_verdict(frame(80, 60, 75))["verdict"] == "mixed"
+    assert summaries.first_token_verdict(frame(0, 0, 0))["verdict"] == "none"
+    assert summaries.first_token_verdict(frame(80, 2, 75))["sink_rate_pct"][summaries.CASE_NO_BOS] == pytest.approx(75)
     with pytest.raises(sl.InputError, match="first_token_comparison"):
-        views.first_token_verdict(pd.DataFrame({"case": ["x"]}))
+        summaries.first_token_verdict(pd.DataFrame({"case": ["x"]}))
 
 
 def test_non_first_summary_accounts_for_every_hit(tiny, censuses):
     census, _ = censuses
     hits = census.non_first_sinks(0.1, min_queries=4)
-    summary = views.non_first_summary(census, tiny, threshold=0.1, min_queries=4)
+    summary = summaries.non_first_summary(census, tiny, threshold=0.1, min_queries=4)
     assert summary["n_hits"].sum() == len(hits)
     assert set(summary["token_id"]) == set(hits["token_id"])
     if len(summary):
@@ -146,9 +146,9 @@ def test_non_first_summary_accounts_for_every_hit(tiny, censuses):
 
 def test_first_token_record(tiny):
     batch = sl.tokenize(tiny, ["w5 w6 w7", "w9 w3"], prepend_bos=True, padding_side="left")
-    record = views.first_token_record(tiny, batch)
+    record = summaries.first_token_record(tiny, batch)
     assert record["prepend_bos"] is True and record["first_ids"] == [sl.model_info(tiny).bos_id]
-    plain = views.first_token_record(tiny, sl.tokenize(tiny, ["w5 w6 w7", "w9 w3"], prepend_bos=False))
+    plain = summaries.first_token_record(tiny, sl.tokenize(tiny, ["w5 w6 w7", "w9 w3"], prepend_bos=False))
     assert plain["first_ids"] == [5, 9] and plain["first_strings"] == ["w5", "w9"]
 
 
