@@ -341,6 +341,14 @@ def _kernel_name(notebook: Path) -> str:
     return spec.get("name") or "python3"
 
 
+def kernel_config():
+    """Notebook kernels talk over local IPC sockets (cleaned up on exit), not TCP ports: nothing listens on
+    the network, and ipykernel does not warn about unencrypted TCP once per notebook."""
+    from traitlets.config import Config
+
+    return Config({"KernelManager": {"transport": "ipc"}})
+
+
 @contextlib.contextmanager
 def _quiet_progress():
     """Kernels started inside inherit SINKLENS_PROGRESS=0: no progress bars in executed notebooks."""
@@ -396,7 +404,7 @@ def execute(plan: RunPlan, log: Callable[[str], None] = print,
             with _quiet_progress():
                 papermill.execute_notebook(str(nb.path), str(run_dir / nb.path.name), parameters=entry["passed"],
                                            kernel_name=_kernel_name(nb.path), progress_bar=False, log_output=False,
-                                           cwd=str(plan.repo_root))
+                                           cwd=str(plan.repo_root), config=kernel_config())
             entry["status"] = "ok"
         except PapermillExecutionError as error:
             entry["status"] = "failed"

@@ -144,10 +144,11 @@ def test_failing_notebook_stops_the_run_and_keeps_what_finished(series, tmp_path
 
 
 @pytest.mark.notebook
-def test_real_ci_run_of_notebook_01(tmp_path, capsys):
+def test_real_ci_run_of_notebook_01(tmp_path, capfd):
+    """capfd: the kernel writes to the inherited file descriptors, so its warnings are seen too."""
     out = tmp_path / "runs"
     code, stdout, stderr = _run(["run", "--only", "01", "--ci", "--out", str(out), "--notebooks", str(NOTEBOOKS)],
-                                capsys)
+                                capfd)
     assert code == 0, stderr
     run_dir = (out / "latest").resolve()
     assert run_dir.parent == out.resolve() and run_dir.name.endswith("-smollm2-135m")
@@ -166,6 +167,7 @@ def test_real_ci_run_of_notebook_01(tmp_path, capsys):
     summary = json.loads((run_dir / "sink_discovery.json").read_text())
     assert summary["n_prompts"] == runner.CI_PARAMS["n_prompts"] and summary["model"]["name"] == "smollm2-135m"
     assert "[1/1] 01_sink_discovery.ipynb" in stdout
+    assert "WARNING" not in stdout + stderr, stdout + stderr  # e.g. ipykernel's unencrypted-TCP warning
 
 
 def test_relative_out_dir_from_the_notebooks_folder_means_the_project_root(tmp_path, monkeypatch):
