@@ -343,11 +343,17 @@ def test_report_renders_offline(ci_run, browser, tmp_path):
     assert dom.count("<iframe") == len(figures)
     assert 'href="01_sink_discovery.ipynb"' in dom and 'href="tables/census.csv"' in dom
     assert "sink_rate_pct" in dom and "Headline numbers" in dom
-    png = browser.screenshot()
-    (tmp_path / "index.png").write_bytes(png)
-    share, colours = ink(png)
-    print(f"index.html screenshot: {share:.1%} ink, {colours} colours ({tmp_path / 'index.png'})")
+    share, colours = screenshot_ink(browser, tmp_path / "index.png")
     assert share > 0.03 and colours > 20
+
+
+def screenshot_ink(browser, path: Path) -> tuple[float, int]:
+    """Save a screenshot of the open page and return its share of non-white pixels and its colour count."""
+    png = browser.screenshot()
+    path.write_bytes(png)
+    share, colours = ink(png)
+    print(f"{path.stem} screenshot: {share:.1%} ink, {colours} colours ({path})")
+    return share, colours
 
 
 def test_attention_view_renders_offline(ci_run, browser, tmp_path):
@@ -358,10 +364,7 @@ def test_attention_view_renders_offline(ci_run, browser, tmp_path):
     assert browser.problems() == []
     dom = browser.evaluate("document.documentElement.outerHTML")
     assert "<svg" in dom or "<canvas" in dom
-    png = browser.screenshot()
-    (tmp_path / "view.png").write_bytes(png)
-    share, colours = ink(png)
-    print(f"attention view screenshot: {share:.1%} ink, {colours} colours ({tmp_path / 'view.png'})")
+    share, colours = screenshot_ink(browser, tmp_path / "view.png")
     assert share > 0.03 and colours > 20
 
 

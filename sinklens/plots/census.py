@@ -118,27 +118,28 @@ def norm_share(massive: MassiveActivations, k_values: Sequence[int] = (1, 2, 10)
                bases: Sequence[str] = BASES) -> go.Figure:
     """Share of the first token's squared norm held by its top-k dims, per layer, one line per (basis, k)."""
     _check(massive, MassiveActivations, "massive")
-    fig = go.Figure()
-    for basis, dash in zip(bases, ("solid", "dash", "dot")):
-        for k in k_values:
-            fig.add_trace(go.Scatter(x=massive.layers, y=massive.norm_share(k, basis).numpy(), mode="lines+markers",
-                                     name=f"{basis}, k={k}", line={"dash": dash}))
-    fig.update_layout(title="Share of the first token's squared norm in its top-k dims", xaxis_title="layer",
-                      yaxis_title="share of ||x||^2", yaxis_range=[0, 1.02])
-    return fig
+    return _lines_by_basis_and_k(massive, massive.norm_share, k_values, bases,
+                                 "Share of the first token's squared norm in its top-k dims", "share of ||x||^2")
 
 
 def rank_stability(massive: MassiveActivations, k_values: Sequence[int] = (1, 2, 10),
                    bases: Sequence[str] = BASES) -> go.Figure:
     """Mean Jaccard overlap of each prompt's top-k first-token dims with the aggregate top-k, per layer."""
     _check(massive, MassiveActivations, "massive")
+    return _lines_by_basis_and_k(massive, massive.rank_stability, k_values, bases,
+                                 "Stability of the top-k first-token dims across prompts (Jaccard)",
+                                 "mean Jaccard overlap")
+
+
+def _lines_by_basis_and_k(massive: MassiveActivations, values, k_values: Sequence[int], bases: Sequence[str],
+                          title: str, yaxis_title: str) -> go.Figure:
+    """One line per (basis, k) of ``values(k, basis)`` (a per-layer tensor in [0, 1]) against the layer."""
     fig = go.Figure()
     for basis, dash in zip(bases, ("solid", "dash", "dot")):
         for k in k_values:
-            fig.add_trace(go.Scatter(x=massive.layers, y=massive.rank_stability(k, basis).numpy(), mode="lines+markers",
+            fig.add_trace(go.Scatter(x=massive.layers, y=values(k, basis).numpy(), mode="lines+markers",
                                      name=f"{basis}, k={k}", line={"dash": dash}))
-    fig.update_layout(title="Stability of the top-k first-token dims across prompts (Jaccard)", xaxis_title="layer",
-                      yaxis_title="mean Jaccard overlap", yaxis_range=[0, 1.02])
+    fig.update_layout(title=title, xaxis_title="layer", yaxis_title=yaxis_title, yaxis_range=[0, 1.02])
     return fig
 
 
