@@ -47,7 +47,7 @@ from .errors import InputError, UnsupportedArchitectureError
 from .loading import model_info
 from .probes import probe_tokens
 from .progress import progress
-from .validate import check_fraction
+from .validate import check_choice, check_fraction
 
 PARTS = ("lm", "mc", "copy")
 SUITES: dict[str, tuple[str, ...]] = {"default": PARTS, "lm": ("lm",), "mc": ("mc",), "copy": ("copy",)}
@@ -228,10 +228,9 @@ def build_plan(model, suite: str = "default", limit: int | None = None, split: s
                n_copy: int = 16, copy_len: int = 24, prepend_bos: bool = True, seed: int = 0,
                batch_tokens: int = 2048) -> EvalPlan:
     """Tokenize a suite into batches (see :func:`evaluate` for the arguments)."""
-    parts = _check_suite(suite)
+    parts = check_suite(suite)
     limit = _check_limit(limit)
-    if split not in SPLITS:
-        raise InputError(f"Unknown split {split!r}: use one of {SPLITS}.")
+    check_choice("split", split, SPLITS)
     for name, value, low in (("n_lm_prompts", n_lm_prompts, 1), ("n_copy", n_copy, 1), ("copy_len", copy_len, 2),
                              ("batch_tokens", batch_tokens, 1)):
         _check_positive(name, value, low)
@@ -268,7 +267,7 @@ def build_plan(model, suite: str = "default", limit: int | None = None, split: s
     return EvalPlan(batches=_batch_rows(rows, batch_tokens, device), units=pd.DataFrame(units), meta=meta)
 
 
-def _check_suite(suite) -> tuple[str, ...]:
+def check_suite(suite) -> tuple[str, ...]:
     if not isinstance(suite, str) or suite not in SUITES:
         hint = (" ('pruning-paper' is an lm-evaluation-harness suite: use sinklens.evaluate_lm_eval)"
                 if suite == "pruning-paper" else "")

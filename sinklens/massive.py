@@ -23,7 +23,7 @@ from .errors import InputError
 from .hooks import attn_input_hook, batches, relative_index, resid_pre_hook, run_hooked
 from .loading import model_info
 from .tokens import as_batch
-from .validate import check_index, check_k, check_layers
+from .validate import check_choice, check_index, check_k, check_layers
 
 BASES = ("resid", "normalized")
 
@@ -117,9 +117,7 @@ class MassiveActivations:
 
 
 def _basis_index(basis: str) -> int:
-    if basis not in BASES:
-        raise InputError(f"Unknown basis {basis!r}: use one of {BASES}.")
-    return BASES.index(basis)
+    return BASES.index(check_choice("basis", basis, BASES))
 
 
 def massive_activations(model, tokens, attention_mask: Tensor | None = None, layers: Sequence[int] | None = None,

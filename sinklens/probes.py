@@ -15,6 +15,7 @@ from functools import lru_cache
 
 from .errors import InputError
 from .tokens import TokenBatch, pad_rows
+from .validate import check_choice
 
 SPLITS = ("probe", "heldout")
 
@@ -50,8 +51,7 @@ def probe_tokens(model, n_prompts: int = 128, seq_len: int = 64, prepend_bos: bo
     The text chunks do not depend on ``prepend_bos``: with BOS a prompt has ``seq_len`` tokens,
     without it the same text has ``seq_len - 1``. That makes with/without-BOS runs comparable.
     """
-    if split not in SPLITS:
-        raise InputError(f"Unknown split {split!r}: use one of {SPLITS}.")
+    check_choice("split", split, SPLITS)
     if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < 1:
         raise InputError(f"n_prompts must be a positive int, got {n_prompts!r}.")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:

@@ -28,7 +28,6 @@ edits are tracked on the model; overlapping edits are refused.
 from __future__ import annotations
 
 import hashlib
-import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from .errors import InputError, SinklensError
 from .loading import ModelInfo, model_info
 from .massive import BASES, MassiveActivations, massive_activations
 from .tokens import as_batch
-from .validate import check_index, check_k
+from .validate import as_int, check_choice, check_index, check_k
 
 DIMS_POLICIES = ("bos_top", "random", "weight_norm")
 GQA_POLICIES = ("exact", "shared", "q_only")
@@ -52,12 +51,6 @@ Head = tuple[int, int]
 
 # --- argument checks ----------------------------------------------------------------------------
 
-def _as_int(value) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        return None
-    return int(value)
-
-
 def check_heads(heads, info: ModelInfo) -> list[Head]:
     """A non-empty list of distinct ``(layer, head)`` pairs inside the model, sorted."""
     example = "e.g. heads=[(12, 3), (12, 5)]"
@@ -66,13 +59,13 @@ def check_heads(heads, info: ModelInfo) -> list[Head]:
     heads = list(heads)
     if not heads:
         raise InputError(f"heads is empty: pass at least one (layer, head) pair ({example}).")
-    if len(heads) == 2 and all(_as_int(x) is not None for x in heads):
+    if len(heads) == 2 and all(as_int(x) is not None for x in heads):
         raise InputError(f"heads={tuple(heads)} looks like a single pair: wrap it in a list, heads=[{tuple(heads)}].")
     out = []
     for pair in heads:
         if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
             raise InputError(f"Each head must be a (layer, head) pair ({example}), got {pair!r}.")
-        layer, head = (_as_int(x) for x in pair)
+        layer, head = (as_int(x) for x in pair)
         if layer is None or head is None:
             raise InputError(f"Head {pair!r} must hold two ints (layer, head).")
         check_index("layer", layer, info.n_layers, "layers")
@@ -84,14 +77,8 @@ def check_heads(heads, info: ModelInfo) -> list[Head]:
     return sorted(out)
 
 
-def _check_choice(name: str, value, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise InputError(f"Unknown {name} {value!r}: use one of {tuple(choices)}.")
-    return value
-
-
 def _check_seed(seed) -> int:
-    seed = _as_int(seed)
+    seed = as_int(seed)
     if seed is None or seed < 0:
         raise InputError(f"seed must be a non-negative int, got {seed!r}.")
     return seed
@@ -195,8 +182,8 @@ def select_dims(model, heads: Sequence[Head], k: int, dims="bos_top", tokens=Non
     heads = check_heads(heads, info)
     k = check_k(k, info.d_model)
     if isinstance(dims, str):
-        _check_choice("dims policy", dims, DIMS_POLICIES)
-        _check_choice("basis", basis, BASES)
+        check_choice("dims policy", dims, DIMS_POLICIES)
+        check_choice("basis", basis, BASES)
         if dims == "random":
             seed = _check_seed(seed)
             return {(l, h): _random_dims(seed, l, h, k, info.d_model).sort().values for l, h in heads}
@@ -251,12 +238,12 @@ def plan_pruning(model, heads, k: int, dims="bos_top", tokens=None, basis: str =
     info = model_info(model)
     heads = check_heads(heads, info)
     k = check_k(k, info.d_model)
-    gqa = _check_choice("gqa policy", gqa, GQA_POLICIES)
+    gqa = check_choice("gqa policy", gqa, GQA_POLICIES)
     if not isinstance(force, bool):
         raise InputError(f"force must be True or False, got {force!r}.")
     if isinstance(dims, str):
-        _check_choice("dims policy", dims, DIMS_POLICIES)
-    _check_choice("basis", basis, BASES)
+        check_choice("dims policy", dims, DIMS_POLICIES)
+    check_choice("basis", basis, BASES)
     policy = _policy_name(dims)
     seed = _check_seed(seed) if policy == "random" else None
     gs = info.group_size
@@ -638,7 +625,7 @@ def remove_heads(model, heads: Sequence[Head]) -> Iterator[HeadRemovalHandle]:
 def layer_heads(heads: Sequence[Head], layer: int = -1) -> tuple[int, list[Head]]:
     """``(layer, the pairs of heads in that layer)``; ``layer=-1`` picks the layer holding most of ``heads``
     (the lowest such layer on ties)."""
-    if _as_int(layer) is None or layer < -1:
+    if as_int(layer) is None or layer < -1:
         raise InputError(f"layer must be an int >= 0, or -1 for the layer with most heads; got {layer!r}.")
     pairs = sorted((int(l), int(h)) for l, h in heads)
     if not pairs:

@@ -43,11 +43,11 @@ from .hooks import batches, run_hooked
 from .loading import model_info
 from .massive import BASES, MassiveActivations
 from .pruning import (
-    DIMS_POLICIES, GQA_POLICIES, PruneHandle, PruningPlan, _as_int, _bias, _bos_stats, _check_choice, _check_editable,
+    DIMS_POLICIES, GQA_POLICIES, PruneHandle, PruningPlan, _bias, _bos_stats, _check_editable,
     _weights, active_edits, apply_head_removal, check_heads, masked_like, plan_pruning, project, rotate,
 )
 from .tokens import TokenBatch, as_batch
-from .validate import check_fraction
+from .validate import as_int, check_choice, check_fraction
 
 POLICIES = DIMS_POLICIES + ("whole_head",)
 LEVELS = ("layer", "model")
@@ -154,7 +154,7 @@ def _check_ints(name: str, values, low: int, high: int | None = None) -> list[in
     if isinstance(values, (int, str)) or not hasattr(values, "__iter__"):
         raise InputError(f"{name} must be a list of ints, got {values!r}.")
     values = list(values)
-    out = [_as_int(v) for v in values]
+    out = [as_int(v) for v in values]
     if not out or any(v is None for v in out):
         raise InputError(f"{name} must be a non-empty list of ints, got {values!r}.")
     bad = [v for v in out if v < low or (high is not None and v > high)]
@@ -167,7 +167,7 @@ def _check_ints(name: str, values, low: int, high: int | None = None) -> list[in
 
 
 def _check_batch_size(batch_size) -> int:
-    if _as_int(batch_size) is None or batch_size < 1:
+    if as_int(batch_size) is None or batch_size < 1:
         raise InputError(f"batch_size must be a positive int, got {batch_size!r}.")
     return int(batch_size)
 
@@ -206,7 +206,7 @@ def reconstruction_error(model, tokens, heads, k: int, dims="bos_top", basis: st
     ``dims_tokens`` (default: ``tokens``). See the module docstring for the metrics and the levels.
     """
     info, batch, heads = _prepare(model, tokens, attention_mask, heads)
-    _check_choice("level", level, LEVELS)
+    check_choice("level", level, LEVELS)
     batch_size = _check_batch_size(batch_size)
     source = _bos_source(model, batch, dims_tokens, heads) if isinstance(dims, str) and dims == "bos_top" else None
     plan = plan_pruning(model, heads, k, dims, source, basis, gqa, seed, force)
@@ -245,13 +245,13 @@ def k_sweep(model, tokens, heads, ks: Sequence[int] | None = None, policies: Seq
     if not policies:
         raise InputError(f"policies is empty: pass some of {POLICIES}.")
     for policy in policies:
-        _check_choice("policy", policy, POLICIES)
+        check_choice("policy", policy, POLICIES)
     if len(set(policies)) != len(policies):
         raise InputError(f"policies holds duplicates: {policies}.")
     seeds = _check_ints("seeds", seeds, 0)
-    _check_choice("level", level, LEVELS)
-    _check_choice("basis", basis, BASES)
-    _check_choice("gqa policy", gqa, GQA_POLICIES)
+    check_choice("level", level, LEVELS)
+    check_choice("basis", basis, BASES)
+    check_choice("gqa policy", gqa, GQA_POLICIES)
     batch_size = _check_batch_size(batch_size)
     source = _bos_source(model, batch, dims_tokens, heads) if "bos_top" in policies else None
     configs = []

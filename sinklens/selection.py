@@ -31,7 +31,7 @@ import pandas as pd
 
 from .census import run_census
 from .errors import InputError
-from .evaluation import MEAN_ACC, SUITES, EvalResult, build_plan, load_items, retention, retention_value
+from .evaluation import MEAN_ACC, EvalResult, build_plan, check_suite, load_items, retention, retention_value
 from .loading import model_info
 from .massive import BASES, massive_activations
 from .probes import probe_tokens
@@ -39,7 +39,7 @@ from .progress import progress
 from .specialization import sink_specialized_heads
 from .pruning import GQA_POLICIES
 from .sweep import Record, Sweep, open_results
-from .validate import check_fraction, check_k, check_layers
+from .validate import check_choice, check_fraction, check_k, check_layers
 
 STRATEGIES = ("single_layer_rank", "greedy", "exhaustive", "random")
 REMOVAL = ("best", "all", "none")
@@ -189,9 +189,7 @@ def _check_optional_int(name: str, value, minimum: int = 1) -> int | None:
 
 
 def _check_metric(metric: str, suite: str, items) -> None:
-    if suite not in SUITES:
-        raise InputError(f"Unknown suite {suite!r}: use one of {sorted(SUITES)}.")
-    parts = SUITES[suite]
+    parts = check_suite(suite)
     names = []
     if "lm" in parts:
         names += ["lm/ppl", "lm/acc"]
@@ -244,13 +242,10 @@ def layer_selection(model, k: int = 10, target_retention: float = 0.91, strategy
     exhaustive_size = _check_optional_int("exhaustive_size", exhaustive_size)
     n_random = _check_optional_int("n_random", n_random)
     patience = _check_optional_int("patience", patience)
-    if removal not in REMOVAL:
-        raise InputError(f"Unknown removal {removal!r}: use one of {REMOVAL}.")
+    check_choice("removal", removal, REMOVAL)
     n_boot = _check_optional_int("n_boot", n_boot)
-    if basis not in BASES:
-        raise InputError(f"Unknown basis {basis!r}: use one of {BASES}.")
-    if gqa not in GQA_POLICIES:
-        raise InputError(f"Unknown gqa policy {gqa!r}: use one of {GQA_POLICIES}.")
+    check_choice("basis", basis, BASES)
+    check_choice("gqa policy", gqa, GQA_POLICIES)
     check_fraction("eps", eps)
     check_fraction("q", q)
     unknown = sorted(set(eval_kwargs) - EVAL_KWARGS)

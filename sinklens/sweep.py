@@ -42,6 +42,7 @@ from .loading import model_info
 from .massive import MassiveActivations
 from .progress import progress
 from .pruning import active_edits, prune_qk, remove_heads
+from .validate import check_choice, check_index
 
 SCHEMA = 1
 METHODS = ("dense", "qk", "remove")
@@ -227,8 +228,7 @@ class Sweep:
         return tuple(out)
 
     def _normalize(self, method: str, layers: Iterable[int], split: str) -> tuple[str, tuple[int, ...]]:
-        if method not in METHODS:
-            raise InputError(f"Unknown method {method!r}: use one of {METHODS}.")
+        check_choice("method", method, METHODS)
         if split not in self.plans:
             raise InputError(f"Unknown split {split!r}: this sweep has plans {sorted(self.plans)}.")
         layers = list(layers)
@@ -240,8 +240,7 @@ class Sweep:
         if method != "dense" and not layers:
             raise InputError("The layer set is empty: pass at least one layer to prune (or method='dense').")
         for layer in layers:
-            if not 0 <= layer < self.info.n_layers:
-                raise InputError(f"layer={layer} is out of range: the model has {self.info.n_layers} layers.")
+            check_index("layer", layer, self.info.n_layers, "layers")
         return method, layers
 
     def key(self, method: str, layers: Iterable[int], split: str) -> str:

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 from .errors import InputError
+
+
+def as_int(value) -> int | None:
+    """``value`` as an int when it is an integer (Python or numpy, not bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    """One of ``choices`` (strings)."""
+    if not isinstance(value, str) or value not in choices:
+        raise InputError(f"Unknown {name} {value!r}: use one of {tuple(choices)}.")
+    return value
 
 
 def check_fraction(name: str, value: float, *, open_low: bool = False) -> float:
