@@ -24,7 +24,7 @@ import torch
 
 from .errors import InputError
 from .loading import model_info
-from .pruning import PruneHandle, active_edits, count_parameters
+from .pruning import PruneHandle, _drop_mask, active_edits, count_parameters
 
 MANIFEST = "sinklens_manifest.json"
 
@@ -102,9 +102,7 @@ def save_pruned(model, folder: str | os.PathLike, overwrite: bool = False) -> Pa
             if isinstance(edit, PruneHandle):
                 for (layer, head), keep in edit.plan.k_copies.items():
                     weight = state[f"model.layers.{layer}.self_attn.k_proj.weight"]
-                    drop = torch.ones(info.d_model, dtype=torch.bool)
-                    drop[keep] = False
-                    weight[head * dh:(head + 1) * dh, drop.to(weight.device)] = 0
+                    weight[head * dh:(head + 1) * dh, _drop_mask(keep, info.d_model, weight.device)] = 0
     with torch.device("meta"):
         fresh = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
     expected = set(fresh.state_dict())
@@ -112,11 +110,13 @@ def save_pruned(model, folder: str | os.PathLike, overwrite: bool = False) -> Pa
     if missing:
         raise RuntimeError(f"Cannot map the bridged model to standard HF names: missing {missing[:5]}.")
     fresh.load_state_dict({name: state[name].contiguous() for name in expected}, strict=True, assign=True)
+    live: dict[str, torch.Tensor] = {}  # standard name -> first live buffer of that name
+    for live_name, live_buffer in model.original_model.named_buffers():
+        live.setdefault(live_name.replace("._original_component", ""), live_buffer)
     for name, buffer in list(fresh.named_buffers()):  # non-persistent buffers (rotary inv_freq) from the live model
         if buffer.is_meta:
             module_name, _, attr = name.rpartition(".")
-            live = dict(model.original_model.named_buffers())
-            source = next((b for n, b in live.items() if n.replace("._original_component", "") == name), None)
+            source = live.get(name)
             if source is None:
                 raise RuntimeError(f"No live buffer for {name}.")
             fresh.get_submodule(module_name)._buffers[attr] = source.detach().clone()

@@ -105,6 +105,11 @@ def _bias(model, layer: int, which: str) -> Tensor | None:
     return getattr(getattr(model.blocks[layer].attn, which).original_component, "bias", None)
 
 
+def attention_scaling(model, info: ModelInfo, layer: int) -> float:
+    """The factor ``layer``'s attention multiplies q . k by (the HF module's ``scaling``, else d_head^-0.5)."""
+    return float(getattr(model.blocks[layer].attn.original_component, "scaling", info.d_head ** -0.5))
+
+
 def _check_dim_set(dims, k: int, d_model: int, where: str) -> Tensor:
     if isinstance(dims, Tensor):
         values = dims
@@ -338,7 +343,7 @@ class _KCopyHooks:
         self.weight = rows.masked_fill(drop, 0).clone()
         bias = _bias(model, layer, "k")
         self.bias = None if bias is None else torch.cat([bias[(h // gs) * dh:(h // gs + 1) * dh] for h in self.heads])
-        self.scaling = float(getattr(model.blocks[layer].attn.original_component, "scaling", dh ** -0.5))
+        self.scaling = attention_scaling(model, info, layer)
         self.head_index = torch.tensor(self.heads, device=wk.device)
         self.x = self.cos = self.sin = self.rot_q = self.keys = None
 

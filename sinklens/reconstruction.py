@@ -43,8 +43,8 @@ from .hooks import batches, run_hooked
 from .loading import model_info
 from .massive import BASES, MassiveActivations
 from .pruning import (
-    DIMS_POLICIES, GQA_POLICIES, PruneHandle, PruningPlan, _bias, _bos_stats, _check_editable,
-    _weights, active_edits, apply_head_removal, check_heads, masked_like, plan_pruning, project, rotate,
+    DIMS_POLICIES, GQA_POLICIES, PruneHandle, PruningPlan, _bias, _bos_stats, _check_editable, _weights, active_edits,
+    apply_head_removal, attention_scaling, check_heads, masked_like, plan_pruning, project, rotate,
 )
 from .tokens import TokenBatch, as_batch
 from .validate import as_int, check_choice, check_fraction
@@ -473,8 +473,7 @@ def _layer_level(model, batch, heads, configs, gqa, basis, batch_size, show_prog
     for layer in layers:  # W_O^h.T W_O^h: ||z W_O^T||^2 = sum_rows z G z^T, without forming c
         wo = _o_columns(model, info, layer, by_layer[layer][1])
         gram[layer] = wo.transpose(1, 2) @ wo
-    scaling = {layer: float(getattr(model.blocks[layer].attn.original_component, "scaling", info.d_head ** -0.5))
-               for layer in layers}
+    scaling = {layer: attention_scaling(model, info, layer) for layer in layers}
     acc = _Accumulator(len(configs), len(heads))
     nan = float("nan")
     for _, sub in batches(batch, batch_size, desc="k sweep", show_progress=show_progress):
@@ -510,7 +509,7 @@ def _layer_level(model, batch, heads, configs, gqa, basis, batch_size, show_prog
                 for c in whole:  # head removed: pattern untouched (no pattern error to speak of), output gone
                     acc.add(c, slots, {"alpha0": same["alpha0"], "frob_rel": torch.full_like(norm, nan),
                                        "kl": torch.full_like(norm, nan), "d_alpha0": torch.full_like(norm, nan),
-                                       "out_rel": _gram_norm(z, g, real) / norm})
+                                       "out_rel": norm / norm})
                 for group in groups[layer][0]:
                     pruned = group.scores(seen["x"], seen["cos"], seen["sin"], rot_k, scaling[layer], dense.dtype)
                     logp, p = _softmax_pair(pruned.masked_fill_(masked, torch.finfo(dense.dtype).min))

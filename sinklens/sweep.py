@@ -329,8 +329,7 @@ class Sweep:
     # the residual cache ----------------------------------------------------------------------
     def _ensure_dense_cache(self, split: str) -> None:
         if (split, 0, ()) not in self._cache:
-            stored_key = self.key("dense", (), split)
-            if self.file.get(stored_key) is None:
+            if self.key("dense", (), split) not in self.file:
                 self.dense(split)
             else:  # the dense row exists (resumed sweep): recompute only to fill the cache
                 self._run_dense_capture(split)
