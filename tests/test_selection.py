@@ -184,3 +184,17 @@ def test_no_specialized_heads_is_explained(setup):
     model, kwargs, _ = setup
     with pytest.raises(sl.InputError, match="No sink-specialized head"):
         sl.layer_selection(model, **{**kwargs, "results": None, "eps": 1.0})
+
+
+def test_figures_refuse_what_they_cannot_draw(setup):
+    from dataclasses import replace
+
+    from sinklens.plots import selection as plots
+
+    _, _, sel = setup
+    with pytest.raises(sl.InputError, match="selection must be a LayerSelection"):
+        plots.pareto_frontier(sel.table)
+    without_removal = replace(sel, table=sel.table[sel.table["method"] != "remove"])
+    with pytest.raises(sl.InputError, match='removal="best" or "all"'):
+        plots.removal_comparison(without_removal)
+    assert plots.removal_comparison(sel).data  # the same selection with its removal rows draws

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..massive import MassiveActivations
-from .census import _check_frame, head_label, layer_head_heatmap
+from .census import _check, _check_frame, head_label, layer_head_heatmap
 
 POLICY_COLORS = {"bos_top": "#1f77b4", "random": "#7f7f7f", "weight_norm": "#ff7f0e", "whole_head": "#d62728",
                  "explicit": "#2ca02c"}
@@ -32,9 +32,7 @@ def kept_dims(massive: MassiveActivations, layer: int, dims: Sequence[int] | Ten
               top: int = 30) -> go.Figure:
     """Mean |x_d| of the first token at ``layer`` for its ``top`` largest dims (and every kept dim), kept ones
     highlighted; the title gives the share of the first token's squared norm the kept dims hold."""
-    if not isinstance(massive, MassiveActivations):
-        raise InputError("massive must be a MassiveActivations (sinklens.massive_activations), got "
-                         f"{type(massive).__name__}.")
+    _check(massive, MassiveActivations, "massive")
     values = massive.values(basis)[:, massive._slot(layer)].float()  # [batch, d]
     kept = sorted(int(d) for d in (dims.tolist() if isinstance(dims, Tensor) else dims))
     magnitude = values.abs().mean(0)
