@@ -12,7 +12,9 @@ from .pruning import (
     HeadRemovalHandle, PruneHandle, active_edits, apply_head_removal, apply_pruning, layer_heads, prune_qk,
     remove_heads, select_dims,
 )
-from .reconstruction import error_quantiles, k_sweep, reconstruction_error, smallest_k
+from .reconstruction import (
+    error_quantiles, k_sweep, k_sweep_headline, reconstruction_error, reconstruction_headline, smallest_k,
+)
 from .selection import LayerSelection, layer_selection
 from .specialization import sink_specialized_heads, specialization_table
 from .tokens import TokenBatch, tokenize
@@ -28,8 +30,8 @@ __all__ = [
     "sink_scores", "sink_specialized_heads", "specialization_table",
     # QK column pruning, reconstruction error, pruned checkpoints
     "HeadRemovalHandle", "PruneHandle", "active_edits", "apply_head_removal", "apply_pruning", "error_quantiles",
-    "k_sweep", "layer_heads", "prune_qk", "read_manifest", "reconstruction_error", "remove_heads", "save_pruned",
-    "select_dims", "smallest_k",
+    "k_sweep", "k_sweep_headline", "layer_heads", "prune_qk", "read_manifest", "reconstruction_error",
+    "reconstruction_headline", "remove_heads", "save_pruned", "select_dims", "smallest_k",
     # evaluation and layer selection
     "EvalResult", "LayerSelection", "evaluate", "evaluate_lm_eval", "layer_selection", "retention",
 ]

@@ -317,6 +317,38 @@ def smallest_k(sweep: pd.DataFrame, thresholds: Sequence[float] = (0.2, 0.1), me
     return frame
 
 
+def reconstruction_headline(errors: pd.DataFrame, n_sink_heads: int) -> dict:
+    """The numbers a report leads with for one pruning (a :func:`reconstruction_error` frame): heads
+    pruned (of ``n_sink_heads``), k, median frob_rel, mean alpha_0 dense and pruned, next-token KL, d_loss."""
+    errors = _check_errors(errors, ["k", "frob_rel", "alpha0", "d_alpha0", "next_kl", "d_loss"])
+    return {"n_heads_pruned": len(errors), "n_sink_heads": n_sink_heads, "k": errors["k"].iloc[0],
+            "frob_rel_median": errors["frob_rel"].median(), "alpha0_dense_mean": errors["alpha0"].mean(),
+            "alpha0_pruned_mean": (errors["alpha0"] + errors["d_alpha0"]).mean(),
+            "next_kl": errors["next_kl"].iloc[0], "d_loss": errors["d_loss"].iloc[0]}
+
+
+def k_sweep_headline(quantiles: pd.DataFrame, smallest: pd.DataFrame, model_level: pd.DataFrame, k: int,
+                     threshold: float) -> dict:
+    """The numbers a report leads with for a k sweep: per policy the median error at ``k`` (from
+    :func:`error_quantiles`), the smallest k whose median is below ``threshold`` (from
+    :func:`smallest_k`; policies without a pattern error left out) and the mean d_loss of the
+    model-level sweep at k."""
+    quantiles = _check_errors(quantiles, ["dims", "k", "q50"])
+    at_k = quantiles[quantiles["k"] == k].set_index("dims")["q50"].dropna()
+    smallest = _check_errors(smallest, ["dims", "threshold", "k"])
+    first_below = smallest[smallest["threshold"] == threshold].set_index("dims")["k"].reindex(at_k.index)
+    model_level = _check_errors(model_level, ["dims", "d_loss"])
+    return {"frob_rel_median_at_k": at_k.to_dict(), f"smallest_k_median_below_{threshold}": first_below.to_dict(),
+            "d_loss_at_k": model_level.groupby("dims")["d_loss"].mean().to_dict()}
+
+
+def _check_errors(frame, columns: Sequence[str]) -> pd.DataFrame:
+    if not isinstance(frame, pd.DataFrame) or frame.empty or not set(columns) <= set(frame.columns):
+        raise InputError(f"Expected a non-empty DataFrame from sinklens (reconstruction_error, k_sweep, error_quantiles "
+                         f"or smallest_k) with columns {list(columns)}.")
+    return frame
+
+
 # --- level "model": the pruned model runs -------------------------------------------------------
 
 def _layout(heads: list[tuple[int, int]]):
