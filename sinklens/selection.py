@@ -25,6 +25,7 @@ import random as _random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -33,16 +34,18 @@ from .census import run_census
 from .errors import InputError
 from .evaluation import MEAN_ACC, EvalResult, build_plan, check_suite, load_items, retention, retention_value
 from .loading import model_info
-from .massive import BASES, massive_activations
+from .massive import BASES, Basis, massive_activations
 from .probes import probe_tokens
 from .progress import progress
+from .spec import GQA_POLICIES, GQAPolicy, PruneSpec
 from .specialization import sink_specialized_heads
-from .pruning import GQA_POLICIES
 from .sweep import Record, Sweep, open_results
 from .validate import check_choice, check_fraction, check_k, check_layers
 
-STRATEGIES = ("single_layer_rank", "greedy", "exhaustive", "random")
-REMOVAL = ("best", "all", "none")
+Strategy = Literal["single_layer_rank", "greedy", "exhaustive", "random"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+Removal = Literal["best", "all", "none"]
+REMOVAL: tuple[str, ...] = get_args(Removal)
 EVAL_KWARGS = {"items", "n_lm_prompts", "lm_seq_len", "n_copy", "copy_len", "prepend_bos", "seed", "batch_tokens"}
 SPLIT_DECIDE, SPLIT_CONFIRM = "calibration", "heldout"
 
@@ -203,13 +206,14 @@ def _check_metric(metric: str, suite: str, items) -> None:
         raise InputError(f"Unknown metric {metric!r} for suite {suite!r}: use one of {names}.")
 
 
-def layer_selection(model, k: int = 10, target_retention: float = 0.91, strategy: str | Sequence[str] = "greedy", *,
+def layer_selection(model, k: int = 10, target_retention: float = 0.91,
+                    strategy: Strategy | Sequence[Strategy] = "greedy", *,
                     metric: str = MEAN_ACC, layers: Sequence[int] | None = None, n_prompts: int = 32,
-                    seq_len: int = 64, eps: float = 0.3, q: float = 0.9, basis: str = "normalized",
-                    gqa: str = "exact", suite: str = "default", limit: int | None = None,
+                    seq_len: int = 64, eps: float = 0.3, q: float = 0.9, basis: Basis = "normalized",
+                    gqa: GQAPolicy = "exact", suite: str = "default", limit: int | None = None,
                     eval_kwargs: dict | None = None,
                     max_layers: int | None = None, greedy_pool: int | None = None, exhaustive_pool: int = 6,
-                    exhaustive_size: int = 3, n_random: int = 2, patience: int = 2, removal: str = "best",
+                    exhaustive_size: int = 3, n_random: int = 2, patience: int = 2, removal: Removal = "best",
                     n_boot: int = 500, seed: int = 0, results: str | Path | None = None, fresh: bool = False,
                     show_progress: bool = True) -> LayerSelection:
     """Find layer sets whose sink-specialized heads can be QK-pruned at ``k`` keeping ``metric``.
@@ -267,8 +271,8 @@ def layer_selection(model, k: int = 10, target_retention: float = 0.91, strategy
                          f"layers {candidates}: lower eps or q, or widen layers.")
     cand = sorted(by_layer)
     massive = massive_activations(model, probe, layers=cand, show_progress=show_progress)
-    sweep = Sweep(model, plans, by_layer, massive, k, basis=basis, gqa=gqa, results=results,
-                  show_progress=show_progress)
+    spec = PruneSpec([(l, h) for l in cand for h in by_layer[l]], k, "bos_top", basis=basis, gqa=gqa)
+    sweep = Sweep(model, plans, spec, massive=massive, results=results, show_progress=show_progress)
     try:
         run = _Run(sweep, metric, target, n_boot, max_layers, patience, show_progress)
         run.single_layers(cand)
@@ -292,7 +296,7 @@ def layer_selection(model, k: int = 10, target_retention: float = 0.91, strategy
         dense = {split: sweep.dense(split).metrics for split in (SPLIT_DECIDE, SPLIT_CONFIRM)}
         settings = {"k": k, "target_retention": target, "metric": metric, "strategies": strategies, "suite": suite,
                     "limit": limit, "eval_kwargs": eval_kwargs, "n_prompts": n_prompts, "seq_len": seq_len, "eps": eps,
-                    "q": q, "basis": basis, "gqa": gqa, "candidates": cand, "model": info.name,
+                    "q": q, "basis": basis, "gqa": gqa, "spec": spec.as_dict(), "candidates": cand, "model": info.name,
                     "results": str(results) if results is not None else None, "seed": seed,
                     "chance": sweep.dense(SPLIT_CONFIRM).result.chance}
         dims = {l: massive.top_dims(l, k, basis).sort().values.tolist() for l in cand}

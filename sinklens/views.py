@@ -83,8 +83,8 @@ class AttentionView:
 
     def props(self) -> dict:
         """The circuitsvis ``AttentionHeads`` properties (weights rounded to 5 decimals to keep pages small)."""
-        return {"attention": torch.round(self.pattern, decimals=5).tolist(), "tokens": self.tokens, "attentionHeadNames": self.head_names(),
-                "maskUpperTri": True}
+        return {"attention": torch.round(self.pattern, decimals=5).tolist(), "tokens": self.tokens,
+                "attentionHeadNames": self.head_names(), "maskUpperTri": True}
 
     def fragment(self, include_script: bool = True) -> str:
         """HTML snippet (a div and its render call); with ``include_script`` the circuitsvis bundle is inlined."""
@@ -137,8 +137,8 @@ def _bundle() -> str:
 
     path = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
     if not path.is_file():
-        raise InputError(f"The circuitsvis bundle {path} is missing: reinstall circuitsvis (pip install --force-reinstall "
-                         "circuitsvis).")
+        raise InputError(f"The circuitsvis bundle {path} is missing: reinstall circuitsvis (pip install "
+                         "--force-reinstall circuitsvis).")
     # "</script" inside the bundle's strings would end the inline script; "<\/script" is the same JS string
     return path.read_text(encoding="utf-8").replace("</script", "<\\/script")
 

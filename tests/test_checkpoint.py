@@ -39,7 +39,7 @@ def test_exact_partial_group_is_saved_ungrouped_and_reloads_exactly(tiny, tmp_pa
     assert manifest["source_model"]["name"] == str(tiny.sinklens_name)
     (edit,) = manifest["edits"]
     assert edit["heads"] == [list(p) for p in heads] and edit["k"] == 5 and edit["gqa"] == "exact"
-    assert edit["dims_policy"] == "random" and edit["seed"] == 4
+    assert edit["policy"] == "random" and edit["seed"] == 4
     assert edit["dims"] == {f"{l}.{h}": handle.dims[(l, h)].tolist() for l, h in heads}
     ungrouped = info.group_size > 1
     assert manifest["layout"] == ("ungrouped" if ungrouped else "grouped")
@@ -74,7 +74,7 @@ def test_grouped_edits_and_head_removal_keep_the_layout(tiny, tmp_path):
     manifest = json.loads((folder / "sinklens_manifest.json").read_text())
     assert manifest["layout"] == "grouped" and ref.config.num_key_value_heads == info.n_kv_heads
     assert [e["kind"] for e in manifest["edits"]] == ["qk_pruning", "head_removal"]
-    assert manifest["edits"][0]["basis"] == "normalized" and manifest["edits"][0]["dims_policy"] == "bos_top"
+    assert manifest["edits"][0]["basis"] == "normalized" and manifest["edits"][0]["policy"] == "bos_top"
     assert manifest["params_zeroed"]["o"] == info.d_head * info.d_model
     # the folder also loads back as a bridge, and its tokenizer is there
     bridge = sl.load_model(str(folder), device="cpu")
