@@ -163,6 +163,21 @@ def test_layer_level_equals_the_pruned_model_on_one_layer(tiny, gqa):
         assert layer["next_kl"].isna().all() and set(layer["level"]) == {"layer"}
 
 
+def test_spec_form_equals_keyword_form_and_rows_record_the_spec(tiny):
+    tokens = random_tokens(3, 12, seed=9)
+    heads = [(1, 0), (2, 1)]
+    spec = sl.PruneSpec(heads, 3, "random", seed=4, gqa="q_only")
+    by_spec = sl.reconstruction_error(tiny, tokens, spec, level="layer", show_progress=False)
+    by_keywords = sl.reconstruction_error(tiny, tokens, heads, 3, "random", seed=4, gqa="q_only", level="layer",
+                                          show_progress=False)
+    pd.testing.assert_frame_equal(by_spec, by_keywords)
+    for row in by_spec.to_dict("records"):
+        fields = {name: (None if pd.isna(row[name]) else row[name]) for name in ("k", "policy", "seed", "gqa", "basis")}
+        assert sl.PruneSpec.from_dict({"heads": heads, **fields}) == spec
+    with pytest.raises(sl.InputError, match="not both"):
+        sl.reconstruction_error(tiny, tokens, spec, 3)
+
+
 def test_layer_level_prunes_each_layer_alone(tiny):
     """A layer-2 head's layer-level error equals the pruned model's error when only layer 2 is pruned."""
     tokens = random_tokens(3, 12, seed=8)

@@ -107,6 +107,26 @@ def test_rerun_skips_finished_configurations(tiny, tmp_path):
     assert len(second.file) == 5  # dense + 4
 
 
+def test_spec_round_trips_through_the_results_file(tiny, tmp_path):
+    path = tmp_path / "sweep.sqlite"
+    items = write_items(tmp_path)
+    first = make_sweep(tiny, items, results=path)
+    record = first.evaluate("qk", (0, 2), "all")
+    assert record.spec == sl.PruneSpec([(0, 0), (0, 1), (2, 0), (2, 1)], 4)
+    first.close()
+    second = make_sweep(tiny, items, results=path)
+    again = second.evaluate("qk", (0, 2), "all")
+    assert again.cached and again.spec == record.spec
+    (config,) = second.file.conn.execute("SELECT config FROM results WHERE key = ?", (again.key,)).fetchone()
+    assert sl.PruneSpec.from_dict(json.loads(config)["spec"]) == record.spec
+    with sl.prune_qk(tiny, again.spec, tokens=second.massive) as handle:  # the stored spec prunes the same dims
+        assert handle.params_zeroed() == again.params
+    # another spec is another configuration: nothing is reused
+    other = Sweep(tiny, second.plans, second.spec.replace(k=5), massive=second.massive, results=path,
+                  show_progress=False)
+    assert not other.has("qk", (0, 2), "all") and other.has("dense", (), "all")
+
+
 CHILD = textwrap.dedent("""
     import sys, time
     import torch
