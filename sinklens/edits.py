@@ -93,7 +93,13 @@ class Edit:
                                  "are refused).")
 
     def zero(self, weight: Tensor, index: tuple, value_mask: Tensor | None = None) -> None:
-        """Save ``weight[index]`` and set it to zero (where ``value_mask`` is True, if given)."""
+        """Save ``weight[index]`` and set it to zero (where ``value_mask`` is True, if given).
+
+        Args:
+            weight: the live weight.
+            index: the slice of it the edit owns.
+            value_mask: within the slice, True where the value is zeroed (None: all).
+        """
         with torch.no_grad():
             original = weight[index].clone()
             self._saved.append((weight, index, original))
@@ -103,7 +109,13 @@ class Edit:
                 weight[index] = original.masked_fill(value_mask, 0)
 
     def hook(self, name: str, fn: Callable, prepend: bool = False) -> None:
-        """Add a permanent hook that :meth:`restore` removes."""
+        """Add a permanent hook that :meth:`restore` removes.
+
+        Args:
+            name: the hook point.
+            fn: the hook ``fn(tensor, hook)``.
+            prepend: run it before the point's other hooks.
+        """
         self._hooks.append(attach(self.model, name, fn, prepend))
 
     def register(self) -> None:

@@ -80,28 +80,54 @@ class QKLayout:
     rotary: Callable[[Tensor, Tensor, Tensor], Tensor] = rotate
 
     def weights(self, model, layer: int) -> LayerWeights:
-        """The live q/k/o weights of ``layer`` (edits made on them show up in the next forward)."""
+        """The live q/k/o weights of ``layer`` (edits made on them show up in the next forward).
+
+        Args:
+            model: a bridge from :func:`sinklens.load_model`.
+            layer: the layer index.
+        """
         attn = model.blocks[layer].attn
         return LayerWeights(attn.q.original_component.weight, attn.k.original_component.weight,
                             attn.o.original_component.weight)
 
     def bias(self, model, layer: int, which: Projection) -> Tensor | None:
-        """The live bias of projection ``which`` of ``layer``, or None when it has none."""
+        """The live bias of projection ``which`` of ``layer``, or None when it has none.
+
+        Args:
+            model: a bridge from :func:`sinklens.load_model`.
+            layer: the layer index.
+            which: the projection.
+        """
         return getattr(getattr(model.blocks[layer].attn, which).original_component, "bias", None)
 
     def hooks(self, layer: int) -> AttentionHooks:
-        """The hook names of ``layer``'s attention (see :class:`AttentionHooks`)."""
+        """The hook names of ``layer``'s attention (see :class:`AttentionHooks`).
+
+        Args:
+            layer: the layer index.
+        """
         p = f"blocks.{layer}.attn."
         return AttentionHooks(input=p + "k.hook_in", cos=p + "hook_cos", sin=p + "hook_sin", rot_q=p + "hook_rot_q",
                               rot_k=p + "hook_rot_k", v=p + "hook_v", scores=p + "hook_attn_scores")
 
     def checkpoint_key(self, layer: int, which: Projection, part: Literal["weight", "bias"] = "weight") -> str:
-        """The standard HF state-dict name of a projection's weight (or bias) of ``layer``."""
+        """The standard HF state-dict name of a projection's weight (or bias) of ``layer``.
+
+        Args:
+            layer: the layer index.
+            which: the projection.
+            part: ``"weight"`` or ``"bias"``.
+        """
         return f"model.layers.{layer}.self_attn.{which}_proj.{part}"
 
     def rotate(self, x: Float[Tensor, "batch head pos d_head"], cos: Tensor, sin: Tensor
                ) -> Float[Tensor, "batch head pos d_head"]:
-        """This family's rotary embedding of per-head queries or keys (see :func:`rotate`)."""
+        """This family's rotary embedding of per-head queries or keys (see :func:`rotate`).
+
+        Args:
+            x: queries or keys, one row block per head.
+            cos, sin: the model's rotary tables for these positions.
+        """
         return self.rotary(x, cos, sin)
 
 

@@ -85,6 +85,12 @@ def pattern_errors(ref_logp: Float[Tensor, "batch *heads query key"], logp: Floa
 
     Any head dims between batch and query broadcast (e.g. [b, 1, n, q, k] dense against [b, C, n, q, k]
     pruned). ``ref_p`` / ``p``: the patterns themselves when the caller has them already.
+
+    Args:
+        ref_logp: the dense log-pattern.
+        logp: the pruned log-pattern.
+        mask: 0/1 mask of real tokens [batch, pos].
+        ref_p, p: the patterns (exp of the log-patterns) when already computed, else None.
     """
     real = mask.bool()
     b, length = real.shape

@@ -52,7 +52,11 @@ SPLIT_DECIDE, SPLIT_CONFIRM = "calibration", "heldout"
 
 def selection_loss(result: EvalResult) -> float:
     """Smooth loss of an evaluation, for tie-breaking: mean NLL per LM / copy token plus the mean
-    multiple-choice cross-entropy over choices (lower is better)."""
+    multiple-choice cross-entropy over choices (lower is better).
+
+    Args:
+        result: an evaluation (:func:`sinklens.evaluate`).
+    """
     items = result.items
     loss = 0.0
     for part in ("lm", "copy"):
@@ -100,8 +104,12 @@ class LayerSelection:
                 for name, value in self.dense[SPLIT_CONFIRM].items()]
         return pd.DataFrame(rows)
 
-    def confirmed(self, method: str = "qk") -> pd.DataFrame:
-        """Rows confirmed on held-out items (one per distinct configuration and strategy)."""
+    def confirmed(self, method: Literal["qk", "remove"] = "qk") -> pd.DataFrame:
+        """Rows confirmed on held-out items (one per distinct configuration and strategy).
+
+        Args:
+            method: ``"qk"`` (QK pruning) or ``"remove"`` (whole-head removal).
+        """
         t = self.table
         return t[(t["split"] == SPLIT_CONFIRM) & (t["method"] == method)]
 
@@ -118,7 +126,11 @@ class LayerSelection:
 
     def best(self, target: float | None = None) -> pd.Series | None:
         """The held-out QK configuration with the most pruned heads meeting ``target`` (default:
-        the selection's target), ties broken by retention; None if none meets it."""
+        the selection's target), ties broken by retention; None if none meets it.
+
+        Args:
+            target: the retention to meet (None: the selection's target).
+        """
         target = self.target if target is None else check_fraction("target", target, open_low=True)
         rows = self.confirmed()
         rows = rows[rows["retention"] >= target]
@@ -143,7 +155,11 @@ class LayerSelection:
 
     def largest_meeting(self, targets: Sequence[float] = (0.91, 0.95)) -> pd.DataFrame:
         """Per strategy and target: the largest confirmed layer set meeting it, with whole-head
-        removal of the same heads beside it."""
+        removal of the same heads beside it.
+
+        Args:
+            targets: the retentions to meet.
+        """
         removal = self.confirmed("remove").drop_duplicates("layers").set_index("layers")
         rows = []
         for strategy, group in self.confirmed().groupby("strategy", sort=False):
@@ -228,6 +244,30 @@ def layer_selection(model, k: int = 10, target_retention: float = 0.91,
     head); ``n_prompts``/``seq_len``/``eps``/``q`` define the probe census; ``suite``, ``limit``
     and ``eval_kwargs`` (other :func:`sinklens.evaluate` arguments) the evaluation; ``results``
     a SQLite file that makes the sweep resumable (None: in memory).
+
+    Args:
+        model: a bridge from :func:`sinklens.load_model`, without active edits.
+        k: input dims kept per pruned head (its layer's top-k BOS dims).
+        target_retention: the retention of ``metric`` to meet (a fraction).
+        strategy: one of ``STRATEGIES`` or a list of them (module docstring).
+        metric: the selection metric (any metric of :func:`sinklens.evaluate`).
+        layers: the candidate layers (None: every layer holding a sink-specialized head).
+        n_prompts, seq_len: the probe set of the census and the BOS dims.
+        eps, q: the sink-specialized definition (alpha_0 > eps on >= q of the prompts).
+        basis, gqa: the pruning, as in :func:`sinklens.apply_pruning` (recorded as ``settings["spec"]``).
+        suite, limit, eval_kwargs: the evaluation (other :func:`sinklens.evaluate` arguments in ``eval_kwargs``).
+        max_layers: the largest layer set tried (None: no limit).
+        greedy_pool: greedy chooses among this many best single layers (None: all).
+        exhaustive_pool, exhaustive_size: exhaustive enumerates subsets of the best ``exhaustive_pool`` single
+            layers up to ``exhaustive_size`` layers.
+        n_random: random layer orders (a baseline).
+        patience: a path stops after this many consecutive sets below the target (held-out).
+        removal: whole-head removal of the same heads: ``"best"``, ``"all"`` or ``"none"`` (module docstring).
+        n_boot: bootstrap resamples of the retention CIs.
+        seed: the seed of the random orders.
+        results: a SQLite file that makes the sweep resumable (None: in memory).
+        fresh: delete an existing results file first.
+        show_progress: show progress bars.
     """
     info = model_info(model)
     strategies = _check_strategies(strategy)

@@ -131,6 +131,11 @@ class ResultsFile:
                     "another results path, or pass fresh=True (which deletes it).")
 
     def get(self, key: str) -> dict | None:
+        """The stored configuration ``key`` (config, metrics, extra, items), or None.
+
+        Args:
+            key: the configuration's key (:meth:`Sweep.key`).
+        """
         row = self.conn.execute("SELECT config, metrics, extra, items FROM results WHERE key = ?", (key,)).fetchone()
         if row is None:
             return None
@@ -140,7 +145,14 @@ class ResultsFile:
                 "items": table}
 
     def put(self, key: str, config: dict, result: EvalResult, extra: dict) -> None:
-        """Append one finished configuration (its own transaction: durable once this returns)."""
+        """Append one finished configuration (its own transaction: durable once this returns).
+
+        Args:
+            key: the configuration's key (:meth:`Sweep.key`).
+            config: its description (method, layers, heads, split, spec).
+            result: its evaluation.
+            extra: anything else worth keeping (parameters zeroed, start layer).
+        """
         buffer = io.BytesIO()
         result.items.to_parquet(buffer, index=False)  # exact float64 round trip
         blob = buffer.getvalue()
@@ -254,7 +266,11 @@ class Sweep:
 
     # keys ------------------------------------------------------------------------------------
     def heads_of(self, layers: Iterable[int]) -> tuple[Head, ...]:
-        """The spec's heads in ``layers``."""
+        """The spec's heads in ``layers``.
+
+        Args:
+            layers: layers of the sweep.
+        """
         out = []
         for layer in layers:
             if layer not in self.heads_by_layer or not self.heads_by_layer[layer]:
@@ -264,7 +280,11 @@ class Sweep:
         return tuple(out)
 
     def spec_of(self, layers: Iterable[int]) -> PruneSpec:
-        """The pruning of a ``"qk"`` configuration: the sweep's spec restricted to the heads of ``layers``."""
+        """The pruning of a ``"qk"`` configuration: the sweep's spec restricted to the heads of ``layers``.
+
+        Args:
+            layers: layers of the sweep.
+        """
         return self.spec.replace(heads=self.heads_of(layers))
 
     def _normalize(self, method: str, layers: Iterable[int], split: str) -> tuple[str, tuple[int, ...]]:
@@ -284,7 +304,13 @@ class Sweep:
         return method, layers
 
     def key(self, method: Method, layers: Iterable[int], split: str) -> str:
-        """The results-file key of a configuration (model, evaluation plan, spec and kept dims, method, layers)."""
+        """The results-file key of a configuration (model, evaluation plan, spec and kept dims, method, layers).
+
+        Args:
+            method: ``"dense"``, ``"qk"`` or ``"remove"``.
+            layers: the layers pruned or removed (none for dense).
+            split: the evaluation plan's name.
+        """
         method, layers = self._normalize(method, layers, split)
         payload = {"schema": SCHEMA, "model": self.fingerprint, "plan": self.plan_ids[split],
                    "settings": self.settings if method == "qk" else {"heads": self.settings["heads"]},
@@ -296,12 +322,20 @@ class Sweep:
 
     # evaluation ------------------------------------------------------------------------------
     def has(self, method: str, layers: Iterable[int], split: str) -> bool:
-        """Whether this configuration's result is already known (this session or the results file)."""
+        """Whether this configuration's result is already known (this session or the results file).
+
+        Args:
+            method, layers, split: as in :meth:`key`.
+        """
         key = self.key(method, layers, split)
         return key in self._records or key in self.file
 
     def dense(self, split: str) -> Record:
-        """The unedited model on ``split`` (computed once; also fills the residual cache)."""
+        """The unedited model on ``split`` (computed once; also fills the residual cache).
+
+        Args:
+            split: the evaluation plan's name.
+        """
         return self.evaluate("dense", (), split)
 
     def evaluate(self, method: Method, layers: Iterable[int], split: str, keep_prefix: bool = False) -> Record:
@@ -309,6 +343,10 @@ class Sweep:
 
         ``keep_prefix`` caches this configuration's residuals (for extensions of it, as in greedy
         selection); the dense residuals of each split are always cached.
+
+        Args:
+            method, layers, split: as in :meth:`key`.
+            keep_prefix: cache this configuration's residuals.
         """
         method, layers = self._normalize(method, layers, split)
         heads = self.heads_of(layers) if method != "dense" else ()

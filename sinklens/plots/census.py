@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..census import Census
 from ..errors import InputError
-from ..massive import BASES, MassiveActivations
+from ..massive import BASES, Basis, MassiveActivations
 from ..validate import check_fraction
 from .checks import check_frame, check_type
 
@@ -26,13 +26,25 @@ _CASE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
 
 
 def head_label(layer: int, head: int) -> str:
-    """Short label of head (layer, head), e.g. ``L12H3``."""
+    """Short label of head (layer, head), e.g. ``L12H3``.
+
+    Args:
+        layer, head: the head.
+    """
     return f"L{int(layer)}H{int(head)}"
 
 
 def layer_head_heatmap(values: Float[Tensor, "layer head"], layers: Sequence[int], title: str,
-                       colorbar: str, zmax: float | None = 1.0) -> go.Figure:
-    """Heatmap of one number per head, layers on the y axis (layer 0 at the top)."""
+                       colorbar: str, *, zmax: float | None = 1.0) -> go.Figure:
+    """Heatmap of one number per head, layers on the y axis (layer 0 at the top).
+
+    Args:
+        values: one number per layer and head.
+        layers: the model layers of the rows.
+        title: the figure title.
+        colorbar: the colour bar's title.
+        zmax: the top of the colour scale (None: automatic).
+    """
     values = torch.as_tensor(values, dtype=torch.float32)
     if values.dim() != 2 or values.shape[0] != len(layers):
         raise InputError(f"values must be [layer, head] with {len(layers)} layers, got shape {tuple(values.shape)}.")
@@ -46,7 +58,12 @@ def layer_head_heatmap(values: Float[Tensor, "layer head"], layers: Sequence[int
 
 
 def sink_heatmap(census: Census, key_pos: int = 0) -> go.Figure:
-    """Mean sink score alpha_{key_pos} over prompts, per layer and head."""
+    """Mean sink score alpha_{key_pos} over prompts, per layer and head.
+
+    Args:
+        census: a :class:`~sinklens.census.Census`.
+        key_pos: the key position of the sink score.
+    """
     check_type(census, Census, "census")
     mean = census.sink_scores(key_pos).mean(0)
     bos = {True: "BOS prepended", False: "no BOS", None: "first token unknown"}[census.prepend_bos]
@@ -54,8 +71,14 @@ def sink_heatmap(census: Census, key_pos: int = 0) -> go.Figure:
     return layer_head_heatmap(mean, census.layers, title, f"alpha_{key_pos}")
 
 
-def sink_rate_bars(census: Census, eps: float = 0.3, key_pos: int = 0) -> go.Figure:
-    """Sink^eps in % per layer (share of the layer's heads with alpha_{key_pos} > eps, mean over prompts)."""
+def sink_rate_bars(census: Census, eps: float = 0.3, *, key_pos: int = 0) -> go.Figure:
+    """Sink^eps in % per layer (share of the layer's heads with alpha_{key_pos} > eps, mean over prompts).
+
+    Args:
+        census: a :class:`~sinklens.census.Census`.
+        eps: the sink threshold.
+        key_pos: the key position of the sink score.
+    """
     check_type(census, Census, "census")
     rate = census.sink_rate_by_layer(eps, key_pos)
     overall = census.sink_rate(eps, key_pos)
@@ -67,9 +90,15 @@ def sink_rate_bars(census: Census, eps: float = 0.3, key_pos: int = 0) -> go.Fig
     return fig
 
 
-def massive_profile(massive: MassiveActivations, basis: str = "resid", n: int = 3) -> go.Figure:
+def massive_profile(massive: MassiveActivations, basis: Basis = "resid", *, n: int = 3) -> go.Figure:
     """Sun et al. style profile per layer (log y): the first token's n largest mean |x| against the
-    median |x| of the hidden state and the largest |x| of the other tokens."""
+    median |x| of the hidden state and the largest |x| of the other tokens.
+
+    Args:
+        massive: a :class:`~sinklens.massive.MassiveActivations`.
+        basis: ``"resid"`` or ``"normalized"``.
+        n: how many of the largest dims per layer.
+    """
     check_type(massive, MassiveActivations, "massive")
     table = massive.top_values(n, basis)
     fig = go.Figure()
@@ -87,8 +116,13 @@ def massive_profile(massive: MassiveActivations, basis: str = "resid", n: int = 
     return fig
 
 
-def first_token_norms(massive: MassiveActivations, basis: str = "resid") -> go.Figure:
-    """L2 norm of the first token against the mean norm of the other tokens, per layer (log y)."""
+def first_token_norms(massive: MassiveActivations, basis: Basis = "resid") -> go.Figure:
+    """L2 norm of the first token against the mean norm of the other tokens, per layer (log y).
+
+    Args:
+        massive: a :class:`~sinklens.massive.MassiveActivations`.
+        basis: ``"resid"`` or ``"normalized"``.
+    """
     check_type(massive, MassiveActivations, "massive")
     table = massive.norms(basis)
     fig = go.Figure([
@@ -101,16 +135,28 @@ def first_token_norms(massive: MassiveActivations, basis: str = "resid") -> go.F
 
 
 def norm_share(massive: MassiveActivations, k_values: Sequence[int] = (1, 2, 10),
-               bases: Sequence[str] = BASES) -> go.Figure:
-    """Share of the first token's squared norm held by its top-k dims, per layer, one line per (basis, k)."""
+               bases: Sequence[Basis] = BASES) -> go.Figure:
+    """Share of the first token's squared norm held by its top-k dims, per layer, one line per (basis, k).
+
+    Args:
+        massive: a :class:`~sinklens.massive.MassiveActivations`.
+        k_values: the k of each line.
+        bases: the bases drawn.
+    """
     check_type(massive, MassiveActivations, "massive")
     return _lines_by_basis_and_k(massive, massive.norm_share, k_values, bases,
                                  "Share of the first token's squared norm in its top-k dims", "share of ||x||^2")
 
 
 def rank_stability(massive: MassiveActivations, k_values: Sequence[int] = (1, 2, 10),
-                   bases: Sequence[str] = BASES) -> go.Figure:
-    """Mean Jaccard overlap of each prompt's top-k first-token dims with the aggregate top-k, per layer."""
+                   bases: Sequence[Basis] = BASES) -> go.Figure:
+    """Mean Jaccard overlap of each prompt's top-k first-token dims with the aggregate top-k, per layer.
+
+    Args:
+        massive: a :class:`~sinklens.massive.MassiveActivations`.
+        k_values: the k of each line.
+        bases: the bases drawn.
+    """
     check_type(massive, MassiveActivations, "massive")
     return _lines_by_basis_and_k(massive, massive.rank_stability, k_values, bases,
                                  "Stability of the top-k first-token dims across prompts (Jaccard)",
@@ -130,7 +176,11 @@ def _lines_by_basis_and_k(massive: MassiveActivations, values, k_values: Sequenc
 
 
 def bos_comparison(comparison: pd.DataFrame) -> go.Figure:
-    """With-BOS vs without-BOS (from ``first_token_comparison``): mean alpha and sink rate per layer per case."""
+    """With-BOS vs without-BOS (from ``first_token_comparison``): mean alpha and sink rate per layer per case.
+
+    Args:
+        comparison: the frame of :func:`sinklens.first_token_comparison`.
+    """
     comparison = check_frame(comparison, ["case", "layer", "mean_alpha", "sink_rate"], "comparison",
                               "sinklens.first_token_comparison")
     fig = make_subplots(rows=1, cols=2, subplot_titles=("mean sink score alpha", "sink rate (%)"))
@@ -147,9 +197,15 @@ def bos_comparison(comparison: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def specialization(table: pd.DataFrame, eps: float | None = None, top: int | None = None) -> go.Figure:
+def specialization(table: pd.DataFrame, *, eps: float | None = None, top: int | None = None) -> go.Figure:
     """Mean BOS score per head with its bootstrap CI (from ``specialization_table``), sink-specialized
-    heads highlighted, in the table's order (highest mean first); ``top`` keeps the first rows."""
+    heads highlighted, in the table's order (highest mean first); ``top`` keeps the first rows.
+
+    Args:
+        table: the frame of :func:`sinklens.specialization_table`.
+        eps: draw the threshold line at eps (None: no line).
+        top: keep the first rows only (None: all).
+    """
     table = check_frame(table, ["layer", "head", "mean", "ci_low", "ci_high", "frac_above_eps", "specialized"],
                          "table", "sinklens.specialization_table")
     if top is not None:
@@ -177,7 +233,11 @@ def specialization(table: pd.DataFrame, eps: float | None = None, top: int | Non
 
 
 def specialization_heatmap(table: pd.DataFrame) -> go.Figure:
-    """Fraction of prompts on which each head's BOS score exceeds eps, per layer and head."""
+    """Fraction of prompts on which each head's BOS score exceeds eps, per layer and head.
+
+    Args:
+        table: the frame of :func:`sinklens.specialization_table`.
+    """
     table = check_frame(table, ["layer", "head", "frac_above_eps"], "table", "sinklens.specialization_table")
     grid = table.pivot(index="layer", columns="head", values="frac_above_eps").sort_index()
     return layer_head_heatmap(torch.tensor(grid.to_numpy(), dtype=torch.float32), list(grid.index),
@@ -186,7 +246,12 @@ def specialization_heatmap(table: pd.DataFrame) -> go.Figure:
 
 def confidence_vs_alpha(census: Census, table: pd.DataFrame | None = None) -> go.Figure:
     """Per head: head confidence (mean max attention weight) against mean alpha_0; specialized heads
-    highlighted when ``table`` (from ``specialization_table``) is given."""
+    highlighted when ``table`` (from ``specialization_table``) is given.
+
+    Args:
+        census: a :class:`~sinklens.census.Census`.
+        table: the frame of :func:`sinklens.specialization_table` (None: nothing highlighted).
+    """
     check_type(census, Census, "census")
     alpha = census.sink_scores(0).mean(0)
     confidence = census.confidence.mean(0)
@@ -214,10 +279,16 @@ def confidence_vs_alpha(census: Census, table: pd.DataFrame | None = None) -> go
 
 
 def prompt_consistency(census: Census, heads: Sequence[tuple[int, int]] | pd.DataFrame,
-                       eps: float | None = None) -> go.Figure:
+                       *, eps: float | None = None) -> go.Figure:
     """alpha_0 of the given heads on every prompt (prompts x heads): is a head's sink behaviour the same on
     every prompt? ``heads`` is a list of (layer, head) or a table with layer/head columns (e.g. the top
-    rows of ``specialization_table``); ``eps`` (optional) is named in the title."""
+    rows of ``specialization_table``); ``eps`` (optional) is named in the title.
+
+    Args:
+        census: a :class:`~sinklens.census.Census`.
+        heads: ``(layer, head)`` pairs or a table with layer/head columns.
+        eps: named in the title (None: not).
+    """
     check_type(census, Census, "census")
     if isinstance(heads, pd.DataFrame):
         heads = list(zip(check_frame(heads, ["layer", "head"], "heads", "sinklens.specialization_table")["layer"],

@@ -18,7 +18,7 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 
 from ..errors import InputError
-from ..massive import MassiveActivations
+from ..massive import Basis, MassiveActivations
 from .census import head_label, layer_head_heatmap
 from .checks import check_frame, check_type
 
@@ -30,10 +30,18 @@ METRIC_TITLES = {"frob_rel": "||A - A'||_F / ||A||_F", "kl": "mean row KL(A || A
 SWEEP = "sinklens.k_sweep"
 
 
-def kept_dims(massive: MassiveActivations, layer: int, dims: Sequence[int] | Tensor, basis: str = "normalized",
-              top: int = 30) -> go.Figure:
+def kept_dims(massive: MassiveActivations, layer: int, dims: Sequence[int] | Tensor, *,
+              basis: Basis = "normalized", top: int = 30) -> go.Figure:
     """Mean |x_d| of the first token at ``layer`` for its ``top`` largest dims (and every kept dim), kept ones
-    highlighted; the title gives the share of the first token's squared norm the kept dims hold."""
+    highlighted; the title gives the share of the first token's squared norm the kept dims hold.
+
+    Args:
+        massive: a :class:`~sinklens.massive.MassiveActivations` holding ``layer``.
+        layer: the layer shown.
+        dims: the kept dims.
+        basis: ``"normalized"`` or ``"resid"``.
+        top: how many of the largest dims are shown (kept dims are always shown).
+    """
     check_type(massive, MassiveActivations, "massive")
     values = massive.layer_values(layer, basis).float()  # [batch, d]
     kept = sorted(int(d) for d in (dims.tolist() if isinstance(dims, Tensor) else dims))
@@ -53,8 +61,16 @@ def kept_dims(massive: MassiveActivations, layer: int, dims: Sequence[int] | Ten
 
 
 def pattern_pairs(dense: Float[Tensor, "head query key"], pruned: Float[Tensor, "head query key"], layer: int,
-                  heads: Sequence[int], tokens: Sequence[str] | None = None, title: str = "") -> go.Figure:
-    """Dense and pruned attention patterns side by side, one row per head (same colour scale, 0..1)."""
+                  heads: Sequence[int], tokens: Sequence[str] | None = None, *, title: str = "") -> go.Figure:
+    """Dense and pruned attention patterns side by side, one row per head (same colour scale, 0..1).
+
+    Args:
+        dense, pruned: the patterns of ``heads``.
+        layer: their layer.
+        heads: the head indices of the first axis.
+        tokens: the token strings of the axes (None: positions).
+        title: the figure title (default: layer and what is shown).
+    """
     dense, pruned = torch.as_tensor(dense).float(), torch.as_tensor(pruned).float()
     heads = list(heads)
     if dense.shape != pruned.shape or dense.dim() != 3 or dense.shape[0] != len(heads):
@@ -77,7 +93,11 @@ def pattern_pairs(dense: Float[Tensor, "head query key"], pruned: Float[Tensor, 
 
 
 def alpha0_before_after(frame: pd.DataFrame) -> go.Figure:
-    """BOS sink score alpha_0 of each head, dense and pruned (from a reconstruction_error frame)."""
+    """BOS sink score alpha_0 of each head, dense and pruned (from a reconstruction_error frame).
+
+    Args:
+        frame: a :func:`sinklens.reconstruction_error` frame.
+    """
     frame = check_frame(frame, ["layer", "head", "alpha0", "d_alpha0"], "frame", "sinklens.reconstruction_error")
     labels = [head_label(l, h) for l, h in zip(frame["layer"], frame["head"])]
     fig = go.Figure([go.Bar(name="dense", x=labels, y=frame["alpha0"]),

@@ -20,7 +20,11 @@ def _target_line(fig: go.Figure, target: float) -> None:
 
 def single_layer_retention(selection: LayerSelection) -> go.Figure:
     """Bar per candidate layer: retention of the selection metric when only that layer's
-    sink-specialized heads are pruned (calibration items), with its bootstrap CI."""
+    sink-specialized heads are pruned (calibration items), with its bootstrap CI.
+
+    Args:
+        selection: a :class:`~sinklens.selection.LayerSelection`.
+    """
     sel = check_type(selection, LayerSelection, "selection")
     rows = sel.single_layer.assign(layer=lambda t: t["layers"].astype(int)).sort_values("layer")
     fig = go.Figure(go.Bar(
@@ -36,9 +40,14 @@ def single_layer_retention(selection: LayerSelection) -> go.Figure:
     return fig
 
 
-def retention_by_n_layers(selection: LayerSelection, show_removal: bool = True) -> go.Figure:
+def retention_by_n_layers(selection: LayerSelection, *, show_removal: bool = True) -> go.Figure:
     """Held-out retention against the number of pruned layers, one line per strategy (random:
-    one line per replicate), with whole-head removal of the same heads dashed."""
+    one line per replicate), with whole-head removal of the same heads dashed.
+
+    Args:
+        selection: a :class:`~sinklens.selection.LayerSelection`.
+        show_removal: add whole-head removal of the same heads.
+    """
     sel = check_type(selection, LayerSelection, "selection")
     confirmed = sel.confirmed()
     fig = go.Figure()
@@ -67,7 +76,11 @@ def retention_by_n_layers(selection: LayerSelection, show_removal: bool = True) 
 
 def pareto_frontier(selection: LayerSelection) -> go.Figure:
     """Every held-out QK configuration (pruned heads against retention), coloured by strategy,
-    with the Pareto frontier as a step line."""
+    with the Pareto frontier as a step line.
+
+    Args:
+        selection: a :class:`~sinklens.selection.LayerSelection`.
+    """
     sel = check_type(selection, LayerSelection, "selection")
     confirmed = sel.confirmed()
     fig = go.Figure()
@@ -88,7 +101,11 @@ def pareto_frontier(selection: LayerSelection) -> go.Figure:
 
 
 def removal_comparison(selection: LayerSelection) -> go.Figure:
-    """Grouped bars per layer set: QK column pruning against whole-head removal of the same heads."""
+    """Grouped bars per layer set: QK column pruning against whole-head removal of the same heads.
+
+    Args:
+        selection: a :class:`~sinklens.selection.LayerSelection`.
+    """
     sel = check_type(selection, LayerSelection, "selection")
     table = sel.removal_comparison()
     if table.empty:
