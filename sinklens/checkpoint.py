@@ -18,19 +18,28 @@ import copy
 import json
 import os
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
+import transformers
+from transformers import AutoModelForCausalLM
 
+from .edits import active_edits, count_parameters
 from .errors import InputError
 from .loading import model_info
-from .pruning import PruneHandle, _drop_mask, active_edits, count_parameters
+from .pruning import PruneHandle
+from .qk import drop_mask, head_rows, layout
 
 MANIFEST = "sinklens_manifest.json"
 
 
 def standard_state_dict(model) -> dict[str, torch.Tensor]:
-    """The bridged HF model's tensors under standard HF names (the live tensors, not copies)."""
+    """The bridged HF model's tensors under standard HF names (the live tensors, not copies).
+
+    Args:
+        model: a bridge from :func:`sinklens.load_model`.
+    """
     out: dict[str, torch.Tensor] = {}
     for key, tensor in model.original_model.state_dict(keep_vars=True).items():
         name = key.replace("._original_component", "")
@@ -40,12 +49,13 @@ def standard_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _ungroup(state: dict[str, torch.Tensor], n_layers: int, group_size: int, d_head: int) -> None:
-    """Repeat every k_proj / v_proj row block (and bias) once per query head, in place in ``state``."""
+def _ungroup(model, state: dict[str, torch.Tensor], n_layers: int, group_size: int, d_head: int) -> None:
+    """Repeat every k / v row block (and bias) once per query head, in place in ``state``."""
+    names = layout(model)
     for layer in range(n_layers):
-        for proj in ("k_proj", "v_proj"):
+        for proj in ("k", "v"):
             for part in ("weight", "bias"):
-                key = f"model.layers.{layer}.self_attn.{proj}.{part}"
+                key = names.checkpoint_key(layer, proj, part)
                 if key not in state:
                     continue
                 t = state[key].detach()
@@ -54,7 +64,11 @@ def _ungroup(state: dict[str, torch.Tensor], n_layers: int, group_size: int, d_h
 
 
 def checkpoint_params_zeroed(model) -> dict:
-    """Q/K (and o_proj, for removed heads) weights the checkpoint of the model's active edits zeroes."""
+    """Q/K (and o_proj, for removed heads) weights the checkpoint of the model's active edits zeroes.
+
+    Args:
+        model: a bridge with active edits (:func:`sinklens.apply_pruning`, :func:`sinklens.apply_head_removal`).
+    """
     info = model_info(model)
     edits = active_edits(model)
     ungrouped = info.group_size > 1 and any(isinstance(e, PruneHandle) and e.plan.k_copies for e in edits)
@@ -74,15 +88,18 @@ def checkpoint_params_zeroed(model) -> dict:
             "layout": "ungrouped" if ungrouped else "grouped", "checkpoint_params": total + extra}
 
 
-def save_pruned(model, folder: str | os.PathLike, overwrite: bool = False) -> Path:
+def save_pruned(model, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write the model with its active edits (apply_pruning / apply_head_removal) as an HF checkpoint.
 
     Refuses a model without active edits, and a non-empty folder unless ``overwrite``. Returns the folder.
+    The manifest lists every edit's record (for a pruning: the fields of its
+    :class:`~sinklens.spec.PruneSpec`, which ``PruneSpec.from_dict`` reads back, and its kept dims).
+
+    Args:
+        model: a bridge from :func:`sinklens.load_model` with active edits.
+        folder: where to write (created; must be empty unless ``overwrite``).
+        overwrite: write into a non-empty folder.
     """
-    from transformers import AutoModelForCausalLM
-
-    from . import __version__
-
     edits = active_edits(model)
     if not edits:
         raise InputError("The model has no active pruning or head removal: apply one first "
@@ -95,14 +112,13 @@ def save_pruned(model, folder: str | os.PathLike, overwrite: bool = False) -> Pa
     state = {name: t.detach() for name, t in standard_state_dict(model).items()}
     config = copy.deepcopy(model.original_model.config)
     if counts["layout"] == "ungrouped":
-        _ungroup(state, info.n_layers, info.group_size, info.d_head)
+        _ungroup(model, state, info.n_layers, info.group_size, info.d_head)
         config.num_key_value_heads = config.num_attention_heads
-        dh = info.d_head
         for edit in edits:
             if isinstance(edit, PruneHandle):
                 for (layer, head), keep in edit.plan.k_copies.items():
-                    weight = state[f"model.layers.{layer}.self_attn.k_proj.weight"]
-                    weight[head * dh:(head + 1) * dh, _drop_mask(keep, info.d_model, weight.device)] = 0
+                    weight = state[layout(model).checkpoint_key(layer, "k")]
+                    weight[head_rows(info, head), drop_mask(keep, info.d_model, weight.device)] = 0
     with torch.device("meta"):
         fresh = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
     expected = set(fresh.state_dict())
@@ -124,11 +140,9 @@ def save_pruned(model, folder: str | os.PathLike, overwrite: bool = False) -> Pa
     folder.mkdir(parents=True, exist_ok=True)
     fresh.save_pretrained(folder)
     model.tokenizer.save_pretrained(folder)
-    import transformers
-
     manifest = {
         "format": 1,
-        "sinklens_version": __version__,
+        "sinklens_version": version("sinklens"),
         "source_model": {"name": info.name, **info.as_dict()},
         "layout": counts["layout"],
         "num_key_value_heads": {"source": info.n_kv_heads, "checkpoint": int(config.num_key_value_heads)},
@@ -144,7 +158,11 @@ def save_pruned(model, folder: str | os.PathLike, overwrite: bool = False) -> Pa
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:
-    """The sinklens manifest of a checkpoint written by :func:`save_pruned`."""
+    """The sinklens manifest of a checkpoint written by :func:`save_pruned`.
+
+    Args:
+        folder: the checkpoint folder.
+    """
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise InputError(f"{path} does not exist: is {folder} a checkpoint written by sinklens.save_pruned?")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import pandas as pd
 import torch
@@ -25,7 +26,8 @@ from .loading import model_info
 from .tokens import as_batch
 from .validate import check_choice, check_index, check_k, check_layers
 
-BASES = ("resid", "normalized")
+Basis = Literal["resid", "normalized"]
+BASES: tuple[str, ...] = get_args(Basis)
 
 
 @dataclass
@@ -40,22 +42,52 @@ class MassiveActivations:
     layers: list[int]
     prepend_bos: bool | None
 
-    def values(self, basis: str = "normalized") -> Float[Tensor, "batch layer d_model"]:
+    def values(self, basis: Basis = "normalized") -> Float[Tensor, "batch layer d_model"]:
+        """The first token's vector of every prompt and measured layer.
+
+        Args:
+            basis: ``"normalized"`` (attention input) or ``"resid"`` (residual stream entering the layer).
+        """
         return self.first[_basis_index(basis)]
 
-    def _slot(self, layer: int) -> int:
+    def slot(self, layer: int) -> int:
+        """The index of model layer ``layer`` along the layer axis of the tensors (``layers.index(layer)``).
+
+        Args:
+            layer: a measured model layer.
+        """
         if layer not in self.layers:
             raise InputError(f"Layer {layer} was not measured (measured: {self.layers}).")
         return self.layers.index(layer)
 
-    def top_dims(self, layer: int, k: int, basis: str = "normalized") -> Int[Tensor, " k"]:
-        """The k dims of largest mean |x| over prompts, largest first."""
-        values = self.values(basis)[:, self._slot(layer)]
+    def layer_values(self, layer: int, basis: Basis = "normalized") -> Float[Tensor, "batch d_model"]:
+        """The first token's vector of every prompt at model layer ``layer``.
+
+        Args:
+            layer: a measured model layer.
+            basis: ``"normalized"`` or ``"resid"``.
+        """
+        return self.values(basis)[:, self.slot(layer)]
+
+    def top_dims(self, layer: int, k: int, basis: Basis = "normalized") -> Int[Tensor, " k"]:
+        """The k dims of largest mean |x| over prompts, largest first.
+
+        Args:
+            layer: a measured model layer.
+            k: how many dims.
+            basis: ``"normalized"`` or ``"resid"``.
+        """
+        values = self.layer_values(layer, basis)
         check_k(k, values.shape[-1])
         return values.abs().mean(0).topk(k).indices
 
-    def norm_share(self, k: int, basis: str = "normalized") -> Float[Tensor, " layer"]:
-        """Share of the first token's squared norm held by the aggregate top-k dims, mean over prompts."""
+    def norm_share(self, k: int, basis: Basis = "normalized") -> Float[Tensor, " layer"]:
+        """Share of the first token's squared norm held by the aggregate top-k dims, mean over prompts.
+
+        Args:
+            k: how many dims.
+            basis: ``"normalized"`` or ``"resid"``.
+        """
         values = self.values(basis)
         check_k(k, values.shape[-1])
         squares = values.double().square()
@@ -63,8 +95,13 @@ class MassiveActivations:
         held = squares.gather(2, top.unsqueeze(0).expand(values.shape[0], -1, -1)).sum(-1)
         return (held / squares.sum(-1)).mean(0).float()
 
-    def rank_stability(self, k: int, basis: str = "normalized") -> Float[Tensor, " layer"]:
-        """Mean Jaccard overlap between each prompt's own top-k dims and the aggregate top-k."""
+    def rank_stability(self, k: int, basis: Basis = "normalized") -> Float[Tensor, " layer"]:
+        """Mean Jaccard overlap between each prompt's own top-k dims and the aggregate top-k.
+
+        Args:
+            k: how many dims.
+            basis: ``"normalized"`` or ``"resid"``.
+        """
         values = self.values(basis).abs()
         check_k(k, values.shape[-1])
         d = values.shape[-1]
@@ -74,12 +111,18 @@ class MassiveActivations:
         union = (own | agg).sum(-1).float()
         return (inter / union).mean(0)
 
-    def massive_dims(self, basis: str = "resid", min_abs: float = 100.0, min_ratio: float = 1000.0,
+    def massive_dims(self, basis: Basis = "resid", *, min_abs: float = 100.0, min_ratio: float = 1000.0,
                      min_fraction: float = 0.5) -> pd.DataFrame:
         """Dims meeting the Sun et al. criterion on at least ``min_fraction`` of prompts, per layer.
 
         Columns: layer, dim, fraction (of prompts meeting it), mean_value (signed), mean_ratio
         (|x| / median |x|).
+
+        Args:
+            basis: ``"resid"`` (Sun et al.'s hidden states) or ``"normalized"``.
+            min_abs: the smallest magnitude that counts as massive.
+            min_ratio: the smallest ratio to the median magnitude of the hidden state.
+            min_fraction: the share of prompts on which a dim must meet both.
         """
         values = self.values(basis)
         median = self.median_abs[_basis_index(basis)]
@@ -93,9 +136,14 @@ class MassiveActivations:
                          "mean_ratio": float(ratio[:, slot, dim].mean())})
         return pd.DataFrame(rows, columns=["layer", "dim", "fraction", "mean_value", "mean_ratio"])
 
-    def top_values(self, n: int = 3, basis: str = "resid") -> pd.DataFrame:
+    def top_values(self, n: int = 3, basis: Basis = "resid") -> pd.DataFrame:
         """Per layer: the n largest mean |x| of the first token, the median |x| and the largest
-        |x| of the other tokens (a Sun et al. style profile)."""
+        |x| of the other tokens (a Sun et al. style profile).
+
+        Args:
+            n: how many of the largest dims per layer.
+            basis: ``"resid"`` or ``"normalized"``.
+        """
         i = _basis_index(basis)
         mags = self.first[i].abs().mean(0)  # [layer, d]
         top = mags.topk(n, dim=-1)
@@ -109,20 +157,34 @@ class MassiveActivations:
             rows.append(row)
         return pd.DataFrame(rows)
 
-    def norms(self, basis: str = "resid") -> pd.DataFrame:
-        """Per layer: mean L2 norm of the first token and of the other tokens."""
+    def norms(self, basis: Basis = "resid") -> pd.DataFrame:
+        """Per layer: mean L2 norm of the first token and of the other tokens.
+
+        Args:
+            basis: ``"resid"`` or ``"normalized"``.
+        """
         i = _basis_index(basis)
         return pd.DataFrame({"layer": self.layers, "first_norm": self.first_norm[i].mean(0).numpy(),
                              "other_norm": self.other_norm[i].mean(0).numpy()})
 
 
-def _basis_index(basis: str) -> int:
+def _basis_index(basis: Basis) -> int:
     return BASES.index(check_choice("basis", basis, BASES))
 
 
-def massive_activations(model, tokens, attention_mask: Tensor | None = None, layers: Sequence[int] | None = None,
-                        batch_size: int = 8, show_progress: bool = True) -> MassiveActivations:
-    """Measure the first real token's vectors (both bases) and hidden-state statistics per layer."""
+def massive_activations(model, tokens, attention_mask: Int[Tensor, "batch pos"] | None = None, *,
+                        layers: Sequence[int] | None = None, batch_size: int = 8,
+                        show_progress: bool = True) -> MassiveActivations:
+    """Measure the first real token's vectors (both bases) and hidden-state statistics per layer.
+
+    Args:
+        model: a bridge from :func:`sinklens.load_model`.
+        tokens: token ids [batch, pos], a TokenBatch, or a string / list of strings.
+        attention_mask: 0/1 mask of real tokens (None: every token is real, or the TokenBatch's own).
+        layers: the layers to measure (None: all); only layers up to the last are run.
+        batch_size: prompts per forward.
+        show_progress: show a progress bar.
+    """
     info = model_info(model)
     layers = check_layers(layers, info.n_layers)
     batch = as_batch(model, tokens, attention_mask)
@@ -163,11 +225,19 @@ def _collector(store: dict, key: tuple[int, int], mask: Tensor):
     return collect
 
 
-def bos_top_dims(model, tokens, layer: int, k: int, basis: str = "normalized",
-                 attention_mask: Tensor | None = None) -> Int[Tensor, " k"]:
+def bos_top_dims(model, tokens, layer: int, k: int, basis: Basis = "normalized", *,
+                 attention_mask: Int[Tensor, "batch pos"] | None = None) -> Int[Tensor, " k"]:
     """The k dims where the first token's vector at ``layer`` is largest (mean |x| over prompts).
 
     Only layers up to ``layer`` are run. Use BOS-prepended tokens to get BOS dims.
+
+    Args:
+        model: a bridge from :func:`sinklens.load_model`.
+        tokens: token ids, a TokenBatch, or strings.
+        layer: the layer whose input is measured.
+        k: how many dims.
+        basis: ``"normalized"`` (attention input) or ``"resid"``.
+        attention_mask: 0/1 mask of real tokens (None: all real).
     """
     info = model_info(model)
     check_index("layer", layer, info.n_layers, "layers")

@@ -32,28 +32,35 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .dims import bos_activations
+from .edits import active_edits
 from .errors import InputError
 from .hooks import batches, run_hooked
 from .loading import model_info
-from .massive import BASES, MassiveActivations
-from .pruning import (
-    DIMS_POLICIES, GQA_POLICIES, PruneHandle, PruningPlan, _bias, _bos_stats, _check_editable, _weights, active_edits,
-    apply_head_removal, attention_scaling, check_heads, masked_like, plan_pruning, project, rotate,
-)
+from .massive import BASES, Basis, MassiveActivations
+from .pruning import PruningPlan, apply_pruning, plan_pruning
+from .qk import attention_scaling, bias, check_editable, head_rows, kv_rows, layout, masked_like, project, weights
+from .removal import apply_head_removal
+from .spec import GQA_POLICIES, POLICIES, DimsArg, GQAPolicy, Head, PruneSpec, as_spec, check_heads
 from .tokens import TokenBatch, as_batch
 from .validate import as_int, check_choice, check_fraction
 
-POLICIES = DIMS_POLICIES + ("whole_head",)
-LEVELS = ("layer", "model")
+SweepPolicy = Literal["bos_top", "random", "weight_norm", "whole_head"]
+SWEEP_POLICIES: tuple[str, ...] = get_args(SweepPolicy)  # the kept-dims policies and whole-head removal
+assert SWEEP_POLICIES == POLICIES + ("whole_head",)
+Level = Literal["layer", "model"]
+LEVELS: tuple[str, ...] = get_args(Level)
+Metric = Literal["frob_rel", "kl", "d_alpha0", "out_rel", "alpha0", "next_kl", "loss", "d_loss"]
 METRICS = ("frob_rel", "kl", "d_alpha0", "out_rel")
 K_GRID = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
-COLUMNS = ["level", "dims", "k", "seed", "gqa", "basis", "layer", "head", "alpha0", "frob_rel", "kl", "d_alpha0",
+COLUMNS = ["level", "policy", "k", "seed", "gqa", "basis", "layer", "head", "alpha0", "frob_rel", "kl", "d_alpha0",
            "out_rel", "next_kl", "loss", "d_loss", "n_prompts"]
 
 
@@ -61,10 +68,12 @@ COLUMNS = ["level", "dims", "k", "seed", "gqa", "basis", "layer", "head", "alpha
 class _Config:
     """One configuration: a pruning plan, or whole-head removal (plan None)."""
 
-    dims: str
-    k: int | None
-    seed: int | None
+    policy: str
     plan: PruningPlan | None
+
+    @property
+    def spec(self) -> PruneSpec | None:
+        return None if self.plan is None else self.plan.spec
 
 
 # --- metrics (fp32, per prompt) -----------------------------------------------------------------
@@ -76,6 +85,12 @@ def pattern_errors(ref_logp: Float[Tensor, "batch *heads query key"], logp: Floa
 
     Any head dims between batch and query broadcast (e.g. [b, 1, n, q, k] dense against [b, C, n, q, k]
     pruned). ``ref_p`` / ``p``: the patterns themselves when the caller has them already.
+
+    Args:
+        ref_logp: the dense log-pattern.
+        logp: the pruned log-pattern.
+        mask: 0/1 mask of real tokens [batch, pos].
+        ref_p, p: the patterns (exp of the log-patterns) when already computed, else None.
     """
     real = mask.bool()
     b, length = real.shape
@@ -173,7 +188,7 @@ def _check_batch_size(batch_size) -> int:
 
 
 def _prepare(model, tokens, attention_mask, heads):
-    _check_editable(model)
+    check_editable(model)
     info = model_info(model)
     batch = as_batch(model, tokens, attention_mask)
     heads = check_heads(heads, info)
@@ -189,50 +204,81 @@ def _bos_source(model, batch: TokenBatch, dims_tokens, heads) -> MassiveActivati
     if isinstance(dims_tokens, MassiveActivations):
         return dims_tokens
     source = batch if dims_tokens is None else as_batch(model, dims_tokens)
-    return _bos_stats(model, model_info(model), source, sorted({l for l, _ in heads}), None)
+    return bos_activations(model, source, sorted({l for l, _ in heads}))
 
 
 # --- public API ---------------------------------------------------------------------------------
 
-def reconstruction_error(model, tokens, heads, k: int, dims="bos_top", basis: str = "normalized", gqa: str = "exact",
-                         seed: int = 0, force: bool = False, level: str = "model",
+def reconstruction_error(model, tokens, heads: Sequence[Head] | PruneSpec, k: int | None = None,
+                         dims: DimsArg | None = None, *, basis: Basis | None = None, gqa: GQAPolicy | None = None,
+                         seed: int | None = None, force: bool | None = None, level: Level = "model",
                          attention_mask: Int[Tensor, "batch pos"] | None = None, dims_tokens=None, batch_size: int = 8,
                          show_progress: bool = True) -> pd.DataFrame:
     """Reconstruction error of every head in ``heads`` pruned at ``k`` (one row per head).
 
-    Columns: level, dims (policy), k, seed, gqa, basis, layer, head, alpha0 (dense), frob_rel, kl,
-    d_alpha0, out_rel, next_kl, loss, d_loss (model level only; NaN at level "layer"), n_prompts.
-    ``dims``/``basis``/``gqa``/``seed``/``force`` as in :func:`apply_pruning`; bos_top dims are measured on
-    ``dims_tokens`` (default: ``tokens``). See the module docstring for the metrics and the levels.
+    Columns: level, policy, k, seed, gqa, basis (the spec's fields), layer, head, alpha0 (dense), frob_rel,
+    kl, d_alpha0, out_rel, next_kl, loss, d_loss (model level only; NaN at level "layer"), n_prompts. See
+    the module docstring for the metrics and the levels.
+
+    Args:
+        model: a bridge from :func:`sinklens.load_model`, without active edits (it is the dense reference).
+        tokens: the prompts the patterns are compared on (ids, a TokenBatch, or strings).
+        heads: ``(layer, head)`` pairs, or a :class:`~sinklens.spec.PruneSpec` (then leave k, dims, basis,
+            gqa, seed and force out).
+        k, dims, basis, gqa, seed, force: the pruning, as in :func:`sinklens.apply_pruning`.
+        level: ``"model"`` (the pruned model runs) or ``"layer"`` (each layer pruned alone on the dense stream).
+        attention_mask: 0/1 mask of real tokens of ``tokens``.
+        dims_tokens: what ``bos_top`` dims are measured on (ids, a TokenBatch or a MassiveActivations; default:
+            ``tokens``).
+        batch_size: prompts per forward.
+        show_progress: show a progress bar.
     """
-    info, batch, heads = _prepare(model, tokens, attention_mask, heads)
+    spec = as_spec(heads, k, dims, basis=basis, gqa=gqa, seed=seed, force=force)
+    info, batch, heads = _prepare(model, tokens, attention_mask, spec.heads)
     check_choice("level", level, LEVELS)
     batch_size = _check_batch_size(batch_size)
-    source = _bos_source(model, batch, dims_tokens, heads) if isinstance(dims, str) and dims == "bos_top" else None
-    plan = plan_pruning(model, heads, k, dims, source, basis, gqa, seed, force)
-    config = _Config(plan.dims_policy, plan.k, plan.seed, plan)
+    source = _bos_source(model, batch, dims_tokens, heads) if spec.policy == "bos_top" else None
+    plan = plan_pruning(model, spec, tokens=source)
     run = _model_level if level == "model" else _layer_level
-    return run(model, batch, heads, [config], gqa, basis, batch_size, show_progress)
+    return run(model, batch, heads, [_Config(spec.policy, plan)], spec.gqa, batch_size, show_progress)
 
 
 def default_ks(d_model: int) -> list[int]:
-    """1, 2, 3, 5, 10, 20, 50, 100, 200, 500, ... below d_model, then d_model itself (no pruning: error 0)."""
+    """1, 2, 3, 5, 10, 20, 50, 100, 200, 500, ... below d_model, then d_model itself (no pruning: error 0).
+
+    Args:
+        d_model: the model width.
+    """
     return [k for k in K_GRID if k < d_model] + [d_model]
 
 
-def k_sweep(model, tokens, heads, ks: Sequence[int] | None = None, policies: Sequence[str] = POLICIES,
-            seeds: Sequence[int] = (0, 1, 2), basis: str = "normalized", gqa: str = "exact", level: str = "layer",
-            force: bool = False, attention_mask: Int[Tensor, "batch pos"] | None = None, dims_tokens=None,
-            batch_size: int = 8, show_progress: bool = True) -> pd.DataFrame:
-    """Tidy reconstruction errors of ``heads`` (None: every head) for every k in ``ks`` and every policy,
-    with one dense reference.
+def k_sweep(model, tokens, heads: Sequence[Head] | None, *, ks: Sequence[int] | None = None,
+            policies: Sequence[SweepPolicy] = SWEEP_POLICIES, seeds: Sequence[int] = (0, 1, 2),
+            basis: Basis = "normalized", gqa: GQAPolicy = "exact", level: Level = "layer", force: bool = False,
+            attention_mask: Int[Tensor, "batch pos"] | None = None, dims_tokens=None, batch_size: int = 8,
+            show_progress: bool = True) -> pd.DataFrame:
+    """Tidy reconstruction errors of ``heads`` for every k in ``ks`` and every policy, with one dense reference.
 
-    ``policies``: any of "bos_top", "random" (one configuration per seed in ``seeds``), "weight_norm" and
-    "whole_head" (head output zeroed; it does not depend on k: computed once, its rows repeated for
-    every k). ``ks=None`` sweeps :func:`default_ks`. Same columns as :func:`reconstruction_error` (``seed`` is
-    set for random only).
-    ``level="layer"`` (default) computes every configuration in one forward; ``"model"`` runs each
-    configuration through the pruned model.
+    Every configuration is the :class:`~sinklens.spec.PruneSpec` ``(heads, k, policy, basis, gqa, seed,
+    force)``; its fields are the frame's columns, the same as :func:`reconstruction_error`'s (``seed`` is
+    set for random only, ``basis`` for bos_top only).
+
+    Args:
+        model: a bridge from :func:`sinklens.load_model`, without active edits.
+        tokens: the prompts the patterns are compared on.
+        heads: ``(layer, head)`` pairs, or None for every head of the model.
+        ks: the k grid (None: :func:`default_ks`).
+        policies: any of ``"bos_top"``, ``"random"`` (one configuration per seed), ``"weight_norm"`` and
+            ``"whole_head"`` (head output zeroed; it does not depend on k: computed once, its rows repeated for
+            every k).
+        seeds: the seeds of ``random``.
+        basis, gqa, force: as in :func:`sinklens.apply_pruning`.
+        level: ``"layer"`` (default: every configuration from one forward) or ``"model"`` (each configuration
+            through the pruned model).
+        attention_mask: 0/1 mask of real tokens of ``tokens``.
+        dims_tokens: what ``bos_top`` dims are measured on (default: ``tokens``).
+        batch_size: prompts per forward.
+        show_progress: show a progress bar.
     """
     if heads is None:
         info = model_info(model)
@@ -243,9 +289,9 @@ def k_sweep(model, tokens, heads, ks: Sequence[int] | None = None, policies: Seq
         policies = [policies]
     policies = list(policies)
     if not policies:
-        raise InputError(f"policies is empty: pass some of {POLICIES}.")
+        raise InputError(f"policies is empty: pass some of {SWEEP_POLICIES}.")
     for policy in policies:
-        check_choice("policy", policy, POLICIES)
+        check_choice("policy", policy, SWEEP_POLICIES)
     if len(set(policies)) != len(policies):
         raise InputError(f"policies holds duplicates: {policies}.")
     seeds = _check_ints("seeds", seeds, 0)
@@ -257,44 +303,58 @@ def k_sweep(model, tokens, heads, ks: Sequence[int] | None = None, policies: Seq
     configs = []
     for policy in policies:
         if policy == "whole_head":
-            configs.append(_Config("whole_head", None, None, None))
+            configs.append(_Config("whole_head", None))
             continue
         for k in ks:
             for seed in (seeds if policy == "random" else [0]):
-                plan = plan_pruning(model, heads, k, policy, source, basis, gqa, seed, force)
-                configs.append(_Config(policy, k, plan.seed, plan))
+                spec = PruneSpec(heads, k, policy, basis=basis, gqa=gqa, seed=seed, force=force)
+                configs.append(_Config(policy, plan_pruning(model, spec, tokens=source)))
     run = _model_level if level == "model" else _layer_level
-    frame = run(model, batch, heads, configs, gqa, basis, batch_size, show_progress)
+    frame = run(model, batch, heads, configs, gqa, batch_size, show_progress)
     if "whole_head" in policies:  # k-independent: repeat its rows at every k of the sweep
-        whole = frame[frame["dims"] == "whole_head"]
+        whole = frame[frame["policy"] == "whole_head"]
         attrs = dict(frame.attrs)
-        frame = pd.concat([frame[frame["dims"] != "whole_head"]] + [whole.assign(k=k) for k in ks], ignore_index=True)
+        frame = pd.concat([frame[frame["policy"] != "whole_head"]] + [whole.assign(k=k) for k in ks],
+                          ignore_index=True)
         frame["k"] = frame["k"].astype("Int64")
         frame.attrs.update(attrs)
     return frame
 
 
-def error_quantiles(sweep: pd.DataFrame, k: int | None = None, metric: str = "frob_rel",
+def error_quantiles(sweep: pd.DataFrame, k: int | None = None, *, metric: Metric = "frob_rel",
                     quantiles: Sequence[float] = (0.1, 0.5, 0.9)) -> pd.DataFrame:
-    """Quantiles of ``metric`` over heads (and seeds) per policy and k (only ``k`` if given), with the head count."""
-    if not isinstance(sweep, pd.DataFrame) or sweep.empty or not {"k", "dims", metric} <= set(sweep.columns):
-        raise InputError(f"sweep must be a non-empty DataFrame from sinklens.k_sweep with columns k, dims, {metric}.")
+    """Quantiles of ``metric`` over heads (and seeds) per policy and k, with the row count.
+
+    Args:
+        sweep: a :func:`k_sweep` (or :func:`reconstruction_error`) frame.
+        k: only this k (None: every k of the sweep).
+        metric: the column summarised.
+        quantiles: the quantiles, as fractions (columns ``q10``, ``q50``, ...).
+    """
+    if not isinstance(sweep, pd.DataFrame) or sweep.empty or not {"k", "policy", metric} <= set(sweep.columns):
+        raise InputError(f"sweep must be a non-empty DataFrame from sinklens.k_sweep with columns k, policy, {metric}.")
     quantiles = [check_fraction("quantile", q) for q in quantiles]
     part = sweep if k is None else sweep[sweep["k"] == k]
     if part.empty:
         raise InputError(f"The sweep has no rows at k={k} (its ks: {sorted(sweep['k'].dropna().unique().tolist())}).")
-    table = part.groupby(["dims", "k"])[metric].quantile(quantiles).unstack()
+    table = part.groupby(["policy", "k"])[metric].quantile(quantiles).unstack()
     table.columns = [f"q{round(q * 100):02d}" for q in quantiles]
-    table["n_rows"] = part.groupby(["dims", "k"]).size()
+    table["n_rows"] = part.groupby(["policy", "k"]).size()
     return table.reset_index().assign(metric=metric)
 
 
-def smallest_k(sweep: pd.DataFrame, thresholds: Sequence[float] = (0.2, 0.1), metric: str = "frob_rel",
-               by: Sequence[str] = ("dims",)) -> pd.DataFrame:
+def smallest_k(sweep: pd.DataFrame, thresholds: Sequence[float] = (0.2, 0.1), *, metric: Metric = "frob_rel",
+               by: Sequence[str] = ("policy",)) -> pd.DataFrame:
     """Smallest k whose median ``metric`` (over heads, and seeds for random) is below each threshold.
 
     One row per group of ``by`` and threshold, with the median at that k; k is missing (<NA>) when no
     k of the sweep reaches the threshold.
+
+    Args:
+        sweep: a :func:`k_sweep` frame.
+        thresholds: the error levels (fractions, except for ``kl``).
+        metric: the column compared.
+        by: the columns that define a group (default: the policy).
     """
     if not isinstance(sweep, pd.DataFrame) or sweep.empty or not {"k", metric, *by} <= set(sweep.columns):
         raise InputError(f"sweep must be a non-empty DataFrame from sinklens.k_sweep with columns k, {metric}, "
@@ -318,8 +378,13 @@ def smallest_k(sweep: pd.DataFrame, thresholds: Sequence[float] = (0.2, 0.1), me
 
 
 def reconstruction_headline(errors: pd.DataFrame, n_sink_heads: int) -> dict:
-    """The numbers a report leads with for one pruning (a :func:`reconstruction_error` frame): heads
-    pruned (of ``n_sink_heads``), k, median frob_rel, mean alpha_0 dense and pruned, next-token KL, d_loss."""
+    """The numbers a report leads with for one pruning: heads pruned (of ``n_sink_heads``), k, median
+    frob_rel, mean alpha_0 dense and pruned, next-token KL, d_loss.
+
+    Args:
+        errors: a model-level :func:`reconstruction_error` frame.
+        n_sink_heads: the number of sink-specialized heads the pruned ones were taken from.
+    """
     errors = _check_errors(errors, ["k", "frob_rel", "alpha0", "d_alpha0", "next_kl", "d_loss"])
     return {"n_heads_pruned": len(errors), "n_sink_heads": n_sink_heads, "k": errors["k"].iloc[0],
             "frob_rel_median": errors["frob_rel"].median(), "alpha0_dense_mean": errors["alpha0"].mean(),
@@ -329,29 +394,36 @@ def reconstruction_headline(errors: pd.DataFrame, n_sink_heads: int) -> dict:
 
 def k_sweep_headline(quantiles: pd.DataFrame, smallest: pd.DataFrame, model_level: pd.DataFrame, k: int,
                      threshold: float) -> dict:
-    """The numbers a report leads with for a k sweep: per policy the median error at ``k`` (from
-    :func:`error_quantiles`), the smallest k whose median is below ``threshold`` (from
-    :func:`smallest_k`; policies without a pattern error left out) and the mean d_loss of the
-    model-level sweep at k."""
-    quantiles = _check_errors(quantiles, ["dims", "k", "q50"])
-    at_k = quantiles[quantiles["k"] == k].set_index("dims")["q50"].dropna()
-    smallest = _check_errors(smallest, ["dims", "threshold", "k"])
-    first_below = smallest[smallest["threshold"] == threshold].set_index("dims")["k"].reindex(at_k.index)
-    model_level = _check_errors(model_level, ["dims", "d_loss"])
+    """The numbers a report leads with for a k sweep: per policy the median error at ``k``, the smallest k
+    whose median is below ``threshold`` (policies without a pattern error left out) and the mean d_loss of
+    the model-level sweep at k.
+
+    Args:
+        quantiles: from :func:`error_quantiles`.
+        smallest: from :func:`smallest_k`.
+        model_level: a ``level="model"`` :func:`k_sweep` frame at ``k``.
+        k: the k the headline is at.
+        threshold: one of the thresholds ``smallest`` was computed for.
+    """
+    quantiles = _check_errors(quantiles, ["policy", "k", "q50"])
+    at_k = quantiles[quantiles["k"] == k].set_index("policy")["q50"].dropna()
+    smallest = _check_errors(smallest, ["policy", "threshold", "k"])
+    first_below = smallest[smallest["threshold"] == threshold].set_index("policy")["k"].reindex(at_k.index)
+    model_level = _check_errors(model_level, ["policy", "d_loss"])
     return {"frob_rel_median_at_k": at_k.to_dict(), f"smallest_k_median_below_{threshold}": first_below.to_dict(),
-            "d_loss_at_k": model_level.groupby("dims")["d_loss"].mean().to_dict()}
+            "d_loss_at_k": model_level.groupby("policy")["d_loss"].mean().to_dict()}
 
 
 def _check_errors(frame, columns: Sequence[str]) -> pd.DataFrame:
     if not isinstance(frame, pd.DataFrame) or frame.empty or not set(columns) <= set(frame.columns):
-        raise InputError(f"Expected a non-empty DataFrame from sinklens (reconstruction_error, k_sweep, error_quantiles "
-                         f"or smallest_k) with columns {list(columns)}.")
+        raise InputError("Expected a non-empty DataFrame from sinklens (reconstruction_error, k_sweep, "
+                         f"error_quantiles or smallest_k) with columns {list(columns)}.")
     return frame
 
 
 # --- level "model": the pruned model runs -------------------------------------------------------
 
-def _layout(heads: list[tuple[int, int]]):
+def _by_layer(heads: list[Head]):
     """Per layer: (slots in ``heads``, head indices)."""
     by_layer: dict[int, tuple[list[int], list[int]]] = {}
     for slot, (layer, head) in enumerate(heads):
@@ -363,30 +435,29 @@ def _layout(heads: list[tuple[int, int]]):
 
 def _o_columns(model, info, layer: int, hs: list[int]) -> Tensor:
     """W_O^h of the listed heads as [n, d_model, d_head] (a copy of the live weights)."""
-    _, _, wo = _weights(model, layer)
-    dh = info.d_head
-    return torch.stack([wo[:, h * dh:(h + 1) * dh] for h in hs]).float().clone()
+    wo = weights(model, layer).o
+    return torch.stack([wo[:, head_rows(info, h)] for h in hs]).float().clone()
 
 
-def _model_level(model, batch, heads, configs, gqa, basis, batch_size, show_progress) -> pd.DataFrame:
+def _model_level(model, batch, heads, configs, gqa, batch_size, show_progress) -> pd.DataFrame:
     info = model_info(model)
-    by_layer = _layout(heads)
+    by_layer = _by_layer(heads)
     acc = _Accumulator(len(configs), len(heads))
     dense_wo = {layer: _o_columns(model, info, layer, hs) for layer, (_, hs) in by_layer.items()}
     for _, sub in batches(batch, batch_size, desc="reconstruction error", show_progress=show_progress):
         ref: dict[tuple[str, int], Tensor] = {}
-        logits = _run_full(model, sub, _capture_hooks(by_layer, ref, dense_wo))
+        logits = _run_full(model, sub, _capture_hooks(model, by_layer, ref, dense_wo))
         ref_logp = torch.log_softmax(logits.float(), -1)
         acc.n_prompts += sub.tokens.shape[0]
         for c, config in enumerate(configs):
-            edit = (apply_head_removal(model, heads) if config.plan is None else PruneHandle(model, config.plan))
+            edit = apply_head_removal(model, heads) if config.plan is None else apply_pruning(model, config.plan)
             try:
                 hooks = _compare_hooks(model, info, by_layer, ref, dense_wo, sub.attention_mask, acc, c)
                 logp = torch.log_softmax(_run_full(model, sub, hooks).float(), -1)
             finally:
                 edit.restore()
             acc.add_next(c, _next_token_stats(ref_logp, logp, sub))
-    return _frame(acc, heads, configs, gqa, basis, "model", batch)
+    return _frame(acc, heads, configs, gqa, "model", batch)
 
 
 def _run_full(model, batch: TokenBatch, hooks) -> Tensor:
@@ -394,9 +465,10 @@ def _run_full(model, batch: TokenBatch, hooks) -> Tensor:
         return model.run_with_hooks(batch.tokens, attention_mask=batch.attention_mask, fwd_hooks=hooks)
 
 
-def _capture_hooks(by_layer, ref: dict, dense_wo: dict):
+def _capture_hooks(model, by_layer, ref: dict, dense_wo: dict):
     hooks = []
     for layer, (_, hs) in by_layer.items():
+        names = layout(model).hooks(layer)
         index = torch.tensor(hs)
 
         def scores_hook(scores, hook, layer=layer, index=index):
@@ -405,7 +477,7 @@ def _capture_hooks(by_layer, ref: dict, dense_wo: dict):
         def z_hook(z, hook, layer=layer, index=index):
             ref[("z", layer)] = z[:, :, index.to(z.device)].float().transpose(1, 2)  # [b, n, pos, dh]
 
-        hooks += [(f"blocks.{layer}.attn.hook_attn_scores", scores_hook), (f"blocks.{layer}.attn.hook_z", z_hook)]
+        hooks += [(names.scores, scores_hook), (f"blocks.{layer}.attn.hook_z", z_hook)]
     return hooks
 
 
@@ -413,6 +485,7 @@ def _compare_hooks(model, info, by_layer, ref, dense_wo, mask, acc: _Accumulator
     hooks = []
     for layer, (slots, hs) in by_layer.items():
         index = torch.tensor(hs)
+        names = layout(model).hooks(layer)
 
         def scores_hook(scores, hook, layer=layer, index=index, slots=slots):
             logp = torch.log_softmax(scores[:, index.to(scores.device)].float(), -1)
@@ -426,7 +499,7 @@ def _compare_hooks(model, info, by_layer, ref, dense_wo, mask, acc: _Accumulator
             c_ref = torch.einsum("bnpe,nde->bnpd", ref[("z", layer)], dense_wo[layer].to(z.device))
             acc.add(config, slots, {"out_rel": _out_rel(c_ref, c, mask.bool())})
 
-        hooks += [(f"blocks.{layer}.attn.hook_attn_scores", scores_hook), (f"blocks.{layer}.attn.hook_z", z_hook)]
+        hooks += [(names.scores, scores_hook), (f"blocks.{layer}.attn.hook_z", z_hook)]
     return hooks
 
 
@@ -438,8 +511,9 @@ class _LayerGroup:
 
     def __init__(self, model, info, layer: int, hs: list[int], configs: list[_Config], members: list[int]):
         self.members = members
-        dh, gs, full = info.d_head, info.group_size, info.d_model
-        wq, wk, _ = _weights(model, layer)
+        self.layout = layout(model)
+        gs, full = info.group_size, info.d_model
+        w = weights(model, layer)
         everything = torch.arange(full)
         plans = [configs[c].plan for c in members]
         q_sets = [p.dims[(layer, h)] for p in plans for h in hs]
@@ -450,14 +524,15 @@ class _LayerGroup:
             k_sets = [p.k_edits.get((layer, h // gs), everything) for p in plans for h in hs]
         else:
             k_sets = q_sets
-        q_rows = [slice(h * dh, (h + 1) * dh) for _ in plans for h in hs]
-        k_rows = [slice((h // gs) * dh, (h // gs + 1) * dh) for _ in plans for h in hs]
-        self.q = _gathered(wq, q_rows, q_sets, _bias(model, layer, "q"))
-        self.k = None if k_sets is None else _gathered(wk, k_rows, k_sets, _bias(model, layer, "k"))
+        q_rows = [head_rows(info, h) for _ in plans for h in hs]
+        k_rows = [kv_rows(info, h) for _ in plans for h in hs]
+        self.q = _gathered(w.q, q_rows, q_sets, bias(model, layer, "q"))
+        self.k = None if k_sets is None else _gathered(w.k, k_rows, k_sets, bias(model, layer, "k"))
 
     def scores(self, x, cos, sin, rot_k, scaling, dtype) -> Tensor:
         """Pruned scores [b, configs, n, q, k], before the mask."""
         repeat = len(self.members)
+        rotate = self.layout.rotate
         q = rotate(project(x, *self.q), cos, sin) * scaling
         k = rot_k.repeat(1, repeat, 1, 1) if self.k is None else rotate(project(x, *self.k), cos, sin)
         scores = (q @ k.transpose(-1, -2)).to(dtype)
@@ -494,9 +569,9 @@ def _gathered(weight: Tensor, rows: list[slice], sets: list[Tensor], bias: Tenso
     return gathered, index, b
 
 
-def _layer_level(model, batch, heads, configs, gqa, basis, batch_size, show_progress) -> pd.DataFrame:
+def _layer_level(model, batch, heads, configs, gqa, batch_size, show_progress) -> pd.DataFrame:
     info = model_info(model)
-    by_layer = _layout(heads)
+    by_layer = _by_layer(heads)
     layers = sorted(by_layer)
     gs = info.group_size
     groups = {layer: _layer_groups(model, info, layer, by_layer[layer][1], configs) for layer in layers}
@@ -552,12 +627,11 @@ def _layer_level(model, batch, heads, configs, gqa, basis, batch_size, show_prog
                         acc.add(c, slots, {name: value.expand(shape)[:, i] for name, value in values.items()})
                 seen.clear()
 
-            p = f"blocks.{layer}.attn."
-            hooks += [(p + "k.hook_in", keep("x")), (p + "hook_cos", keep("cos")), (p + "hook_sin", keep("sin")),
-                      (p + "hook_rot_k", keep("rot_k")), (p + "hook_v", keep("v")),
-                      (p + "hook_attn_scores", scores_hook)]
+            names = layout(model).hooks(layer)
+            hooks += [(names.input, keep("x")), (names.cos, keep("cos")), (names.sin, keep("sin")),
+                      (names.rot_k, keep("rot_k")), (names.v, keep("v")), (names.scores, scores_hook)]
         run_hooked(model, sub, hooks, layers)
-    return _frame(acc, heads, configs, gqa, basis, "layer", batch)
+    return _frame(acc, heads, configs, gqa, "layer", batch)
 
 
 def _gram_norm(z: Tensor, gram: Tensor, real: Tensor) -> Tensor:
@@ -569,7 +643,7 @@ def _gram_norm(z: Tensor, gram: Tensor, real: Tensor) -> Tensor:
 
 # --- the frame ----------------------------------------------------------------------------------
 
-def _frame(acc: _Accumulator, heads, configs, gqa, basis, level: str, batch: TokenBatch) -> pd.DataFrame:
+def _frame(acc: _Accumulator, heads, configs, gqa, level: str, batch: TokenBatch) -> pd.DataFrame:
     rows = []
     n = acc.n_prompts
     for c, config in enumerate(configs):
@@ -580,11 +654,11 @@ def _frame(acc: _Accumulator, heads, configs, gqa, basis, level: str, batch: Tok
                            "d_loss": (nxt["loss_sum"] - nxt["loss_ref_sum"]) / n_next}
         else:
             model_level = {"next_kl": float("nan"), "loss": float("nan"), "d_loss": float("nan")}
-        plan = config.plan
+        spec = config.spec
+        fields = ({"k": None, "seed": None, "gqa": gqa, "basis": None} if spec is None else
+                  {"k": spec.k, "seed": spec.seed, "gqa": spec.gqa, "basis": spec.basis})
         for slot, (layer, head) in enumerate(heads):
-            rows.append({"level": level, "dims": config.dims, "k": config.k, "seed": config.seed,
-                         "gqa": plan.gqa if plan is not None else gqa,
-                         "basis": plan.basis if plan is not None else None, "layer": layer, "head": head,
+            rows.append({"level": level, "policy": config.policy, **fields, "layer": layer, "head": head,
                          **{name: float(acc.sums[name][c, slot] / n) for name in ("alpha0",) + METRICS},
                          **model_level, "n_prompts": n})
     frame = pd.DataFrame(rows, columns=COLUMNS)

@@ -25,6 +25,7 @@ import random as _random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -33,23 +34,29 @@ from .census import run_census
 from .errors import InputError
 from .evaluation import MEAN_ACC, EvalResult, build_plan, check_suite, load_items, retention, retention_value
 from .loading import model_info
-from .massive import BASES, massive_activations
+from .massive import BASES, Basis, massive_activations
 from .probes import probe_tokens
 from .progress import progress
+from .spec import GQA_POLICIES, GQAPolicy, PruneSpec
 from .specialization import sink_specialized_heads
-from .pruning import GQA_POLICIES
 from .sweep import Record, Sweep, open_results
 from .validate import check_choice, check_fraction, check_k, check_layers
 
-STRATEGIES = ("single_layer_rank", "greedy", "exhaustive", "random")
-REMOVAL = ("best", "all", "none")
+Strategy = Literal["single_layer_rank", "greedy", "exhaustive", "random"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+Removal = Literal["best", "all", "none"]
+REMOVAL: tuple[str, ...] = get_args(Removal)
 EVAL_KWARGS = {"items", "n_lm_prompts", "lm_seq_len", "n_copy", "copy_len", "prepend_bos", "seed", "batch_tokens"}
 SPLIT_DECIDE, SPLIT_CONFIRM = "calibration", "heldout"
 
 
 def selection_loss(result: EvalResult) -> float:
     """Smooth loss of an evaluation, for tie-breaking: mean NLL per LM / copy token plus the mean
-    multiple-choice cross-entropy over choices (lower is better)."""
+    multiple-choice cross-entropy over choices (lower is better).
+
+    Args:
+        result: an evaluation (:func:`sinklens.evaluate`).
+    """
     items = result.items
     loss = 0.0
     for part in ("lm", "copy"):
@@ -97,8 +104,12 @@ class LayerSelection:
                 for name, value in self.dense[SPLIT_CONFIRM].items()]
         return pd.DataFrame(rows)
 
-    def confirmed(self, method: str = "qk") -> pd.DataFrame:
-        """Rows confirmed on held-out items (one per distinct configuration and strategy)."""
+    def confirmed(self, method: Literal["qk", "remove"] = "qk") -> pd.DataFrame:
+        """Rows confirmed on held-out items (one per distinct configuration and strategy).
+
+        Args:
+            method: ``"qk"`` (QK pruning) or ``"remove"`` (whole-head removal).
+        """
         t = self.table
         return t[(t["split"] == SPLIT_CONFIRM) & (t["method"] == method)]
 
@@ -115,7 +126,11 @@ class LayerSelection:
 
     def best(self, target: float | None = None) -> pd.Series | None:
         """The held-out QK configuration with the most pruned heads meeting ``target`` (default:
-        the selection's target), ties broken by retention; None if none meets it."""
+        the selection's target), ties broken by retention; None if none meets it.
+
+        Args:
+            target: the retention to meet (None: the selection's target).
+        """
         target = self.target if target is None else check_fraction("target", target, open_low=True)
         rows = self.confirmed()
         rows = rows[rows["retention"] >= target]
@@ -140,7 +155,11 @@ class LayerSelection:
 
     def largest_meeting(self, targets: Sequence[float] = (0.91, 0.95)) -> pd.DataFrame:
         """Per strategy and target: the largest confirmed layer set meeting it, with whole-head
-        removal of the same heads beside it."""
+        removal of the same heads beside it.
+
+        Args:
+            targets: the retentions to meet.
+        """
         removal = self.confirmed("remove").drop_duplicates("layers").set_index("layers")
         rows = []
         for strategy, group in self.confirmed().groupby("strategy", sort=False):
@@ -203,13 +222,14 @@ def _check_metric(metric: str, suite: str, items) -> None:
         raise InputError(f"Unknown metric {metric!r} for suite {suite!r}: use one of {names}.")
 
 
-def layer_selection(model, k: int = 10, target_retention: float = 0.91, strategy: str | Sequence[str] = "greedy", *,
+def layer_selection(model, k: int = 10, target_retention: float = 0.91,
+                    strategy: Strategy | Sequence[Strategy] = "greedy", *,
                     metric: str = MEAN_ACC, layers: Sequence[int] | None = None, n_prompts: int = 32,
-                    seq_len: int = 64, eps: float = 0.3, q: float = 0.9, basis: str = "normalized",
-                    gqa: str = "exact", suite: str = "default", limit: int | None = None,
+                    seq_len: int = 64, eps: float = 0.3, q: float = 0.9, basis: Basis = "normalized",
+                    gqa: GQAPolicy = "exact", suite: str = "default", limit: int | None = None,
                     eval_kwargs: dict | None = None,
                     max_layers: int | None = None, greedy_pool: int | None = None, exhaustive_pool: int = 6,
-                    exhaustive_size: int = 3, n_random: int = 2, patience: int = 2, removal: str = "best",
+                    exhaustive_size: int = 3, n_random: int = 2, patience: int = 2, removal: Removal = "best",
                     n_boot: int = 500, seed: int = 0, results: str | Path | None = None, fresh: bool = False,
                     show_progress: bool = True) -> LayerSelection:
     """Find layer sets whose sink-specialized heads can be QK-pruned at ``k`` keeping ``metric``.
@@ -224,6 +244,30 @@ def layer_selection(model, k: int = 10, target_retention: float = 0.91, strategy
     head); ``n_prompts``/``seq_len``/``eps``/``q`` define the probe census; ``suite``, ``limit``
     and ``eval_kwargs`` (other :func:`sinklens.evaluate` arguments) the evaluation; ``results``
     a SQLite file that makes the sweep resumable (None: in memory).
+
+    Args:
+        model: a bridge from :func:`sinklens.load_model`, without active edits.
+        k: input dims kept per pruned head (its layer's top-k BOS dims).
+        target_retention: the retention of ``metric`` to meet (a fraction).
+        strategy: one of ``STRATEGIES`` or a list of them (module docstring).
+        metric: the selection metric (any metric of :func:`sinklens.evaluate`).
+        layers: the candidate layers (None: every layer holding a sink-specialized head).
+        n_prompts, seq_len: the probe set of the census and the BOS dims.
+        eps, q: the sink-specialized definition (alpha_0 > eps on >= q of the prompts).
+        basis, gqa: the pruning, as in :func:`sinklens.apply_pruning` (recorded as ``settings["spec"]``).
+        suite, limit, eval_kwargs: the evaluation (other :func:`sinklens.evaluate` arguments in ``eval_kwargs``).
+        max_layers: the largest layer set tried (None: no limit).
+        greedy_pool: greedy chooses among this many best single layers (None: all).
+        exhaustive_pool, exhaustive_size: exhaustive enumerates subsets of the best ``exhaustive_pool`` single
+            layers up to ``exhaustive_size`` layers.
+        n_random: random layer orders (a baseline).
+        patience: a path stops after this many consecutive sets below the target (held-out).
+        removal: whole-head removal of the same heads: ``"best"``, ``"all"`` or ``"none"`` (module docstring).
+        n_boot: bootstrap resamples of the retention CIs.
+        seed: the seed of the random orders.
+        results: a SQLite file that makes the sweep resumable (None: in memory).
+        fresh: delete an existing results file first.
+        show_progress: show progress bars.
     """
     info = model_info(model)
     strategies = _check_strategies(strategy)
@@ -267,8 +311,8 @@ def layer_selection(model, k: int = 10, target_retention: float = 0.91, strategy
                          f"layers {candidates}: lower eps or q, or widen layers.")
     cand = sorted(by_layer)
     massive = massive_activations(model, probe, layers=cand, show_progress=show_progress)
-    sweep = Sweep(model, plans, by_layer, massive, k, basis=basis, gqa=gqa, results=results,
-                  show_progress=show_progress)
+    spec = PruneSpec([(l, h) for l in cand for h in by_layer[l]], k, "bos_top", basis=basis, gqa=gqa)
+    sweep = Sweep(model, plans, spec, massive=massive, results=results, show_progress=show_progress)
     try:
         run = _Run(sweep, metric, target, n_boot, max_layers, patience, show_progress)
         run.single_layers(cand)
@@ -292,7 +336,7 @@ def layer_selection(model, k: int = 10, target_retention: float = 0.91, strategy
         dense = {split: sweep.dense(split).metrics for split in (SPLIT_DECIDE, SPLIT_CONFIRM)}
         settings = {"k": k, "target_retention": target, "metric": metric, "strategies": strategies, "suite": suite,
                     "limit": limit, "eval_kwargs": eval_kwargs, "n_prompts": n_prompts, "seq_len": seq_len, "eps": eps,
-                    "q": q, "basis": basis, "gqa": gqa, "candidates": cand, "model": info.name,
+                    "q": q, "basis": basis, "gqa": gqa, "spec": spec.as_dict(), "candidates": cand, "model": info.name,
                     "results": str(results) if results is not None else None, "seed": seed,
                     "chance": sweep.dense(SPLIT_CONFIRM).result.chance}
         dims = {l: massive.top_dims(l, k, basis).sort().values.tolist() for l in cand}

@@ -21,10 +21,16 @@ def _check_scores(scores: Tensor) -> Tensor:
 
 
 def sink_specialized_heads(scores: Float[Tensor, "batch layer head"], eps: float = 0.3, q: float = 0.9,
-                           layers: Sequence[int] | None = None) -> list[tuple[int, int]]:
+                           *, layers: Sequence[int] | None = None) -> list[tuple[int, int]]:
     """``(layer, head)`` pairs whose score exceeds ``eps`` on at least a fraction ``q`` of prompts.
 
     ``layers`` maps the layer axis to model layers when ``scores`` covers a subset.
+
+    Args:
+        scores: BOS sink scores per prompt, layer and head (``Census.sink_scores(0)``).
+        eps: the sink threshold on alpha_0.
+        q: the fraction of prompts on which a head must exceed ``eps``.
+        layers: the model layers of the layer axis (None: 0, 1, ...).
     """
     scores = _check_scores(scores)
     check_fraction("eps", eps)
@@ -35,10 +41,19 @@ def sink_specialized_heads(scores: Float[Tensor, "batch layer head"], eps: float
 
 
 def specialization_table(scores: Float[Tensor, "batch layer head"], eps: float = 0.3, q: float = 0.9,
-                         n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
+                         *, n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
                          layers: Sequence[int] | None = None) -> pd.DataFrame:
     """One row per head: mean score with a percentile-bootstrap CI over prompts, the fraction of
-    prompts above ``eps`` and whether the head is sink-specialized. Sorted by mean score."""
+    prompts above ``eps`` and whether the head is sink-specialized. Sorted by mean score.
+
+    Args:
+        scores: BOS sink scores per prompt, layer and head.
+        eps, q: as in :func:`sink_specialized_heads`.
+        n_boot: bootstrap resamples.
+        ci: the confidence level of the interval.
+        seed: the seed of the resampling.
+        layers: the model layers of the layer axis (None: 0, 1, ...).
+    """
     scores = _check_scores(scores)
     check_fraction("eps", eps)
     check_fraction("q", q)

@@ -1,9 +1,12 @@
 """Sweep engine: evaluate pruning configurations once, store each result as it finishes, resume.
 
-A configuration prunes (or removes) every listed head of a set of layers and evaluates an
-:class:`~sinklens.evaluation.EvalPlan`. Results go to a SQLite file, one row per configuration,
-committed in its own transaction as soon as it is computed, keyed by a hash of the configuration,
-the evaluation plan, the pruning settings and the model's fingerprint. A rerun skips finished
+A sweep has one :class:`~sinklens.spec.PruneSpec` whose heads are every candidate head; a
+configuration prunes (``"qk"``: the spec restricted to the heads of a set of layers) or removes
+(``"remove"``) those heads and evaluates an :class:`~sinklens.evaluation.EvalPlan`. Results go to a
+SQLite file, one row per configuration, committed in its own transaction as soon as it is computed,
+keyed by a hash of the configuration, the evaluation plan, the pruning spec (and the kept dims it
+measured) and the model's fingerprint. Each row's config holds the spec it pruned with
+(``PruneSpec.from_dict`` reads it back). A rerun skips finished
 rows; a sweep killed at any point (SIGKILL included) resumes without lost or duplicated rows.
 A file written for another model, another sinklens version or another file schema is refused.
 
@@ -30,33 +33,42 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
 import torch
 
+from .dims import dims_of
+from .edits import active_edits
 from .errors import InputError
 from .evaluation import EvalPlan, EvalResult, plan_fingerprint
 from .loading import model_info
 from .massive import MassiveActivations
 from .progress import progress
-from .pruning import active_edits, prune_qk, remove_heads
+from .pruning import prune_qk
+from .removal import remove_heads
+from .spec import Head, PruneSpec
 from .validate import check_choice, check_index
 
-SCHEMA = 1
-METHODS = ("dense", "qk", "remove")
+SCHEMA = 2  # 2: configurations keyed and recorded by their PruneSpec
+Method = Literal["dense", "qk", "remove"]
+METHODS: tuple[str, ...] = get_args(Method)
 
 
 def _version() -> str:
-    from . import __version__
-    return __version__
+    return version("sinklens")
 
 
 def model_fingerprint(model) -> str:
     """A short hash of the model's shapes, dtype, device and a strided sample of every parameter's values.
 
     Computed on the unedited model (refused while pruning edits are active).
+
+    Args:
+        model: a bridge from :func:`sinklens.load_model`.
     """
     if active_edits(model):
         raise InputError("The model has active pruning edits: fingerprint (and sweep) the dense model; "
@@ -119,6 +131,11 @@ class ResultsFile:
                     "another results path, or pass fresh=True (which deletes it).")
 
     def get(self, key: str) -> dict | None:
+        """The stored configuration ``key`` (config, metrics, extra, items), or None.
+
+        Args:
+            key: the configuration's key (:meth:`Sweep.key`).
+        """
         row = self.conn.execute("SELECT config, metrics, extra, items FROM results WHERE key = ?", (key,)).fetchone()
         if row is None:
             return None
@@ -128,7 +145,14 @@ class ResultsFile:
                 "items": table}
 
     def put(self, key: str, config: dict, result: EvalResult, extra: dict) -> None:
-        """Append one finished configuration (its own transaction: durable once this returns)."""
+        """Append one finished configuration (its own transaction: durable once this returns).
+
+        Args:
+            key: the configuration's key (:meth:`Sweep.key`).
+            config: its description (method, layers, heads, split, spec).
+            result: its evaluation.
+            extra: anything else worth keeping (parameters zeroed, start layer).
+        """
         buffer = io.BytesIO()
         result.items.to_parquet(buffer, index=False)  # exact float64 round trip
         blob = buffer.getvalue()
@@ -150,9 +174,15 @@ class ResultsFile:
         self.conn.close()
 
 
-def open_results(model, path: str | Path | None, fresh: bool = False) -> ResultsFile:
+def open_results(model, path: str | Path | None, *, fresh: bool = False) -> ResultsFile:
     """Open (or create) the results file of ``model``, refusing one written for another model,
-    sinklens version or schema."""
+    sinklens version or schema.
+
+    Args:
+        model: a bridge from :func:`sinklens.load_model`, without active edits.
+        path: the SQLite file (None or ``":memory:"``: in memory).
+        fresh: delete an existing file first.
+    """
     if not isinstance(fresh, bool):
         raise InputError(f"fresh must be True or False, got {fresh!r}.")
     meta = {"schema": str(SCHEMA), "sinklens": _version(), "model": model_info(model).name,
@@ -168,12 +198,13 @@ class Record:
 
     method: str
     layers: tuple[int, ...]
-    heads: tuple[tuple[int, int], ...]
+    heads: tuple[Head, ...]
     split: str
     key: str
     result: EvalResult
     params: dict = field(default_factory=dict)
     cached: bool = False  # read from the results file
+    spec: PruneSpec | None = None  # the pruning of a "qk" configuration
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -183,29 +214,45 @@ class Record:
 class Sweep:
     """Evaluate pruning configurations of one model on named evaluation plans, with a results file.
 
-    ``heads_by_layer`` maps each layer to the heads pruned when that layer is selected;
-    ``massive`` (measured on BOS-prepended probe prompts) gives the top-k BOS dims per layer;
-    ``k``, ``basis`` and ``gqa`` are passed to :func:`sinklens.prune_qk`.
+    Args:
+        model: a bridge from :func:`sinklens.load_model`, without active edits.
+        plans: evaluation plans by split name (:func:`sinklens.evaluation.build_plan`).
+        spec: the pruning of every candidate head; selecting a layer prunes the spec's heads of that layer
+            (``spec.replace(heads=...)``), removing it removes them.
+        massive: for a ``bos_top`` spec: the MassiveActivations (of BOS-prepended probe prompts) the kept dims
+            are read from.
+        results: the SQLite results file (None: in memory).
+        fresh: delete an existing results file first.
+        show_progress: show progress bars.
+        max_cached: how many recent configurations keep their residuals (for extensions, e.g. greedy).
     """
 
-    def __init__(self, model, plans: Mapping[str, EvalPlan], heads_by_layer: Mapping[int, Sequence[int]],
-                 massive: MassiveActivations | None, k: int, basis: str = "normalized", gqa: str = "exact",
+    def __init__(self, model, plans: Mapping[str, EvalPlan], spec: PruneSpec, *, massive=None,
                  results: str | Path | None = None, fresh: bool = False, show_progress: bool = True,
                  max_cached: int = 2):
         if not plans:
             raise InputError("plans is empty: pass at least one evaluation plan (sinklens.evaluation.build_plan).")
+        if not isinstance(spec, PruneSpec):
+            raise InputError(f"spec must be a sinklens.PruneSpec (every candidate head, k, policy...), got "
+                             f"{type(spec).__name__}.")
         self.model = model
         self.info = model_info(model)
         self.plans = dict(plans)
-        self.heads_by_layer = {int(l): tuple(sorted(int(h) for h in hs)) for l, hs in heads_by_layer.items()}
-        self.massive = massive
-        self.k, self.basis, self.gqa = k, basis, gqa
+        self.spec = spec.check(self.info)
+        self.heads_by_layer: dict[int, tuple[int, ...]] = {}
+        for layer, head in spec.heads:
+            self.heads_by_layer[layer] = self.heads_by_layer.get(layer, ()) + (head,)
         self.show_progress = show_progress
         self.file = open_results(model, results, fresh=fresh)
         self.fingerprint = dict(self.file.conn.execute("SELECT name, value FROM meta"))["fingerprint"]
-        dims = {} if massive is None else {
-            str(l): massive.top_dims(l, k, basis).sort().values.tolist() for l in sorted(self.heads_by_layer)}
-        self.settings = {"k": k, "basis": basis, "gqa": gqa, "dims": dims,
+        if spec.policy == "bos_top" and not isinstance(massive, MassiveActivations):
+            raise InputError('A bos_top sweep needs massive=: the MassiveActivations of BOS-prepended probe prompts '
+                             "(sinklens.massive_activations(model, probe, layers=...)).")
+        self.massive = massive
+        # the kept dims are part of every key: rows measured on another probe are not reused
+        self.dims = dims_of(model, spec, massive)
+        self.settings = {"spec": {**spec.as_dict(), "heads": None},
+                         "dims": {f"{l}.{h}": d.tolist() for (l, h), d in self.dims.items()},
                          "heads": {str(l): list(h) for l, h in sorted(self.heads_by_layer.items())}}
         self.plan_ids = {name: plan_fingerprint(plan) for name, plan in self.plans.items()}
         self._cache: dict[tuple, list[torch.Tensor]] = {}  # (split, layer, edits below it) -> resid per batch
@@ -218,7 +265,12 @@ class Sweep:
         self.n_dense_runs = 0
 
     # keys ------------------------------------------------------------------------------------
-    def heads_of(self, layers: Iterable[int]) -> tuple[tuple[int, int], ...]:
+    def heads_of(self, layers: Iterable[int]) -> tuple[Head, ...]:
+        """The spec's heads in ``layers``.
+
+        Args:
+            layers: layers of the sweep.
+        """
         out = []
         for layer in layers:
             if layer not in self.heads_by_layer or not self.heads_by_layer[layer]:
@@ -226,6 +278,14 @@ class Sweep:
                                  f"{sorted(l for l, h in self.heads_by_layer.items() if h)}).")
             out += [(layer, h) for h in self.heads_by_layer[layer]]
         return tuple(out)
+
+    def spec_of(self, layers: Iterable[int]) -> PruneSpec:
+        """The pruning of a ``"qk"`` configuration: the sweep's spec restricted to the heads of ``layers``.
+
+        Args:
+            layers: layers of the sweep.
+        """
+        return self.spec.replace(heads=self.heads_of(layers))
 
     def _normalize(self, method: str, layers: Iterable[int], split: str) -> tuple[str, tuple[int, ...]]:
         check_choice("method", method, METHODS)
@@ -243,7 +303,14 @@ class Sweep:
             check_index("layer", layer, self.info.n_layers, "layers")
         return method, layers
 
-    def key(self, method: str, layers: Iterable[int], split: str) -> str:
+    def key(self, method: Method, layers: Iterable[int], split: str) -> str:
+        """The results-file key of a configuration (model, evaluation plan, spec and kept dims, method, layers).
+
+        Args:
+            method: ``"dense"``, ``"qk"`` or ``"remove"``.
+            layers: the layers pruned or removed (none for dense).
+            split: the evaluation plan's name.
+        """
         method, layers = self._normalize(method, layers, split)
         payload = {"schema": SCHEMA, "model": self.fingerprint, "plan": self.plan_ids[split],
                    "settings": self.settings if method == "qk" else {"heads": self.settings["heads"]},
@@ -255,29 +322,44 @@ class Sweep:
 
     # evaluation ------------------------------------------------------------------------------
     def has(self, method: str, layers: Iterable[int], split: str) -> bool:
-        """Whether this configuration's result is already known (this session or the results file)."""
+        """Whether this configuration's result is already known (this session or the results file).
+
+        Args:
+            method, layers, split: as in :meth:`key`.
+        """
         key = self.key(method, layers, split)
         return key in self._records or key in self.file
 
     def dense(self, split: str) -> Record:
-        """The unedited model on ``split`` (computed once; also fills the residual cache)."""
+        """The unedited model on ``split`` (computed once; also fills the residual cache).
+
+        Args:
+            split: the evaluation plan's name.
+        """
         return self.evaluate("dense", (), split)
 
-    def evaluate(self, method: str, layers: Iterable[int], split: str, keep_prefix: bool = False) -> Record:
+    def evaluate(self, method: Method, layers: Iterable[int], split: str, keep_prefix: bool = False) -> Record:
         """One configuration: read back from the results file, or computed and appended to it.
 
         ``keep_prefix`` caches this configuration's residuals (for extensions of it, as in greedy
         selection); the dense residuals of each split are always cached.
+
+        Args:
+            method, layers, split: as in :meth:`key`.
+            keep_prefix: cache this configuration's residuals.
         """
         method, layers = self._normalize(method, layers, split)
         heads = self.heads_of(layers) if method != "dense" else ()
+        spec = self.spec_of(layers) if method == "qk" else None
         key = self.key(method, layers, split)
         if key in self._records and not keep_prefix:
             return self._records[key]
         stored = self.file.get(key)
         if stored is not None and not keep_prefix:
             result = EvalResult(items=stored["items"], meta=dict(self.plans[split].meta))
-            record = Record(method, layers, heads, split, key, result, stored["extra"].get("params", {}), cached=True)
+            written = stored["config"].get("spec")
+            record = Record(method, layers, heads, split, key, result, stored["extra"].get("params", {}), cached=True,
+                            spec=None if written is None else PruneSpec.from_dict(written))
             self._records[key] = record
             return record
         if active_edits(self.model):
@@ -290,7 +372,7 @@ class Sweep:
             start, resid = self._lookup(split, method, layers)
         capture = range(start, n_layers) if (method == "dense" or keep_prefix) else ()
         params = {}
-        with self._edit(method, heads) as handle:
+        with self._edit(method, heads, spec) as handle:
             result = plan.run(self.model, start_layer=start, resid=resid, capture=capture)
             if handle is not None:
                 params = handle.params_zeroed()
@@ -303,14 +385,19 @@ class Sweep:
         result.resid = {}
         if stored is None:
             config = {"method": method, "layers": list(layers), "heads": [list(h) for h in heads], "split": split,
-                      "k": self.k if method == "qk" else None}
+                      "spec": None if spec is None else spec.as_dict()}
             self.file.put(key, config, result, {"params": params, "start_layer": start})
-        record = Record(method, layers, heads, split, key, result, params, cached=stored is not None)
+        record = Record(method, layers, heads, split, key, result, params, cached=stored is not None, spec=spec)
         self._records[key] = record
         return record
 
-    def run(self, configs: Sequence[tuple[str, Iterable[int], str]], desc: str = "sweep") -> list[Record]:
-        """Evaluate ``(method, layers, split)`` configurations in order, with a progress bar."""
+    def run(self, configs: Sequence[tuple[Method, Iterable[int], str]], desc: str = "sweep") -> list[Record]:
+        """Evaluate ``(method, layers, split)`` configurations in order, with a progress bar.
+
+        Args:
+            configs: ``(method, layers, split)`` triples; every one is checked before any is evaluated.
+            desc: the progress bar's label.
+        """
         configs = [(m, tuple(ls), s) for m, ls, s in configs]
         for method, layers, split in configs:  # validate every configuration before any work
             method, layers = self._normalize(method, layers, split)
@@ -318,10 +405,9 @@ class Sweep:
                 self.heads_of(layers)
         return [self.evaluate(*config) for config in progress(configs, desc=desc, enabled=self.show_progress)]
 
-    def _edit(self, method: str, heads):
+    def _edit(self, method: str, heads: tuple[Head, ...], spec: PruneSpec | None):
         if method == "qk":
-            return prune_qk(self.model, list(heads), self.k, dims="bos_top", tokens=self.massive, basis=self.basis,
-                            gqa=self.gqa)
+            return prune_qk(self.model, spec, tokens=self.massive)
         if method == "remove":
             return remove_heads(self.model, list(heads))
         return nullcontext(None)

@@ -31,14 +31,27 @@ from .validate import check_index
 
 
 def token_strings(model, ids: Int[Tensor, " pos"] | Sequence[int]) -> list[str]:
-    """One display string per token id, decoded one id at a time by the model's tokenizer."""
+    """One display string per token id, decoded one id at a time by the model's tokenizer.
+
+    Args:
+        model: a bridge (its tokenizer decodes).
+        ids: token ids of one prompt.
+    """
     ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
     return [model.tokenizer.decode([int(i)]) for i in ids]
 
 
-def prompt_ids(model, prompt: str | Tensor | TokenBatch, prepend_bos: bool = True, row: int = 0) -> Int[Tensor, " pos"]:
+def prompt_ids(model, prompt: str | Tensor | TokenBatch, *, prepend_bos: bool = True,
+               row: int = 0) -> Int[Tensor, " pos"]:
     """Token ids of one prompt: a string (tokenized, BOS prepended if asked), a 1-D id tensor (used as
-    is), or row ``row`` of a TokenBatch (its padding removed)."""
+    is), or row ``row`` of a TokenBatch (its padding removed).
+
+    Args:
+        model: a bridge from :func:`sinklens.load_model`.
+        prompt: a string, a 1-D id tensor or a TokenBatch.
+        prepend_bos: prepend BOS to a string prompt.
+        row: the row of a TokenBatch.
+    """
     if isinstance(prompt, str):
         batch = tokenize(model, prompt, prepend_bos=prepend_bos)
     elif isinstance(prompt, TokenBatch):
@@ -55,7 +68,13 @@ def prompt_ids(model, prompt: str | Tensor | TokenBatch, prepend_bos: bool = Tru
 
 
 def layer_pattern(model, ids: Int[Tensor, " pos"], layer: int) -> Float[Tensor, "head query key"]:
-    """Attention pattern of every head of ``layer`` on one prompt, read from ``hook_pattern``."""
+    """Attention pattern of every head of ``layer`` on one prompt, read from ``hook_pattern``.
+
+    Args:
+        model: a bridge from :func:`sinklens.load_model`.
+        ids: token ids of one prompt.
+        layer: the layer index.
+    """
     info = model_info(model)
     check_index("layer", layer, info.n_layers, "layers")
     batch = as_batch(model, ids)
@@ -83,11 +102,15 @@ class AttentionView:
 
     def props(self) -> dict:
         """The circuitsvis ``AttentionHeads`` properties (weights rounded to 5 decimals to keep pages small)."""
-        return {"attention": torch.round(self.pattern, decimals=5).tolist(), "tokens": self.tokens, "attentionHeadNames": self.head_names(),
-                "maskUpperTri": True}
+        return {"attention": torch.round(self.pattern, decimals=5).tolist(), "tokens": self.tokens,
+                "attentionHeadNames": self.head_names(), "maskUpperTri": True}
 
     def fragment(self, include_script: bool = True) -> str:
-        """HTML snippet (a div and its render call); with ``include_script`` the circuitsvis bundle is inlined."""
+        """HTML snippet (a div and its render call); with ``include_script`` the circuitsvis bundle is inlined.
+
+        Args:
+            include_script: inline the circuitsvis bundle (once per page).
+        """
         return (_bundle_tag() if include_script else "") + _view_div(self)
 
     def html(self) -> str:
@@ -99,11 +122,20 @@ class AttentionView:
 
 
 def attention_view(model, prompt: str | Tensor | TokenBatch, layer: int, heads: int | Sequence[int] | None = None,
-                   prepend_bos: bool = True, row: int = 0, title: str | None = None) -> AttentionView:
+                   *, prepend_bos: bool = True, row: int = 0, title: str | None = None) -> AttentionView:
     """Attention of ``heads`` (default: all heads) of ``layer`` on one prompt, as an :class:`AttentionView`.
 
     The pattern is the model's own ``hook_pattern``; tokens are decoded by its tokenizer.
     See :func:`prompt_ids` for the accepted prompts.
+
+    Args:
+        model: a bridge from :func:`sinklens.load_model`.
+        prompt: a string, a 1-D id tensor or a TokenBatch (see :func:`prompt_ids`).
+        layer: the layer index.
+        heads: a head, a list of heads, or None for all heads of the layer.
+        prepend_bos: prepend BOS to a string prompt.
+        row: the row of a TokenBatch.
+        title: the view's title (default: model, layer and heads).
     """
     info = model_info(model)
     check_index("layer", layer, info.n_layers, "layers")
@@ -120,7 +152,12 @@ def attention_view(model, prompt: str | Tensor | TokenBatch, layer: int, heads: 
 
 
 def views_page(views: Sequence[AttentionView], title: str = "Attention views") -> str:
-    """One self-contained HTML page with every view, the circuitsvis bundle inlined once."""
+    """One self-contained HTML page with every view, the circuitsvis bundle inlined once.
+
+    Args:
+        views: the views, in page order.
+        title: the page title.
+    """
     views = list(views)
     if not views or not all(isinstance(v, AttentionView) for v in views):
         raise InputError("views must be a non-empty list of AttentionView (from sinklens.views.attention_view).")
@@ -137,8 +174,8 @@ def _bundle() -> str:
 
     path = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
     if not path.is_file():
-        raise InputError(f"The circuitsvis bundle {path} is missing: reinstall circuitsvis (pip install --force-reinstall "
-                         "circuitsvis).")
+        raise InputError(f"The circuitsvis bundle {path} is missing: reinstall circuitsvis (pip install "
+                         "--force-reinstall circuitsvis).")
     # "</script" inside the bundle's strings would end the inline script; "<\/script" is the same JS string
     return path.read_text(encoding="utf-8").replace("</script", "<\\/script")
 

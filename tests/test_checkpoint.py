@@ -39,7 +39,7 @@ def test_exact_partial_group_is_saved_ungrouped_and_reloads_exactly(tiny, tmp_pa
     assert manifest["source_model"]["name"] == str(tiny.sinklens_name)
     (edit,) = manifest["edits"]
     assert edit["heads"] == [list(p) for p in heads] and edit["k"] == 5 and edit["gqa"] == "exact"
-    assert edit["dims_policy"] == "random" and edit["seed"] == 4
+    assert edit["policy"] == "random" and edit["seed"] == 4
     assert edit["dims"] == {f"{l}.{h}": handle.dims[(l, h)].tolist() for l, h in heads}
     ungrouped = info.group_size > 1
     assert manifest["layout"] == ("ungrouped" if ungrouped else "grouped")
@@ -62,6 +62,37 @@ def test_exact_partial_group_is_saved_ungrouped_and_reloads_exactly(tiny, tmp_pa
     assert not any("original_component" in n for n in names)
 
 
+def test_plan_record_and_counts_equal_the_handle_and_the_manifest(tiny, tmp_path):
+    """A plan knows its record and the parameters it zeroes before it is applied; the applied handle and the
+    saved checkpoint's manifest say the same, and the zeros in the files are that many."""
+    info = sl.model_info(tiny)
+    tokens = random_tokens(3, 12, seed=3)
+    heads = [(0, 1), (1, 0), (1, info.n_heads - 1), (2, 2)]
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    plan = sl.plan_pruning(tiny, heads, 6, tokens=tokens)
+    record, counts = plan.record(), plan.params_zeroed()
+    assert all(torch.equal(v, before[k]) for k, v in tiny.state_dict().items()) and not sl.active_edits(tiny)
+    handle = sl.apply_pruning(tiny, plan)
+    try:
+        assert handle.record() == record and handle.params_zeroed() == counts
+        folder = sl.save_pruned(tiny, tmp_path / "ck")
+    finally:
+        handle.restore()
+    manifest = sl.read_manifest(folder)
+    assert manifest["edits"] == [json.loads(json.dumps(record))]
+    assert manifest["params_zeroed"]["layout"] == counts["layout"]
+    for key in ("q", "k", "total", "model_params"):
+        assert manifest["params_zeroed"][key] == counts[key], key
+    assert sl.PruneSpec.from_dict(manifest["edits"][0]) == plan.spec
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        zeros = 0
+        for layer in sorted({l for l, _ in heads}):
+            q = f.get_tensor(f"model.layers.{layer}.self_attn.q_proj.weight")
+            k = f.get_tensor(f"model.layers.{layer}.self_attn.k_proj.weight")
+            zeros += int((q == 0).sum()) + int((k == 0).sum())
+    assert zeros == counts["total"]
+
+
 def test_grouped_edits_and_head_removal_keep_the_layout(tiny, tmp_path):
     info = sl.model_info(tiny)
     tokens = random_tokens(2, 10)
@@ -74,7 +105,7 @@ def test_grouped_edits_and_head_removal_keep_the_layout(tiny, tmp_path):
     manifest = json.loads((folder / "sinklens_manifest.json").read_text())
     assert manifest["layout"] == "grouped" and ref.config.num_key_value_heads == info.n_kv_heads
     assert [e["kind"] for e in manifest["edits"]] == ["qk_pruning", "head_removal"]
-    assert manifest["edits"][0]["basis"] == "normalized" and manifest["edits"][0]["dims_policy"] == "bos_top"
+    assert manifest["edits"][0]["basis"] == "normalized" and manifest["edits"][0]["policy"] == "bos_top"
     assert manifest["params_zeroed"]["o"] == info.d_head * info.d_model
     # the folder also loads back as a bridge, and its tokenizer is there
     bridge = sl.load_model(str(folder), device="cpu")

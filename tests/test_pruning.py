@@ -1,5 +1,7 @@
 """QK column pruning and head removal: semantics against independent computations, restore, call styles, bad input."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -313,7 +315,7 @@ def test_explicit_dims_forms(tiny):
     per_head = sl.select_dims(tiny, [(0, 0), (1, 0)], 2, {(0, 0): [1, 2], (1, 0): torch.tensor([3, 4])})
     assert per_head[(1, 0)].tolist() == [3, 4]
     with sl.prune_qk(tiny, [(0, 0)], 3, dims=torch.tensor([9, 2, 4])) as handle:
-        assert handle.record()["dims_policy"] == "explicit"
+        assert handle.record()["policy"] == "explicit"
 
 
 def test_params_zeroed_counts(tiny, hf_reference):
@@ -370,6 +372,91 @@ def test_every_call_style_sees_the_pruning(tiny, hf_reference):
         assert torch.equal(hf_out, seq)
     dense_seq = tiny.generate(prompt, max_new_tokens=4, do_sample=False, verbose=False)
     assert not torch.equal(dense_seq, seq)  # the pruning changed what is generated
+
+
+# --- one description of a pruning: PruneSpec, plans ---------------------------------------------
+
+
+SPEC_CASES = {  # keyword arguments of prune_qk -> the same pruning as a PruneSpec
+    "bos_top resid": (dict(dims="bos_top", basis="resid"), lambda heads: sl.PruneSpec(heads, 4, basis="resid")),
+    "random exact": (dict(dims="random", seed=5), lambda heads: sl.PruneSpec(heads, 4, "random", seed=5)),
+    "weight_norm q_only": (dict(dims="weight_norm", gqa="q_only"),
+                           lambda heads: sl.PruneSpec(heads, 4, "weight_norm", gqa="q_only")),
+    "explicit": (dict(dims=[1, 4, 9, 20]), lambda heads: sl.PruneSpec.of(heads, 4, [20, 9, 4, 1])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPEC_CASES))
+def test_spec_and_keyword_calls_prune_bitwise_identically(tiny, case):
+    kwargs, make_spec = SPEC_CASES[case]
+    info = sl.model_info(tiny)
+    tokens = random_tokens(3, 12, seed=7)
+    heads = [(1, 0), (2, info.n_heads - 1)]  # partial KV groups under GQA: the private-copy hooks
+
+    def run():
+        _, cache = tiny.run_with_cache(tokens, names_filter=[pattern_hook(1), pattern_hook(2)])
+        return tiny(tokens), cache[pattern_hook(1)], cache[pattern_hook(2)]
+
+    dense = run()
+    with sl.prune_qk(tiny, heads, 4, tokens=tokens, **kwargs) as by_keywords:
+        want = run()
+        record = by_keywords.record()
+    spec = make_spec(heads)
+    plan = sl.plan_pruning(tiny, spec, tokens=tokens)
+    for apply in (lambda: sl.prune_qk(tiny, spec, tokens=tokens), lambda: sl.prune_qk(tiny, plan)):
+        with apply() as handle:
+            got = run()
+            assert handle.record() == record
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    handle = sl.apply_pruning(tiny, spec, tokens=tokens)
+    assert all(torch.equal(g, w) for g, w in zip(run(), want))
+    handle.restore()
+    assert all(torch.equal(g, d) for g, d in zip(run(), dense))
+    assert not torch.equal(want[1], dense[1])  # the pruning changed the patterns
+    # the record reads back into the spec, also through JSON
+    assert sl.PruneSpec.from_dict(record) == spec == sl.PruneSpec.from_dict(json.loads(json.dumps(spec.as_dict())))
+    assert torch.equal(sl.select_dims(tiny, spec, tokens=tokens)[heads[0]], plan.dims[heads[0]])
+
+
+def test_spec_fields_are_normalized_and_checked():
+    heads = [(2, 1), (0, 3)]
+    spec = sl.PruneSpec(heads, 5, "random", basis="resid", seed=2)
+    assert spec.heads == ((0, 3), (2, 1)) and spec.basis is None and spec.seed == 2
+    assert spec == sl.PruneSpec([(0, 3), (2, 1)], 5, "random", seed=2)  # basis does not matter to random
+    assert sl.PruneSpec(heads, 5).seed is None and hash(spec) == hash(spec.replace())
+    assert spec.replace(k=7).k == 7 and spec.layers() == [0, 2]
+    with pytest.raises(sl.InputError, match="only given with policy"):
+        sl.PruneSpec(heads, 2, "random", dims=((1, 2), (3, 4)))
+    with pytest.raises(sl.InputError, match="needs dims"):
+        sl.PruneSpec(heads, 2, "explicit")
+    with pytest.raises(sl.InputError, match="Not a pruning record"):
+        sl.PruneSpec.from_dict({"kind": "head_removal", "heads": [[0, 1]]})
+
+
+def test_plan_changes_nothing_until_applied(tiny):
+    saved, hooks = state_copy(tiny), hook_count(tiny)
+    info = sl.model_info(tiny)
+    plan = sl.plan_pruning(tiny, [(1, 0), (1, info.n_heads - 1)], 3, "random")
+    assert plan.params_zeroed()["q"] == 2 * info.d_head * (info.d_model - 3)
+    assert_state_equal(tiny, saved)
+    assert hook_count(tiny) == hooks and not sl.active_edits(tiny)
+
+
+SPEC_MISUSE = {
+    "spec and k": (lambda m, spec: sl.apply_pruning(m, spec, 3), "not both"),
+    "spec and gqa": (lambda m, spec: sl.apply_pruning(m, spec, gqa="q_only"), r"not both.*gqa"),
+    "plan and tokens": (lambda m, spec: sl.apply_pruning(m, sl.plan_pruning(m, spec), tokens=random_tokens(1, 4)),
+                        "complete"),
+    "no k": (lambda m, spec: sl.apply_pruning(m, [(0, 1)]), "k is missing"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPEC_MISUSE))
+def test_spec_misuse_is_refused(tiny, case):
+    call, match = SPEC_MISUSE[case]
+    with pytest.raises(sl.InputError, match=match):
+        call(tiny, sl.PruneSpec([(0, 1)], 3, "random"))
+    assert not sl.active_edits(tiny)
 
 
 # --- bad input ----------------------------------------------------------------------------------

@@ -163,6 +163,21 @@ def test_layer_level_equals_the_pruned_model_on_one_layer(tiny, gqa):
         assert layer["next_kl"].isna().all() and set(layer["level"]) == {"layer"}
 
 
+def test_spec_form_equals_keyword_form_and_rows_record_the_spec(tiny):
+    tokens = random_tokens(3, 12, seed=9)
+    heads = [(1, 0), (2, 1)]
+    spec = sl.PruneSpec(heads, 3, "random", seed=4, gqa="q_only")
+    by_spec = sl.reconstruction_error(tiny, tokens, spec, level="layer", show_progress=False)
+    by_keywords = sl.reconstruction_error(tiny, tokens, heads, 3, "random", seed=4, gqa="q_only", level="layer",
+                                          show_progress=False)
+    pd.testing.assert_frame_equal(by_spec, by_keywords)
+    for row in by_spec.to_dict("records"):
+        fields = {name: (None if pd.isna(row[name]) else row[name]) for name in ("k", "policy", "seed", "gqa", "basis")}
+        assert sl.PruneSpec.from_dict({"heads": heads, **fields}) == spec
+    with pytest.raises(sl.InputError, match="not both"):
+        sl.reconstruction_error(tiny, tokens, spec, 3)
+
+
 def test_layer_level_prunes_each_layer_alone(tiny):
     """A layer-2 head's layer-level error equals the pruned model's error when only layer 2 is pruned."""
     tokens = random_tokens(3, 12, seed=8)
@@ -193,15 +208,15 @@ def test_k_sweep_frame_and_passes(tiny):
     assert layer_passes == 1 + 3  # one bos_top measurement (massive_activations, batches of 8) + one per batch
     assert model_passes == 3 * (1 + 3)  # per batch: the dense reference and one pass per configuration
     assert list(sweep.columns) == sl.reconstruction.COLUMNS
-    counts = sweep.groupby("dims").size()
+    counts = sweep.groupby("policy").size()
     assert counts.to_dict() == {"bos_top": 9, "random": 18, "weight_norm": 9, "whole_head": 9}
-    assert set(sweep.loc[sweep["dims"] == "random", "seed"]) == {0, 1}
-    assert sweep.loc[sweep["dims"] != "random", "seed"].isna().all()
+    assert set(sweep.loc[sweep["policy"] == "random", "seed"]) == {0, 1}
+    assert sweep.loc[sweep["policy"] != "random", "seed"].isna().all()
     full = sweep[sweep["k"] == info.d_model]
-    assert (full.loc[full["dims"] != "whole_head", ["frob_rel", "kl", "out_rel"]].abs() < 1e-6).all().all()
-    whole = sweep[sweep["dims"] == "whole_head"]
+    assert (full.loc[full["policy"] != "whole_head", ["frob_rel", "kl", "out_rel"]].abs() < 1e-6).all().all()
+    whole = sweep[sweep["policy"] == "whole_head"]
     assert whole[["frob_rel", "kl", "d_alpha0"]].isna().all().all() and np.allclose(whole["out_rel"], 1.0)
-    assert (sweep.loc[(sweep["k"] == 1) & (sweep["dims"] != "whole_head"), "frob_rel"] > 1e-3).all()
+    assert (sweep.loc[(sweep["k"] == 1) & (sweep["policy"] != "whole_head"), "frob_rel"] > 1e-3).all()
     assert sweep["alpha0"].between(0, 1).all()
     # the dense reference is shared: alpha0 is the same for every configuration of a head
     assert sweep.groupby(["layer", "head"])["alpha0"].nunique().eq(1).all()
@@ -209,7 +224,7 @@ def test_k_sweep_frame_and_passes(tiny):
     # per-k random dims are the first k of one draw: errors at k and a bos_top/weight_norm row agree with
     # single reconstruction_error calls
     one = sl.reconstruction_error(tiny, tokens, heads, 4, dims="weight_norm", level="layer", show_progress=False)
-    compare(sweep[(sweep["dims"] == "weight_norm") & (sweep["k"] == 4)], one, METRICS)
+    compare(sweep[(sweep["policy"] == "weight_norm") & (sweep["k"] == 4)], one, METRICS)
 
 
 def test_plots_from_sweeps(tiny):
@@ -222,11 +237,11 @@ def test_plots_from_sweeps(tiny):
     by_dims = plots.error_vs_k(sweep, "out_rel")
     medians = {t.name: list(t.y) for t in by_dims.data if t.name.endswith("(median)")}
     assert set(medians) == {f"{p} (median)" for p in ("bos_top", "random", "weight_norm", "whole_head")}
-    assert medians["bos_top (median)"] == list(sweep[sweep["dims"] == "bos_top"].groupby("k")["out_rel"].median())
+    assert medians["bos_top (median)"] == list(sweep[sweep["policy"] == "bos_top"].groupby("k")["out_rel"].median())
     assert "whole_head (median)" not in {t.name for t in plots.error_vs_k(sweep, "frob_rel").data}
     by_layer = plots.error_vs_k(sweep, "frob_rel", group="layer")
     assert len(by_layer.data) == 3 * 2  # three policies with pattern errors, two layers each
-    assert len(plots.error_vs_k(sweep, "frob_rel", group="head", dims="bos_top").data) == 3
+    assert len(plots.error_vs_k(sweep, "frob_rel", group="head", policies="bos_top").data) == 3
     heat = plots.sweep_heatmap(sweep, 5, n_heads=info.n_heads)
     assert heat.data[0].z.shape == (2, info.n_heads)
     one = sl.reconstruction_error(tiny, tokens, heads[:2], 5, show_progress=False)
@@ -243,10 +258,10 @@ def test_plots_from_sweeps(tiny):
 def test_smallest_k():
     rows = []
     for k, errors in {1: [0.9, 0.5, 0.3], 5: [0.3, 0.15, 0.1], 10: [0.12, 0.05, 0.02], 20: [0.01, 0.01, 0.01]}.items():
-        rows += [{"dims": "bos_top", "k": k, "frob_rel": e} for e in errors]
-        rows += [{"dims": "random", "k": k, "frob_rel": 0.5} for _ in errors]
+        rows += [{"policy": "bos_top", "k": k, "frob_rel": e} for e in errors]
+        rows += [{"policy": "random", "k": k, "frob_rel": 0.5} for _ in errors]
     table = sl.smallest_k(pd.DataFrame(rows), thresholds=[0.2, 0.1])
-    got = {(r.dims, r.threshold): r.k for r in table.itertuples()}
+    got = {(r.policy, r.threshold): r.k for r in table.itertuples()}
     # medians of bos_top: k=1 -> 0.5, k=5 -> 0.15, k=10 -> 0.05
     assert got[("bos_top", 0.2)] == 5 and got[("bos_top", 0.1)] == 10
     assert pd.isna(got[("random", 0.2)]) and pd.isna(got[("random", 0.1)])

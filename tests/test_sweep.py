@@ -43,8 +43,9 @@ def make_sweep(model, items: str, results=None, **kwargs) -> Sweep:
     """The sweep every test (and the killed subprocess) runs: heads 0-1 of each layer, k=4."""
     plan = build_plan(model, "default", items=items, n_lm_prompts=2, lm_seq_len=12, n_copy=2, copy_len=6)
     massive = sl.massive_activations(model, sl.probe_tokens(model, 4, 16), show_progress=False)
-    heads = {layer: [0, 1] for layer in range(sl.model_info(model).n_layers)}
-    return Sweep(model, {"all": plan}, heads, massive, k=4, results=results, show_progress=False, **kwargs)
+    heads = [(layer, h) for layer in range(sl.model_info(model).n_layers) for h in (0, 1)]
+    return Sweep(model, {"all": plan}, sl.PruneSpec(heads, 4), massive=massive, results=results, show_progress=False,
+                 **kwargs)
 
 
 def full_forward(model, sweep: Sweep, method: str, layers) -> pd.DataFrame:
@@ -104,6 +105,26 @@ def test_rerun_skips_finished_configurations(tiny, tmp_path):
         pd.testing.assert_frame_equal(a.result.items, b.result.items)  # exact round trip
         assert a.params == b.params
     assert len(second.file) == 5  # dense + 4
+
+
+def test_spec_round_trips_through_the_results_file(tiny, tmp_path):
+    path = tmp_path / "sweep.sqlite"
+    items = write_items(tmp_path)
+    first = make_sweep(tiny, items, results=path)
+    record = first.evaluate("qk", (0, 2), "all")
+    assert record.spec == sl.PruneSpec([(0, 0), (0, 1), (2, 0), (2, 1)], 4)
+    first.close()
+    second = make_sweep(tiny, items, results=path)
+    again = second.evaluate("qk", (0, 2), "all")
+    assert again.cached and again.spec == record.spec
+    (config,) = second.file.conn.execute("SELECT config FROM results WHERE key = ?", (again.key,)).fetchone()
+    assert sl.PruneSpec.from_dict(json.loads(config)["spec"]) == record.spec
+    with sl.prune_qk(tiny, again.spec, tokens=second.massive) as handle:  # the stored spec prunes the same dims
+        assert handle.params_zeroed() == again.params
+    # another spec is another configuration: nothing is reused
+    other = Sweep(tiny, second.plans, second.spec.replace(k=5), massive=second.massive, results=path,
+                  show_progress=False)
+    assert not other.has("qk", (0, 2), "all") and other.has("dense", (), "all")
 
 
 CHILD = textwrap.dedent("""
@@ -198,6 +219,6 @@ def test_bad_configurations(tiny, tmp_path, config, fragment):
 
 def test_layer_without_heads_is_refused(tiny, tmp_path):
     plan = build_plan(tiny, "copy", n_copy=2, copy_len=4)
-    sweep = Sweep(tiny, {"all": plan}, {0: [1]}, None, k=4, show_progress=False)
+    sweep = Sweep(tiny, {"all": plan}, sl.PruneSpec([(0, 1)], 4, "random"), show_progress=False)
     with pytest.raises(sl.InputError, match="no heads to prune"):
         sweep.evaluate("remove", (1,), "all")

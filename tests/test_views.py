@@ -28,7 +28,8 @@ def _captured_pattern(model, ids, layer):
 
 def _render_props(html):
     """The JSON properties of every CircuitsVis.render call in a page."""
-    calls = re.findall(r'CircuitsVis\.render\("[^"]+", CircuitsVis\.AttentionHeads, (\{.*?\})\);\n</script>', html, re.S)
+    render = r'CircuitsVis\.render\("[^"]+", CircuitsVis\.AttentionHeads, (\{.*?\})\);\n</script>'
+    calls = re.findall(render, html, re.S)
     return [json.loads(c.replace("<\\/", "</")) for c in calls]
 
 
@@ -57,7 +58,8 @@ def test_view_html_is_self_contained_and_carries_the_pattern(tiny):
     props = _render_props(page)
     assert len(props) == 2
     torch.testing.assert_close(torch.tensor(props[0]["attention"]), first.pattern, atol=1e-5, rtol=0)
-    assert props[1]["attentionHeadNames"] == second.head_names() and len(props[1]["attention"]) == sl.model_info(tiny).n_heads
+    assert props[1]["attentionHeadNames"] == second.head_names()
+    assert len(props[1]["attention"]) == sl.model_info(tiny).n_heads
     assert props[0]["tokens"] == first.tokens
     single = first.html()
     assert single.startswith("<!DOCTYPE html>") and single.count("var CircuitsVis=") == 1

@@ -18,36 +18,33 @@ from torch import Tensor
 
 from ..census import Census
 from ..errors import InputError
-from ..massive import BASES, MassiveActivations
+from ..massive import BASES, Basis, MassiveActivations
 from ..validate import check_fraction
+from .checks import check_frame, check_type
 
 _CASE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
 
 
 def head_label(layer: int, head: int) -> str:
-    """Short label of head (layer, head), e.g. ``L12H3``."""
+    """Short label of head (layer, head), e.g. ``L12H3``.
+
+    Args:
+        layer, head: the head.
+    """
     return f"L{int(layer)}H{int(head)}"
 
 
-def _check(obj, kind: type, name: str):
-    if not isinstance(obj, kind):
-        raise InputError(f"{name} must be a {kind.__name__} (from sinklens), got {type(obj).__name__}.")
-    return obj
-
-
-def _check_frame(frame, columns: Sequence[str], name: str, source: str) -> pd.DataFrame:
-    if not isinstance(frame, pd.DataFrame) or frame.empty:
-        raise InputError(f"{name} must be a non-empty DataFrame from {source}, got "
-                         f"{type(frame).__name__ if not isinstance(frame, pd.DataFrame) else 'an empty one'}.")
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise InputError(f"{name} lacks columns {missing}: pass the DataFrame returned by {source}.")
-    return frame
-
-
 def layer_head_heatmap(values: Float[Tensor, "layer head"], layers: Sequence[int], title: str,
-                       colorbar: str, zmax: float | None = 1.0) -> go.Figure:
-    """Heatmap of one number per head, layers on the y axis (layer 0 at the top)."""
+                       colorbar: str, *, zmax: float | None = 1.0) -> go.Figure:
+    """Heatmap of one number per head, layers on the y axis (layer 0 at the top).
+
+    Args:
+        values: one number per layer and head.
+        layers: the model layers of the rows.
+        title: the figure title.
+        colorbar: the colour bar's title.
+        zmax: the top of the colour scale (None: automatic).
+    """
     values = torch.as_tensor(values, dtype=torch.float32)
     if values.dim() != 2 or values.shape[0] != len(layers):
         raise InputError(f"values must be [layer, head] with {len(layers)} layers, got shape {tuple(values.shape)}.")
@@ -61,17 +58,28 @@ def layer_head_heatmap(values: Float[Tensor, "layer head"], layers: Sequence[int
 
 
 def sink_heatmap(census: Census, key_pos: int = 0) -> go.Figure:
-    """Mean sink score alpha_{key_pos} over prompts, per layer and head."""
-    _check(census, Census, "census")
+    """Mean sink score alpha_{key_pos} over prompts, per layer and head.
+
+    Args:
+        census: a :class:`~sinklens.census.Census`.
+        key_pos: the key position of the sink score.
+    """
+    check_type(census, Census, "census")
     mean = census.sink_scores(key_pos).mean(0)
     bos = {True: "BOS prepended", False: "no BOS", None: "first token unknown"}[census.prepend_bos]
-    return layer_head_heatmap(mean, census.layers, f"Mean sink score alpha_{key_pos} ({census.n_prompts} prompts, {bos})",
-                              f"alpha_{key_pos}")
+    title = f"Mean sink score alpha_{key_pos} ({census.n_prompts} prompts, {bos})"
+    return layer_head_heatmap(mean, census.layers, title, f"alpha_{key_pos}")
 
 
-def sink_rate_bars(census: Census, eps: float = 0.3, key_pos: int = 0) -> go.Figure:
-    """Sink^eps in % per layer (share of the layer's heads with alpha_{key_pos} > eps, mean over prompts)."""
-    _check(census, Census, "census")
+def sink_rate_bars(census: Census, eps: float = 0.3, *, key_pos: int = 0) -> go.Figure:
+    """Sink^eps in % per layer (share of the layer's heads with alpha_{key_pos} > eps, mean over prompts).
+
+    Args:
+        census: a :class:`~sinklens.census.Census`.
+        eps: the sink threshold.
+        key_pos: the key position of the sink score.
+    """
+    check_type(census, Census, "census")
     rate = census.sink_rate_by_layer(eps, key_pos)
     overall = census.sink_rate(eps, key_pos)
     fig = go.Figure(go.Bar(x=census.layers, y=rate.numpy(), name="per layer",
@@ -82,16 +90,23 @@ def sink_rate_bars(census: Census, eps: float = 0.3, key_pos: int = 0) -> go.Fig
     return fig
 
 
-def massive_profile(massive: MassiveActivations, basis: str = "resid", n: int = 3) -> go.Figure:
+def massive_profile(massive: MassiveActivations, basis: Basis = "resid", *, n: int = 3) -> go.Figure:
     """Sun et al. style profile per layer (log y): the first token's n largest mean |x| against the
-    median |x| of the hidden state and the largest |x| of the other tokens."""
-    _check(massive, MassiveActivations, "massive")
+    median |x| of the hidden state and the largest |x| of the other tokens.
+
+    Args:
+        massive: a :class:`~sinklens.massive.MassiveActivations`.
+        basis: ``"resid"`` or ``"normalized"``.
+        n: how many of the largest dims per layer.
+    """
+    check_type(massive, MassiveActivations, "massive")
     table = massive.top_values(n, basis)
     fig = go.Figure()
     for rank in range(1, n + 1):
         fig.add_trace(go.Scatter(
             x=table["layer"], y=table[f"top{rank}_abs"], mode="lines+markers", name=f"first token, top-{rank} |x|",
-            customdata=table[f"top{rank}_dim"], hovertemplate="layer %{x}: |x| = %{y:.4g} (dim %{customdata})<extra></extra>"))
+            customdata=table[f"top{rank}_dim"],
+            hovertemplate="layer %{x}: |x| = %{y:.4g} (dim %{customdata})<extra></extra>"))
     fig.add_trace(go.Scatter(x=table["layer"], y=table["other_max_abs"], mode="lines", name="other tokens, max |x|",
                              line={"dash": "dot", "color": "gray"}))
     fig.add_trace(go.Scatter(x=table["layer"], y=table["median_abs"], mode="lines", name="median |x|",
@@ -101,9 +116,14 @@ def massive_profile(massive: MassiveActivations, basis: str = "resid", n: int = 
     return fig
 
 
-def first_token_norms(massive: MassiveActivations, basis: str = "resid") -> go.Figure:
-    """L2 norm of the first token against the mean norm of the other tokens, per layer (log y)."""
-    _check(massive, MassiveActivations, "massive")
+def first_token_norms(massive: MassiveActivations, basis: Basis = "resid") -> go.Figure:
+    """L2 norm of the first token against the mean norm of the other tokens, per layer (log y).
+
+    Args:
+        massive: a :class:`~sinklens.massive.MassiveActivations`.
+        basis: ``"resid"`` or ``"normalized"``.
+    """
+    check_type(massive, MassiveActivations, "massive")
     table = massive.norms(basis)
     fig = go.Figure([
         go.Scatter(x=table["layer"], y=table["first_norm"], mode="lines+markers", name="first token"),
@@ -115,17 +135,29 @@ def first_token_norms(massive: MassiveActivations, basis: str = "resid") -> go.F
 
 
 def norm_share(massive: MassiveActivations, k_values: Sequence[int] = (1, 2, 10),
-               bases: Sequence[str] = BASES) -> go.Figure:
-    """Share of the first token's squared norm held by its top-k dims, per layer, one line per (basis, k)."""
-    _check(massive, MassiveActivations, "massive")
+               bases: Sequence[Basis] = BASES) -> go.Figure:
+    """Share of the first token's squared norm held by its top-k dims, per layer, one line per (basis, k).
+
+    Args:
+        massive: a :class:`~sinklens.massive.MassiveActivations`.
+        k_values: the k of each line.
+        bases: the bases drawn.
+    """
+    check_type(massive, MassiveActivations, "massive")
     return _lines_by_basis_and_k(massive, massive.norm_share, k_values, bases,
                                  "Share of the first token's squared norm in its top-k dims", "share of ||x||^2")
 
 
 def rank_stability(massive: MassiveActivations, k_values: Sequence[int] = (1, 2, 10),
-                   bases: Sequence[str] = BASES) -> go.Figure:
-    """Mean Jaccard overlap of each prompt's top-k first-token dims with the aggregate top-k, per layer."""
-    _check(massive, MassiveActivations, "massive")
+                   bases: Sequence[Basis] = BASES) -> go.Figure:
+    """Mean Jaccard overlap of each prompt's top-k first-token dims with the aggregate top-k, per layer.
+
+    Args:
+        massive: a :class:`~sinklens.massive.MassiveActivations`.
+        k_values: the k of each line.
+        bases: the bases drawn.
+    """
+    check_type(massive, MassiveActivations, "massive")
     return _lines_by_basis_and_k(massive, massive.rank_stability, k_values, bases,
                                  "Stability of the top-k first-token dims across prompts (Jaccard)",
                                  "mean Jaccard overlap")
@@ -144,8 +176,12 @@ def _lines_by_basis_and_k(massive: MassiveActivations, values, k_values: Sequenc
 
 
 def bos_comparison(comparison: pd.DataFrame) -> go.Figure:
-    """With-BOS vs without-BOS (from ``first_token_comparison``): mean alpha and sink rate per layer per case."""
-    comparison = _check_frame(comparison, ["case", "layer", "mean_alpha", "sink_rate"], "comparison",
+    """With-BOS vs without-BOS (from ``first_token_comparison``): mean alpha and sink rate per layer per case.
+
+    Args:
+        comparison: the frame of :func:`sinklens.first_token_comparison`.
+    """
+    comparison = check_frame(comparison, ["case", "layer", "mean_alpha", "sink_rate"], "comparison",
                               "sinklens.first_token_comparison")
     fig = make_subplots(rows=1, cols=2, subplot_titles=("mean sink score alpha", "sink rate (%)"))
     for i, (case, part) in enumerate(comparison.groupby("case", sort=False)):
@@ -161,10 +197,16 @@ def bos_comparison(comparison: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def specialization(table: pd.DataFrame, eps: float | None = None, top: int | None = None) -> go.Figure:
+def specialization(table: pd.DataFrame, *, eps: float | None = None, top: int | None = None) -> go.Figure:
     """Mean BOS score per head with its bootstrap CI (from ``specialization_table``), sink-specialized
-    heads highlighted, in the table's order (highest mean first); ``top`` keeps the first rows."""
-    table = _check_frame(table, ["layer", "head", "mean", "ci_low", "ci_high", "frac_above_eps", "specialized"],
+    heads highlighted, in the table's order (highest mean first); ``top`` keeps the first rows.
+
+    Args:
+        table: the frame of :func:`sinklens.specialization_table`.
+        eps: draw the threshold line at eps (None: no line).
+        top: keep the first rows only (None: all).
+    """
+    table = check_frame(table, ["layer", "head", "mean", "ci_low", "ci_high", "frac_above_eps", "specialized"],
                          "table", "sinklens.specialization_table")
     if top is not None:
         table = table.head(top)
@@ -184,14 +226,19 @@ def specialization(table: pd.DataFrame, eps: float | None = None, top: int | Non
     fig.update_xaxes(categoryorder="array", categoryarray=order, title_text="head (sorted by mean score)")
     if eps is not None:
         fig.add_hline(y=check_fraction("eps", eps), line_dash="dash", annotation_text=f"eps = {eps}")
-    fig.update_layout(title=f"BOS sink score per head with bootstrap CI ({int(table['specialized'].sum())} specialized)",
+    n_specialized = int(table["specialized"].sum())
+    fig.update_layout(title=f"BOS sink score per head with bootstrap CI ({n_specialized} specialized)",
                       yaxis_title="mean alpha_0", yaxis_range=[0, 1.02], width=max(700, 9 * len(table) + 200))
     return fig
 
 
 def specialization_heatmap(table: pd.DataFrame) -> go.Figure:
-    """Fraction of prompts on which each head's BOS score exceeds eps, per layer and head."""
-    table = _check_frame(table, ["layer", "head", "frac_above_eps"], "table", "sinklens.specialization_table")
+    """Fraction of prompts on which each head's BOS score exceeds eps, per layer and head.
+
+    Args:
+        table: the frame of :func:`sinklens.specialization_table`.
+    """
+    table = check_frame(table, ["layer", "head", "frac_above_eps"], "table", "sinklens.specialization_table")
     grid = table.pivot(index="layer", columns="head", values="frac_above_eps").sort_index()
     return layer_head_heatmap(torch.tensor(grid.to_numpy(), dtype=torch.float32), list(grid.index),
                               "Fraction of prompts with alpha_0 > eps", "fraction")
@@ -199,8 +246,13 @@ def specialization_heatmap(table: pd.DataFrame) -> go.Figure:
 
 def confidence_vs_alpha(census: Census, table: pd.DataFrame | None = None) -> go.Figure:
     """Per head: head confidence (mean max attention weight) against mean alpha_0; specialized heads
-    highlighted when ``table`` (from ``specialization_table``) is given."""
-    _check(census, Census, "census")
+    highlighted when ``table`` (from ``specialization_table``) is given.
+
+    Args:
+        census: a :class:`~sinklens.census.Census`.
+        table: the frame of :func:`sinklens.specialization_table` (None: nothing highlighted).
+    """
+    check_type(census, Census, "census")
     alpha = census.sink_scores(0).mean(0)
     confidence = census.confidence.mean(0)
     layer_idx, head_idx = torch.meshgrid(torch.arange(alpha.shape[0]), torch.arange(alpha.shape[1]), indexing="ij")
@@ -209,7 +261,7 @@ def confidence_vs_alpha(census: Census, table: pd.DataFrame | None = None) -> go
                           "confidence": confidence.flatten().numpy()})
     frame["specialized"] = False
     if table is not None:
-        table = _check_frame(table, ["layer", "head", "specialized"], "table", "sinklens.specialization_table")
+        table = check_frame(table, ["layer", "head", "specialized"], "table", "sinklens.specialization_table")
         flagged = set(zip(table.loc[table["specialized"], "layer"], table.loc[table["specialized"], "head"]))
         frame["specialized"] = [(l, h) in flagged for l, h in zip(frame["layer"], frame["head"])]
     fig = go.Figure()
@@ -227,13 +279,19 @@ def confidence_vs_alpha(census: Census, table: pd.DataFrame | None = None) -> go
 
 
 def prompt_consistency(census: Census, heads: Sequence[tuple[int, int]] | pd.DataFrame,
-                       eps: float | None = None) -> go.Figure:
+                       *, eps: float | None = None) -> go.Figure:
     """alpha_0 of the given heads on every prompt (prompts x heads): is a head's sink behaviour the same on
     every prompt? ``heads`` is a list of (layer, head) or a table with layer/head columns (e.g. the top
-    rows of ``specialization_table``); ``eps`` (optional) is named in the title."""
-    _check(census, Census, "census")
+    rows of ``specialization_table``); ``eps`` (optional) is named in the title.
+
+    Args:
+        census: a :class:`~sinklens.census.Census`.
+        heads: ``(layer, head)`` pairs or a table with layer/head columns.
+        eps: named in the title (None: not).
+    """
+    check_type(census, Census, "census")
     if isinstance(heads, pd.DataFrame):
-        heads = list(zip(_check_frame(heads, ["layer", "head"], "heads", "sinklens.specialization_table")["layer"],
+        heads = list(zip(check_frame(heads, ["layer", "head"], "heads", "sinklens.specialization_table")["layer"],
                          heads["head"]))
     heads = [(int(l), int(h)) for l, h in heads]
     if not heads:

@@ -7,6 +7,7 @@ Every helper takes package objects or the DataFrames the package returns (``reco
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -17,8 +18,9 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 
 from ..errors import InputError
-from ..massive import MassiveActivations
-from .census import _check, _check_frame, head_label, layer_head_heatmap
+from ..massive import Basis, MassiveActivations
+from .census import head_label, layer_head_heatmap
+from .checks import check_frame, check_type
 
 POLICY_COLORS = {"bos_top": "#1f77b4", "random": "#7f7f7f", "weight_norm": "#ff7f0e", "whole_head": "#d62728",
                  "explicit": "#2ca02c"}
@@ -28,12 +30,20 @@ METRIC_TITLES = {"frob_rel": "||A - A'||_F / ||A||_F", "kl": "mean row KL(A || A
 SWEEP = "sinklens.k_sweep"
 
 
-def kept_dims(massive: MassiveActivations, layer: int, dims: Sequence[int] | Tensor, basis: str = "normalized",
-              top: int = 30) -> go.Figure:
+def kept_dims(massive: MassiveActivations, layer: int, dims: Sequence[int] | Tensor, *,
+              basis: Basis = "normalized", top: int = 30) -> go.Figure:
     """Mean |x_d| of the first token at ``layer`` for its ``top`` largest dims (and every kept dim), kept ones
-    highlighted; the title gives the share of the first token's squared norm the kept dims hold."""
-    _check(massive, MassiveActivations, "massive")
-    values = massive.values(basis)[:, massive._slot(layer)].float()  # [batch, d]
+    highlighted; the title gives the share of the first token's squared norm the kept dims hold.
+
+    Args:
+        massive: a :class:`~sinklens.massive.MassiveActivations` holding ``layer``.
+        layer: the layer shown.
+        dims: the kept dims.
+        basis: ``"normalized"`` or ``"resid"``.
+        top: how many of the largest dims are shown (kept dims are always shown).
+    """
+    check_type(massive, MassiveActivations, "massive")
+    values = massive.layer_values(layer, basis).float()  # [batch, d]
     kept = sorted(int(d) for d in (dims.tolist() if isinstance(dims, Tensor) else dims))
     magnitude = values.abs().mean(0)
     order = magnitude.argsort(descending=True)[:top].tolist()
@@ -51,8 +61,16 @@ def kept_dims(massive: MassiveActivations, layer: int, dims: Sequence[int] | Ten
 
 
 def pattern_pairs(dense: Float[Tensor, "head query key"], pruned: Float[Tensor, "head query key"], layer: int,
-                  heads: Sequence[int], tokens: Sequence[str] | None = None, title: str = "") -> go.Figure:
-    """Dense and pruned attention patterns side by side, one row per head (same colour scale, 0..1)."""
+                  heads: Sequence[int], tokens: Sequence[str] | None = None, *, title: str = "") -> go.Figure:
+    """Dense and pruned attention patterns side by side, one row per head (same colour scale, 0..1).
+
+    Args:
+        dense, pruned: the patterns of ``heads``.
+        layer: their layer.
+        heads: the head indices of the first axis.
+        tokens: the token strings of the axes (None: positions).
+        title: the figure title (default: layer and what is shown).
+    """
     dense, pruned = torch.as_tensor(dense).float(), torch.as_tensor(pruned).float()
     heads = list(heads)
     if dense.shape != pruned.shape or dense.dim() != 3 or dense.shape[0] != len(heads):
@@ -75,8 +93,12 @@ def pattern_pairs(dense: Float[Tensor, "head query key"], pruned: Float[Tensor, 
 
 
 def alpha0_before_after(frame: pd.DataFrame) -> go.Figure:
-    """BOS sink score alpha_0 of each head, dense and pruned (from a reconstruction_error frame)."""
-    frame = _check_frame(frame, ["layer", "head", "alpha0", "d_alpha0"], "frame", "sinklens.reconstruction_error")
+    """BOS sink score alpha_0 of each head, dense and pruned (from a reconstruction_error frame).
+
+    Args:
+        frame: a :func:`sinklens.reconstruction_error` frame.
+    """
+    frame = check_frame(frame, ["layer", "head", "alpha0", "d_alpha0"], "frame", "sinklens.reconstruction_error")
     labels = [head_label(l, h) for l, h in zip(frame["layer"], frame["head"])]
     fig = go.Figure([go.Bar(name="dense", x=labels, y=frame["alpha0"]),
                      go.Bar(name="pruned", x=labels, y=frame["alpha0"] + frame["d_alpha0"])])
@@ -86,29 +108,37 @@ def alpha0_before_after(frame: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def error_vs_k(sweep: pd.DataFrame, metric: str = "frob_rel", group: str = "dims",
-               dims: str | Sequence[str] | None = None, band: tuple[float, float] = (0.1, 0.9)) -> go.Figure:
-    """Error against k (log axis) from a k_sweep frame, for the policies in ``dims`` (None: all of them).
+def error_vs_k(sweep: pd.DataFrame, metric: str = "frob_rel", *, group: Literal["policy", "layer", "head"] = "policy",
+               policies: str | Sequence[str] | None = None, band: tuple[float, float] = (0.1, 0.9)) -> go.Figure:
+    """Error against k (log axis) from a k_sweep frame, for the policies in ``policies`` (None: all of them).
 
-    ``group="dims"``: one line per policy, the median over heads (and seeds), shaded between the ``band``
+    ``group="policy"``: one line per policy, the median over heads (and seeds), shaded between the ``band``
     quantiles; random also shows each seed's median (its spread). ``group="layer"`` / ``"head"``: one panel
     per policy with one line per layer (median over its heads and seeds) / per head (median over seeds).
     Policies whose metric is undefined (NaN, e.g. whole-head pattern errors) are left out.
+
+    Args:
+        sweep: a :func:`sinklens.k_sweep` frame.
+        metric: the error plotted (a column of the frame).
+        group: ``"policy"``, ``"layer"`` or ``"head"`` (above).
+        policies: the policies shown (a name or a list; None: every policy with a defined ``metric``).
+        band: the lower and upper quantiles shaded with ``group="policy"``.
     """
-    sweep = _check_frame(sweep, ["k", "dims", "layer", "head", metric], "sweep", SWEEP)
-    if group not in ("dims", "layer", "head"):
-        raise InputError(f"group must be 'dims', 'layer' or 'head', got {group!r}.")
-    wanted = None if dims is None else [dims] if isinstance(dims, str) else list(dims)
-    policies = [p for p in sweep["dims"].unique() if (wanted is None or p in wanted)
-                and not sweep.loc[sweep["dims"] == p, metric].isna().all()]
-    if not policies:
-        raise InputError(f"No policy of the sweep ({sorted(sweep['dims'].unique())}) matches dims={dims!r} with a "
+    sweep = check_frame(sweep, ["k", "policy", "layer", "head", metric], "sweep", SWEEP)
+    if group not in ("policy", "layer", "head"):
+        raise InputError(f"group must be 'policy', 'layer' or 'head', got {group!r}.")
+    wanted = None if policies is None else [policies] if isinstance(policies, str) else list(policies)
+    shown = [p for p in sweep["policy"].unique() if (wanted is None or p in wanted)
+             and not sweep.loc[sweep["policy"] == p, metric].isna().all()]
+    if not shown:
+        raise InputError(f"No policy of the sweep ({sorted(sweep['policy'].unique())}) matches policies={policies!r} "
+                         f"with a "
                          f"defined {metric}.")
     title = METRIC_TITLES.get(metric, metric)
-    if group == "dims":
+    if group == "policy":
         fig = go.Figure()
-        for policy in policies:
-            part = sweep[sweep["dims"] == policy]
+        for policy in shown:
+            part = sweep[sweep["policy"] == policy]
             color = POLICY_COLORS.get(policy, None)
             stats = part.groupby("k")[metric].quantile([band[0], 0.5, band[1]]).unstack()
             ks = stats.index.astype(int).tolist()
@@ -130,10 +160,9 @@ def error_vs_k(sweep: pd.DataFrame, metric: str = "frob_rel", group: str = "dims
     keys = ["layer"] if group == "layer" else ["layer", "head"]
     layers = sorted(sweep["layer"].unique())
     palette = sample_colorscale("Viridis", [i / max(len(layers) - 1, 1) for i in range(len(layers))])
-    fig = make_subplots(rows=1, cols=len(policies), shared_yaxes=True, subplot_titles=policies,
-                        horizontal_spacing=0.03)
-    for col, policy in enumerate(policies, start=1):
-        for key, one in sweep[sweep["dims"] == policy].groupby(keys):
+    fig = make_subplots(rows=1, cols=len(shown), shared_yaxes=True, subplot_titles=shown, horizontal_spacing=0.03)
+    for col, policy in enumerate(shown, start=1):
+        for key, one in sweep[sweep["policy"] == policy].groupby(keys):
             key = key if isinstance(key, tuple) else (key,)
             med = one.groupby("k")[metric].median()
             name = f"layer {key[0]}" if group == "layer" else head_label(*key)
@@ -143,34 +172,48 @@ def error_vs_k(sweep: pd.DataFrame, metric: str = "frob_rel", group: str = "dims
         fig.update_xaxes(type="log", title_text="k", row=1, col=col)
     fig.update_yaxes(title_text=metric, row=1, col=1)
     fig.update_layout(title=f"{title} against k, median per {group} (colour: layer)", height=480,
-                      width=max(500, 380 * len(policies)))
+                      width=max(500, 380 * len(shown)))
     return fig
 
 
-def sweep_heatmap(sweep: pd.DataFrame, k: int, metric: str = "frob_rel", dims: str = "bos_top",
+def sweep_heatmap(sweep: pd.DataFrame, k: int, metric: str = "frob_rel", *, policy: str = "bos_top",
                   n_heads: int | None = None, zmax: float | None = None) -> go.Figure:
-    """Layer x head heatmap of ``metric`` at ``k`` for one policy (median over seeds); heads not swept are blank."""
-    sweep = _check_frame(sweep, ["k", "dims", "layer", "head", metric], "sweep", SWEEP)
-    part = sweep[(sweep["dims"] == dims) & (sweep["k"] == k)]
+    """Layer x head heatmap of ``metric`` at ``k`` for one policy (median over seeds); heads not swept are blank.
+
+    Args:
+        sweep: a :func:`sinklens.k_sweep` frame.
+        k: the k shown.
+        metric: the error shown.
+        policy: the kept-dims policy shown.
+        n_heads: the heads per layer (None: the largest head index swept, plus one).
+        zmax: the top of the colour scale (None: automatic).
+    """
+    sweep = check_frame(sweep, ["k", "policy", "layer", "head", metric], "sweep", SWEEP)
+    part = sweep[(sweep["policy"] == policy) & (sweep["k"] == k)]
     if part.empty:
-        raise InputError(f"The sweep has no rows for dims={dims!r} at k={k}.")
+        raise InputError(f"The sweep has no rows for policy={policy!r} at k={k}.")
     values = part.groupby(["layer", "head"])[metric].median()
     layers = list(range(int(values.index.get_level_values(0).min()), int(values.index.get_level_values(0).max()) + 1))
     width = n_heads or int(values.index.get_level_values(1).max()) + 1
     grid = torch.full((len(layers), width), float("nan"))
     for (layer, head), value in values.items():
         grid[layers.index(int(layer)), int(head)] = float(value)
-    return layer_head_heatmap(grid, layers, f"{METRIC_TITLES.get(metric, metric)} at k = {k} ({dims} dims)", metric,
+    return layer_head_heatmap(grid, layers, f"{METRIC_TITLES.get(metric, metric)} at k = {k} ({policy} dims)", metric,
                               zmax=zmax)
 
 
 def model_level(frame: pd.DataFrame, metrics: Sequence[str] = ("next_kl", "d_loss")) -> go.Figure:
-    """Model-level effect per configuration (one bar per policy and k; random: mean over seeds with min-max)."""
-    frame = _check_frame(frame, ["dims", "k", *metrics], "frame", "sinklens.k_sweep(level='model')")
-    per_config = frame.drop_duplicates(["dims", "k", "seed"])
+    """Model-level effect per configuration (one bar per policy and k; random: mean over seeds with min-max).
+
+    Args:
+        frame: a ``level="model"`` :func:`sinklens.k_sweep` frame.
+        metrics: the model-level columns shown, one panel each.
+    """
+    frame = check_frame(frame, ["policy", "k", *metrics], "frame", "sinklens.k_sweep(level='model')")
+    per_config = frame.drop_duplicates(["policy", "k", "seed"])
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[METRIC_TITLES.get(m, m) for m in metrics])
     for col, metric in enumerate(metrics, start=1):
-        for policy, part in per_config.groupby("dims", sort=False):
+        for policy, part in per_config.groupby("policy", sort=False):
             stats = part.groupby("k")[metric].agg(["mean", "min", "max"])
             fig.add_trace(go.Bar(x=[f"k={int(k)}" for k in stats.index], y=stats["mean"], name=policy,
                                  marker_color=POLICY_COLORS.get(policy), showlegend=col == 1,

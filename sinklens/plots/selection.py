@@ -7,7 +7,7 @@ import plotly.graph_objects as go
 
 from ..errors import InputError
 from ..selection import LayerSelection
-from .census import _check
+from .checks import check_type
 
 _COLORS = {"single_layer_rank": "#1f77b4", "greedy": "#d62728", "exhaustive": "#2ca02c", "random": "#7f7f7f",
            "removal": "#ff7f0e"}
@@ -20,8 +20,12 @@ def _target_line(fig: go.Figure, target: float) -> None:
 
 def single_layer_retention(selection: LayerSelection) -> go.Figure:
     """Bar per candidate layer: retention of the selection metric when only that layer's
-    sink-specialized heads are pruned (calibration items), with its bootstrap CI."""
-    sel = _check(selection, LayerSelection, "selection")
+    sink-specialized heads are pruned (calibration items), with its bootstrap CI.
+
+    Args:
+        selection: a :class:`~sinklens.selection.LayerSelection`.
+    """
+    sel = check_type(selection, LayerSelection, "selection")
     rows = sel.single_layer.assign(layer=lambda t: t["layers"].astype(int)).sort_values("layer")
     fig = go.Figure(go.Bar(
         x=rows["layer"], y=rows["retention"], customdata=rows[["n_heads", "params_zeroed"]],
@@ -36,10 +40,15 @@ def single_layer_retention(selection: LayerSelection) -> go.Figure:
     return fig
 
 
-def retention_by_n_layers(selection: LayerSelection, show_removal: bool = True) -> go.Figure:
+def retention_by_n_layers(selection: LayerSelection, *, show_removal: bool = True) -> go.Figure:
     """Held-out retention against the number of pruned layers, one line per strategy (random:
-    one line per replicate), with whole-head removal of the same heads dashed."""
-    sel = _check(selection, LayerSelection, "selection")
+    one line per replicate), with whole-head removal of the same heads dashed.
+
+    Args:
+        selection: a :class:`~sinklens.selection.LayerSelection`.
+        show_removal: add whole-head removal of the same heads.
+    """
+    sel = check_type(selection, LayerSelection, "selection")
     confirmed = sel.confirmed()
     fig = go.Figure()
     for (strategy, replicate), group in confirmed.groupby(["strategy", "replicate"], sort=False):
@@ -67,8 +76,12 @@ def retention_by_n_layers(selection: LayerSelection, show_removal: bool = True) 
 
 def pareto_frontier(selection: LayerSelection) -> go.Figure:
     """Every held-out QK configuration (pruned heads against retention), coloured by strategy,
-    with the Pareto frontier as a step line."""
-    sel = _check(selection, LayerSelection, "selection")
+    with the Pareto frontier as a step line.
+
+    Args:
+        selection: a :class:`~sinklens.selection.LayerSelection`.
+    """
+    sel = check_type(selection, LayerSelection, "selection")
     confirmed = sel.confirmed()
     fig = go.Figure()
     for strategy, group in confirmed.groupby("strategy", sort=False):
@@ -88,8 +101,12 @@ def pareto_frontier(selection: LayerSelection) -> go.Figure:
 
 
 def removal_comparison(selection: LayerSelection) -> go.Figure:
-    """Grouped bars per layer set: QK column pruning against whole-head removal of the same heads."""
-    sel = _check(selection, LayerSelection, "selection")
+    """Grouped bars per layer set: QK column pruning against whole-head removal of the same heads.
+
+    Args:
+        selection: a :class:`~sinklens.selection.LayerSelection`.
+    """
+    sel = check_type(selection, LayerSelection, "selection")
     table = sel.removal_comparison()
     if table.empty:
         raise InputError('No whole-head removal was evaluated: run layer_selection with removal="best" or "all".')

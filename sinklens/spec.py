@@ -1,0 +1,314 @@
+"""One description of a QK column pruning: :class:`PruneSpec`, and the head lists it prunes.
+
+A PruneSpec says *what* to prune (heads, k, the kept-dims policy and its basis or seed, the GQA
+handling), never *on what data*: the tokens a policy measures (``bos_top``'s BOS vectors) are passed
+beside it. Every function that prunes takes one (``apply_pruning``, ``prune_qk``, ``plan_pruning``,
+``select_dims``, ``reconstruction_error``, the layer-selection sweep), and every record of a pruning
+(handles, checkpoint manifests, sweep results, reconstruction tables) writes its fields, so a record
+reads back into the spec that made it (:meth:`PruneSpec.from_dict`).
+
+Two call forms, the same pruning (bitwise):
+
+    sl.prune_qk(model, heads, k=10, dims="bos_top", tokens=probe)                  # keyword arguments
+    spec = sl.PruneSpec(heads, k=10, policy="bos_top")
+    sl.prune_qk(model, spec, tokens=probe)                                        # a spec in place of heads
+
+With a spec, the other pruning arguments (k, dims, basis, gqa, seed, force) are left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Union, get_args
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .errors import InputError
+from .loading import ModelInfo
+from .massive import BASES, Basis
+from .validate import as_int, check_choice, check_index, check_k
+
+Head = tuple[int, int]
+Policy = Literal["bos_top", "random", "weight_norm"]
+POLICIES: tuple[str, ...] = get_args(Policy)
+EXPLICIT = "explicit"  # the policy name of dims given by the caller
+GQAPolicy = Literal["exact", "shared", "q_only"]
+GQA_POLICIES: tuple[str, ...] = get_args(GQAPolicy)
+# what ``dims=`` accepts: a policy name, one set of k dims for every head, or a set per head
+DimsArg = Union[Policy, Sequence[int], Tensor, Mapping[Head, Union[Sequence[int], Tensor]]]
+
+
+# --- head lists ---------------------------------------------------------------------------------
+
+def head_pairs(heads) -> list[Head]:
+    """``heads`` as a sorted list of distinct ``(layer, head)`` int pairs (structure only, no model needed).
+
+    Args:
+        heads: an iterable of ``(layer, head)`` pairs.
+    """
+    example = "e.g. heads=[(12, 3), (12, 5)]"
+    if isinstance(heads, (str, bytes)) or not isinstance(heads, Sequence) and not hasattr(heads, "__iter__"):
+        raise InputError(f"heads must be a list of (layer, head) pairs ({example}), got {type(heads).__name__}.")
+    heads = list(heads)
+    if not heads:
+        raise InputError(f"heads is empty: pass at least one (layer, head) pair ({example}).")
+    if len(heads) == 2 and all(as_int(x) is not None for x in heads):
+        raise InputError(f"heads={tuple(heads)} looks like a single pair: wrap it in a list, heads=[{tuple(heads)}].")
+    out = []
+    for pair in heads:
+        if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
+            raise InputError(f"Each head must be a (layer, head) pair ({example}), got {pair!r}.")
+        layer, head = (as_int(x) for x in pair)
+        if layer is None or head is None:
+            raise InputError(f"Head {pair!r} must hold two ints (layer, head).")
+        out.append((layer, head))
+    if len(set(out)) != len(out):
+        dup = sorted({p for p in out if out.count(p) > 1})
+        raise InputError(f"Duplicate heads {dup}: list each (layer, head) once.")
+    return sorted(out)
+
+
+def check_heads(heads, info: ModelInfo) -> list[Head]:
+    """A non-empty list of distinct ``(layer, head)`` pairs inside the model, sorted.
+
+    Args:
+        heads: an iterable of ``(layer, head)`` pairs.
+        info: the model's :class:`~sinklens.loading.ModelInfo` (layer and head ranges).
+    """
+    out = head_pairs(heads)
+    for layer, head in out:
+        check_index("layer", layer, info.n_layers, "layers")
+        check_index("head", head, info.n_heads, "query heads per layer")
+    return out
+
+
+def layer_heads(heads: Sequence[Head], layer: int = -1) -> tuple[int, list[Head]]:
+    """``(layer, the pairs of heads in that layer)``.
+
+    Args:
+        heads: ``(layer, head)`` pairs, e.g. the sink-specialized heads.
+        layer: the layer to pick, or -1 for the layer holding most of ``heads`` (the lowest such layer on ties).
+    """
+    if as_int(layer) is None or layer < -1:
+        raise InputError(f"layer must be an int >= 0, or -1 for the layer with most heads; got {layer!r}.")
+    pairs = sorted((int(l), int(h)) for l, h in heads)
+    if not pairs:
+        raise InputError("No heads to choose a layer from: lower eps or q, or pass other heads.")
+    if layer == -1:
+        counts = pd.Series([l for l, _ in pairs]).value_counts()
+        layer = int(min(counts[counts == counts.max()].index))
+    chosen = [p for p in pairs if p[0] == layer]
+    if not chosen:
+        raise InputError(f"Layer {layer} holds none of the heads; layers that do: {sorted({l for l, _ in pairs})}. "
+                         "Pass one of them, or -1 for the layer with most heads.")
+    return int(layer), chosen
+
+
+# --- the spec -----------------------------------------------------------------------------------
+
+def _dim_set(dims, k: int, where: str) -> tuple[int, ...]:
+    """One set of explicit dims as sorted ints: integer dtype, exactly k, no duplicates (range: :meth:`check`)."""
+    if isinstance(dims, Tensor):
+        values = dims
+    else:
+        try:
+            values = torch.as_tensor(list(dims))
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise InputError(f"{where}: dims must be a 1-D list or tensor of ints, got {dims!r}.") from err
+    if values.dim() != 1 or values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+        raise InputError(f"{where}: dims must be a 1-D tensor of integer indices, got dtype {values.dtype}, "
+                         f"shape {tuple(values.shape)}.")
+    if values.numel() != k:
+        raise InputError(f"{where}: got {values.numel()} dims but k={k}: pass exactly k dims (or change k).")
+    out = sorted(int(v) for v in values.tolist())
+    if len(set(out)) != k:
+        raise InputError(f"{where}: dims hold duplicates; pass k distinct indices.")
+    return tuple(out)
+
+
+def _head_key(pair: Head) -> str:
+    return f"{pair[0]}.{pair[1]}"
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """What a QK column pruning does (see :mod:`sinklens.spec`); frozen, hashable, JSON-ready.
+
+    Args:
+        heads: the ``(layer, head)`` pairs to prune (stored sorted).
+        k: input dims kept per head.
+        policy: how the kept dims are chosen: ``"bos_top"`` (the k largest |x_d| of the BOS vector at the
+            head's layer, measured on tokens passed beside the spec), ``"random"`` (seeded control),
+            ``"weight_norm"`` (largest column norms of the head's stacked W_Q and W_K rows) or
+            ``"explicit"`` (the ``dims`` given).
+        basis: where ``bos_top`` measures the BOS vector: ``"normalized"`` (attention input) or ``"resid"``;
+            None for the other policies.
+        gqa: ``"exact"`` (private pruned K per selected head; siblings untouched), ``"shared"`` (shared K rows
+            keep the union of the group's dims; whole groups only unless ``force``) or ``"q_only"``.
+        seed: the seed of ``random`` dims; None for the other policies.
+        force: let ``gqa="shared"`` prune a partial group (its other heads change too).
+        dims: ``policy="explicit"`` only: the kept dims of each head, aligned with ``heads``.
+
+    ``basis`` and ``seed`` are stored as None where the policy ignores them, so two specs describing the
+    same pruning are equal. (Issue 12 adds the fill value of dropped dims and calibration here.)
+    """
+
+    heads: tuple[Head, ...]
+    k: int
+    policy: Policy | Literal["explicit"] = "bos_top"
+    basis: Basis | None = "normalized"
+    gqa: GQAPolicy = "exact"
+    seed: int | None = 0
+    force: bool = False
+    dims: tuple[tuple[int, ...], ...] | None = None
+
+    def __post_init__(self):
+        def set_(name: str, value) -> None:  # the dataclass is frozen: normalize fields in place once
+            object.__setattr__(self, name, value)
+
+        set_("heads", tuple(head_pairs(self.heads)))
+        if isinstance(self.k, bool) or as_int(self.k) is None:
+            raise InputError(f"k must be an int, got {self.k!r} ({type(self.k).__name__}).")
+        set_("k", int(self.k))
+        if self.k < 1:
+            raise InputError(f"k={self.k} is out of range: choose 1 <= k <= d_model.")
+        check_choice("gqa policy", self.gqa, GQA_POLICIES)
+        if not isinstance(self.force, bool):
+            raise InputError(f"force must be True or False, got {self.force!r}.")
+        check_choice("dims policy", self.policy, POLICIES + (EXPLICIT,))
+        if self.policy == "bos_top":
+            check_choice("basis", self.basis, BASES)
+        elif self.basis is not None:
+            check_choice("basis", self.basis, BASES)
+            set_("basis", None)
+        if self.policy == "random":
+            seed = as_int(self.seed)
+            if seed is None or seed < 0:
+                raise InputError(f"seed must be a non-negative int, got {self.seed!r}.")
+            set_("seed", seed)
+        else:
+            set_("seed", None)
+        if self.policy == EXPLICIT:
+            if self.dims is None or len(self.dims) != len(self.heads):
+                raise InputError('policy="explicit" needs dims: one set of k dims per head, aligned with heads.')
+            set_("dims", tuple(_dim_set(d, self.k, f"dims for head {p}") for p, d in zip(self.heads, self.dims)))
+        elif self.dims is not None:
+            raise InputError(f'dims are only given with policy="explicit", not with policy={self.policy!r}.')
+
+    @classmethod
+    def of(cls, heads, k: int, dims: DimsArg = "bos_top", *, basis: Basis = "normalized", gqa: GQAPolicy = "exact",
+           seed: int = 0, force: bool = False) -> PruneSpec:
+        """The spec of the keyword call form (``dims`` a policy name or explicit dims).
+
+        Args:
+            heads: the ``(layer, head)`` pairs to prune.
+            k: input dims kept per head.
+            dims: a policy name (``"bos_top"``, ``"random"``, ``"weight_norm"``), one 1-D set of k indices for
+                every head, or a mapping ``{(layer, head): indices}`` covering exactly ``heads``.
+            basis, gqa, seed, force: as the fields of :class:`PruneSpec`.
+        """
+        if isinstance(dims, str):
+            return cls(heads, k, dims, basis=basis, gqa=gqa, seed=seed, force=force)
+        pairs = head_pairs(heads)
+        if isinstance(dims, Mapping):
+            given = {}
+            for key, value in dims.items():
+                given[head_pairs([key])[0]] = value
+            if set(given) != set(pairs):
+                extra, missing = sorted(set(given) - set(pairs)), sorted(set(pairs) - set(given))
+                raise InputError(f"The dims mapping must cover exactly the pruned heads: missing {missing}, "
+                                 f"extra {extra}.")
+            per_head = [given[p] for p in pairs]
+        else:
+            if isinstance(k, bool) or as_int(k) is None:
+                raise InputError(f"k must be an int, got {k!r} ({type(k).__name__}).")
+            shared = _dim_set(dims, k, "dims")
+            per_head = [shared] * len(pairs)
+        return cls(pairs, k, EXPLICIT, basis=basis, gqa=gqa, seed=seed, force=force, dims=per_head)
+
+    def check(self, info: ModelInfo) -> PruneSpec:
+        """This spec, after checking it fits the model (head and layer ranges, k and dims within d_model).
+
+        Args:
+            info: the model's :class:`~sinklens.loading.ModelInfo`.
+        """
+        check_heads(self.heads, info)
+        check_k(self.k, info.d_model)
+        for pair, dims in zip(self.heads, self.dims or ()):
+            if dims[0] < 0 or dims[-1] >= info.d_model:
+                raise InputError(f"dims for head {pair}: dims must lie in [0, {info.d_model}) (d_model), "
+                                 f"found {dims[0]}..{dims[-1]}.")
+        return self
+
+    def replace(self, **changes) -> PruneSpec:
+        """A copy with some fields changed (e.g. ``spec.replace(k=20)``, ``spec.replace(heads=...)``).
+
+        Args:
+            changes: field names and their new values.
+        """
+        return dataclasses.replace(self, **changes)
+
+    def layers(self) -> list[int]:
+        """The layers holding pruned heads, ascending."""
+        return sorted({l for l, _ in self.heads})
+
+    def as_dict(self) -> dict:
+        """JSON-ready fields (heads as ``[layer, head]`` lists, explicit dims as ``{"layer.head": [...]}``)."""
+        dims = None if self.dims is None else {_head_key(p): list(d) for p, d in zip(self.heads, self.dims)}
+        return {"heads": [list(p) for p in self.heads], "k": self.k, "policy": self.policy, "basis": self.basis,
+                "gqa": self.gqa, "seed": self.seed, "force": self.force, "dims": dims}
+
+    @classmethod
+    def from_dict(cls, record: Mapping) -> PruneSpec:
+        """The spec written by :meth:`as_dict`, or read back from a pruning record (handle, manifest, sweep row).
+
+        Args:
+            record: a mapping with the spec's fields (a record's other keys are ignored; its ``dims``, the kept
+                dims per head, are the spec's only for ``policy="explicit"``).
+        """
+        missing = [name for name in ("heads", "k", "policy") if name not in record]
+        if missing:
+            raise InputError(f"Not a pruning record: it lacks {missing} (pass PruneSpec.as_dict() or a handle's "
+                             "record()).")
+        heads = [tuple(p) for p in record["heads"]]
+        dims = None
+        if record["policy"] == EXPLICIT:
+            kept = record.get("dims") or {}
+            dims = [kept.get(_head_key(p)) for p in head_pairs(heads)]
+            if any(d is None for d in dims):
+                raise InputError("The record's explicit policy lacks the dims of some heads.")
+        return cls(heads, record["k"], record["policy"], basis=record.get("basis"), gqa=record.get("gqa", "exact"),
+                   seed=record.get("seed"), force=record.get("force", False), dims=dims)
+
+
+def as_spec(heads, k: int | None = None, dims: DimsArg | None = None, *, basis: Basis | None = None,
+            gqa: GQAPolicy | None = None, seed: int | None = None, force: bool | None = None) -> PruneSpec:
+    """The spec a pruning function was called with: ``heads`` when it is a :class:`PruneSpec` (the other
+    arguments then left out), else :meth:`PruneSpec.of` with defaults dims ``"bos_top"``, basis
+    ``"normalized"``, gqa ``"exact"``, seed 0, force False.
+
+    Args:
+        heads: ``(layer, head)`` pairs, or a PruneSpec.
+        k, dims, basis, gqa, seed, force: the keyword form's arguments (None: not given).
+    """
+    given = {name: value for name, value in dict(k=k, dims=dims, basis=basis, gqa=gqa, seed=seed, force=force).items()
+             if value is not None}
+    if isinstance(heads, PruneSpec):
+        if given:
+            raise InputError(f"Pass either a PruneSpec or the pruning arguments, not both: got a PruneSpec and "
+                             f"{sorted(given)}. Change the spec instead (spec.replace({next(iter(given))}=...)).")
+        return heads
+    if k is None:
+        raise InputError("k is missing: pass the number of kept dims per head (k=10), or a PruneSpec in place of "
+                         "heads.")
+    return PruneSpec.of(heads, k, "bos_top" if dims is None else dims, basis="normalized" if basis is None else basis,
+                        gqa="exact" if gqa is None else gqa, seed=0 if seed is None else seed,
+                        force=False if force is None else force)
+
+
+__all__ = ["DimsArg", "EXPLICIT", "GQAPolicy", "GQA_POLICIES", "Head", "POLICIES", "Policy", "PruneSpec", "as_spec",
+           "check_heads", "head_pairs", "layer_heads"]
