@@ -1,6 +1,7 @@
 """The embedded SmolLM2-135M, through one session-scoped fixture: loading, census and massive
 activations checked against a separate HF eager model loaded from the same cached checkpoint."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,12 +67,15 @@ def test_massive_dims_match_hf_hidden_states(smollm, smollm_eager, probe):
         assert ((first_abs > 100) & (first_abs / medians >= 1000)).float().mean() >= 0.5
 
 
-def test_sink_heads_and_top_dims_are_consistent(smollm, smollm_eager, probe):
-    scores = sl.sink_scores(smollm, probe)
-    heads = sl.sink_specialized_heads(scores, eps=0.3, q=0.9)
+def test_sink_heads_and_top_dims_against_hf_eager(smollm, smollm_eager, probe):
+    """The sink-specialized heads and BOS top dims, each recomputed from HF eager outputs in numpy."""
+    heads = sl.sink_specialized_heads(sl.sink_scores(smollm, probe), eps=0.3, q=0.9)
     assert heads, "the embedded model is known to have sink heads; none found means a broken census"
-    for layer, head in heads:
-        assert (scores[:, layer, head] > 0.3).float().mean() >= 0.9
+    attentions = smollm_eager(probe.tokens, output_attentions=True).attentions
+    patterns = np.stack([a.double().numpy() for a in attentions], 1)  # [b, layer, head, q, k]
+    alpha0 = patterns[..., :, 0].mean(-1)  # column 0 over every row (all rows see the first key)
+    expected = [(int(l), int(h)) for l, h in zip(*np.nonzero((alpha0 > 0.3).mean(0) >= 0.9))]
+    assert sorted(heads) == sorted(expected)
     layer = max({l for l, _ in heads}, key=lambda l: sum(1 for x, _ in heads if x == l))
     dims = sl.bos_top_dims(smollm, probe, layer=layer, k=2)
     # independently: RMSNorm(x) * gain of BOS's residual from HF hidden states
