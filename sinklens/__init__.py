@@ -18,10 +18,10 @@ from .reconstruction import (
 from .selection import LayerSelection, layer_selection
 from .specialization import sink_specialized_heads, specialization_table
 from .tokens import TokenBatch, tokenize
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
+    "__version__",
     # model, tokens, probe set
     "HubUnreachableError", "InputError", "ModelInfo", "SinklensError", "TokenBatch", "UnknownModelError",
     "UnsupportedArchitectureError", "load_model", "model_info", "probe_provenance", "probe_tokens", "tokenize",

@@ -25,6 +25,7 @@ import torch
 from .errors import InputError
 from .loading import model_info
 from .pruning import PruneHandle, _drop_mask, active_edits, count_parameters
+from .version import __version__
 
 MANIFEST = "sinklens_manifest.json"
 
@@ -80,8 +81,6 @@ def save_pruned(model, folder: str | os.PathLike, overwrite: bool = False) -> Pa
     Refuses a model without active edits, and a non-empty folder unless ``overwrite``. Returns the folder.
     """
     from transformers import AutoModelForCausalLM
-
-    from . import __version__
 
     edits = active_edits(model)
     if not edits:

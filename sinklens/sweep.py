@@ -43,14 +43,10 @@ from .massive import MassiveActivations
 from .progress import progress
 from .pruning import active_edits, prune_qk, remove_heads
 from .validate import check_choice, check_index
+from .version import __version__
 
 SCHEMA = 1
 METHODS = ("dense", "qk", "remove")
-
-
-def _version() -> str:
-    from . import __version__
-    return __version__
 
 
 def model_fingerprint(model) -> str:
@@ -130,7 +126,7 @@ class ResultsFile:
     def put(self, key: str, config: dict, result: EvalResult, extra: dict) -> None:
         """Append one finished configuration (its own transaction: durable once this returns)."""
         buffer = io.BytesIO()
-        result.items.to_parquet(buffer, index=False)  # exact float64 round trip
+        result.per_item.to_parquet(buffer, index=False)  # exact float64 round trip
         blob = buffer.getvalue()
         with self.conn:
             self.conn.execute("INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?, ?)",
@@ -155,7 +151,7 @@ def open_results(model, path: str | Path | None, fresh: bool = False) -> Results
     sinklens version or schema."""
     if not isinstance(fresh, bool):
         raise InputError(f"fresh must be True or False, got {fresh!r}.")
-    meta = {"schema": str(SCHEMA), "sinklens": _version(), "model": model_info(model).name,
+    meta = {"schema": str(SCHEMA), "sinklens": __version__, "model": model_info(model).name,
             "fingerprint": model_fingerprint(model)}
     return ResultsFile(path, meta, fresh=fresh)
 
@@ -276,7 +272,7 @@ class Sweep:
             return self._records[key]
         stored = self.file.get(key)
         if stored is not None and not keep_prefix:
-            result = EvalResult(items=stored["items"], meta=dict(self.plans[split].meta))
+            result = EvalResult(per_item=stored["items"], meta=dict(self.plans[split].meta))
             record = Record(method, layers, heads, split, key, result, stored["extra"].get("params", {}), cached=True)
             self._records[key] = record
             return record
