@@ -50,8 +50,14 @@ class TaskDataUnavailableError(SinklensError, ConnectionError):
 
 @dataclass
 class LmEvalResult:
-    """Harness results: ``metrics`` (``"<task>/<metric>"`` -> value), a tidy ``table`` (task,
-    metric, value, stderr), the per-sample records when asked for, and the raw results dict."""
+    """Results of :func:`evaluate_lm_eval`.
+
+    Args:
+        metrics: ``"<task>/<metric>"`` -> value.
+        table: one row per task and metric (columns task, metric, value, stderr).
+        samples: the per-document records (with ``log_samples=True``).
+        raw: the harness's own results dict.
+    """
 
     metrics: dict[str, float]
     table: pd.DataFrame

@@ -191,7 +191,7 @@ def copy_rows(model, units: list[dict], picked: list[int], length: int, prepend_
         return []
     vocab = copy_vocabulary(model)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    draws = vocab[torch.randint(0, vocab.numel(), (max(picked) + 1, length), generator=generator)]
+    draws = vocab[torch.randint(0, vocab.numel(), (max(picked) + 1, length), generator=generator, device="cpu")]
     prefix = [model.tokenizer.bos_token_id] if prepend_bos else []
     rows = []
     for i in picked:
