@@ -64,9 +64,9 @@ def main() -> int:
         record = records[layers.index(layer)]
         begin = time.perf_counter()
         with sl.prune_qk(model, sweep.heads_of((layer,)), args.k, dims="bos_top", tokens=massive):
-            full = plan.run(model).items
+            full = plan.run(model).per_item
         naive_times.append(time.perf_counter() - begin)
-        got = record.result.items
+        got = record.result.per_item
         worst = max(worst, float(np.abs(got["nll"] - full["nll"]).max()), float(np.nanmax(
             np.abs(got["mc_nll"] - full["mc_nll"]).to_numpy(na_value=0.0))))
         same_hits &= bool((got[["n_correct", "acc"]].to_numpy() == full[["n_correct", "acc"]].to_numpy()).all())

@@ -1,6 +1,5 @@
 """sinklens: attention sinks, massive activations and QK column pruning on TransformerLens."""
 
-from importlib.metadata import version
 
 from .census import Census, first_token_comparison, run_census, sink_scores
 from .checkpoint import read_manifest, save_pruned
@@ -21,10 +20,10 @@ from .selection import LayerSelection, layer_selection
 from .spec import PruneSpec, layer_heads
 from .specialization import sink_specialized_heads, specialization_table
 from .tokens import TokenBatch, tokenize
-
-__version__ = version("sinklens")  # one source: the package metadata (pyproject.toml)
+from .version import __version__
 
 __all__ = [
+    "__version__",
     # model, tokens, probe set
     "HubUnreachableError", "InputError", "ModelInfo", "SinklensError", "TokenBatch", "UnknownModelError",
     "UnsupportedArchitectureError", "load_model", "model_info", "probe_provenance", "probe_tokens", "tokenize",

@@ -18,7 +18,6 @@ import copy
 import json
 import os
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from .errors import InputError
 from .loading import model_info
 from .pruning import PruneHandle
 from .qk import drop_mask, head_rows, layout
+from .version import __version__
 
 MANIFEST = "sinklens_manifest.json"
 
@@ -142,7 +142,7 @@ def save_pruned(model, folder: str | os.PathLike, *, overwrite: bool = False) ->
     model.tokenizer.save_pretrained(folder)
     manifest = {
         "format": 1,
-        "sinklens_version": version("sinklens"),
+        "sinklens_version": __version__,
         "source_model": {"name": info.name, **info.as_dict()},
         "layout": counts["layout"],
         "num_key_value_heads": {"source": info.n_kv_heads, "checkpoint": int(config.num_key_value_heads)},

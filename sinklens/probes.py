@@ -12,23 +12,24 @@ from __future__ import annotations
 import hashlib
 import platform
 from functools import lru_cache
+from pydoc_data.topics import topics
+from typing import Literal, get_args
 
 from .errors import InputError
 from .tokens import TokenBatch, pad_rows
-from .validate import check_choice
+from .validate import check_choice, check_int
 
-SPLITS = ("probe", "heldout")
+ProbeSplit = Literal["probe", "heldout"]
+SPLITS: tuple[str, ...] = get_args(ProbeSplit)
 
 
 def probe_text() -> str:
     """The full source text (deterministic for a given Python version)."""
-    from pydoc_data.topics import topics
-
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
 def probe_provenance() -> dict:
-    """Where the probe text comes from, to store with results."""
+    """Where the probe text comes from (source, Python version, length, sha256), to store with results."""
     text = probe_text()
     return {
         "source": "pydoc_data.topics (CPython documentation topics, PSF License)",
@@ -44,18 +45,26 @@ def _stream(tokenizer) -> tuple[int, ...]:
     return tuple(tokenizer(probe_text(), add_special_tokens=False)["input_ids"])
 
 
-def probe_tokens(model, n_prompts: int = 128, seq_len: int = 64, prepend_bos: bool = True,
-                 split: str = "probe") -> TokenBatch:
+def probe_tokens(model, n_prompts: int = 128, seq_len: int = 64, *, prepend_bos: bool = True,
+                 split: ProbeSplit = "probe") -> TokenBatch:
     """``n_prompts`` prompts of real text, each ``seq_len - 1`` text tokens, BOS prepended if asked.
 
     The text chunks do not depend on ``prepend_bos``: with BOS a prompt has ``seq_len`` tokens,
     without it the same text has ``seq_len - 1``. That makes with/without-BOS runs comparable.
+
+    Args:
+        model: the bridge (its tokenizer cuts the text).
+        n_prompts: number of prompts.
+        seq_len: tokens per prompt, counting the BOS (>= 2).
+        prepend_bos: start each prompt with BOS.
+        split: ``"probe"`` (the first half of the text, for finding heads and dims) or ``"heldout"``
+            (the second half, for evaluation).
     """
     check_choice("split", split, SPLITS)
-    if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < 1:
-        raise InputError(f"n_prompts must be a positive int, got {n_prompts!r}.")
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-        raise InputError(f"seq_len must be an int >= 2 (it counts the BOS), got {seq_len!r}.")
+    n_prompts = check_int("n_prompts", n_prompts, minimum=1)
+    seq_len = check_int("seq_len", seq_len, minimum=2, meaning="it counts the BOS")
+    if not isinstance(prepend_bos, bool):
+        raise InputError(f"prepend_bos must be True or False, got {prepend_bos!r}.")
     stream = _stream(model.tokenizer)
     half = len(stream) // 2
     chunk = seq_len - 1

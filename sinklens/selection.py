@@ -57,7 +57,7 @@ def selection_loss(result: EvalResult) -> float:
     Args:
         result: an evaluation (:func:`sinklens.evaluate`).
     """
-    items = result.items
+    items = result.per_item
     loss = 0.0
     for part in ("lm", "copy"):
         rows = items[items["part"] == part]
@@ -295,7 +295,8 @@ def layer_selection(model, k: int = 10, target_retention: float = 0.91,
     unknown = sorted(set(eval_kwargs) - EVAL_KWARGS)
     if unknown:
         raise InputError(f"Unknown eval_kwargs {unknown}: use any of {sorted(EVAL_KWARGS)}.")
-    plans = {split: build_plan(model, suite, limit, split, **eval_kwargs) for split in (SPLIT_DECIDE, SPLIT_CONFIRM)}
+    plans = {split: build_plan(model, suite, limit, split=split, **eval_kwargs)
+             for split in (SPLIT_DECIDE, SPLIT_CONFIRM)}
     open_results(model, results, fresh=fresh).close()  # refuse another model's results before any forward
 
     # measured, never typed in: the sink-specialized heads and the BOS dims of each layer

@@ -33,7 +33,6 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -52,14 +51,11 @@ from .pruning import prune_qk
 from .removal import remove_heads
 from .spec import Head, PruneSpec
 from .validate import check_choice, check_index
+from .version import __version__
 
 SCHEMA = 2  # 2: configurations keyed and recorded by their PruneSpec
 Method = Literal["dense", "qk", "remove"]
 METHODS: tuple[str, ...] = get_args(Method)
-
-
-def _version() -> str:
-    return version("sinklens")
 
 
 def model_fingerprint(model) -> str:
@@ -154,7 +150,7 @@ class ResultsFile:
             extra: anything else worth keeping (parameters zeroed, start layer).
         """
         buffer = io.BytesIO()
-        result.items.to_parquet(buffer, index=False)  # exact float64 round trip
+        result.per_item.to_parquet(buffer, index=False)  # exact float64 round trip
         blob = buffer.getvalue()
         with self.conn:
             self.conn.execute("INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?, ?)",
@@ -185,7 +181,7 @@ def open_results(model, path: str | Path | None, *, fresh: bool = False) -> Resu
     """
     if not isinstance(fresh, bool):
         raise InputError(f"fresh must be True or False, got {fresh!r}.")
-    meta = {"schema": str(SCHEMA), "sinklens": _version(), "model": model_info(model).name,
+    meta = {"schema": str(SCHEMA), "sinklens": __version__, "model": model_info(model).name,
             "fingerprint": model_fingerprint(model)}
     return ResultsFile(path, meta, fresh=fresh)
 
@@ -356,7 +352,7 @@ class Sweep:
             return self._records[key]
         stored = self.file.get(key)
         if stored is not None and not keep_prefix:
-            result = EvalResult(items=stored["items"], meta=dict(self.plans[split].meta))
+            result = EvalResult(per_item=stored["items"], meta=dict(self.plans[split].meta))
             written = stored["config"].get("spec")
             record = Record(method, layers, heads, split, key, result, stored["extra"].get("params", {}), cached=True,
                             spec=None if written is None else PruneSpec.from_dict(written))

@@ -9,21 +9,68 @@ from .errors import InputError
 
 
 def as_int(value) -> int | None:
-    """``value`` as an int when it is an integer (Python or numpy, not bool), else None."""
+    """``value`` as an int when it is an integer (Python or numpy, not bool), else None.
+
+    Args:
+        value: anything.
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         return None
     return int(value)
 
 
+def check_int(name: str, value, *, minimum: int | None = None, allow_none: bool = False,
+              meaning: str = "") -> int | None:
+    """An integer argument, checked one way everywhere; returns it as a Python int (None when allowed).
+
+    Python and numpy integers are accepted; bools, floats (even ``3.0``), strings and None (unless
+    ``allow_none``) are refused with one message, ``"<name> must be an int ..."``, that names the
+    argument, so a wrong type never surfaces later as a raw TypeError from deep in torch or numpy.
+
+    Args:
+        name: the argument's name, as the caller wrote it (used in the message).
+        value: the value given.
+        minimum: smallest allowed value, or None for no lower bound.
+        allow_none: whether None is a valid value (e.g. ``limit=None`` for "all").
+        meaning: a few words on what the integer counts, appended to the message (e.g. "items per task").
+    """
+    if value is None and allow_none:
+        return None
+    number = as_int(value)
+    if number is None or (minimum is not None and number < minimum):
+        wanted = "an int" + (f" >= {minimum}" if minimum is not None else "")
+        wanted += f" ({meaning})" if meaning else ""
+        wanted += " or None" if allow_none else ""
+        hint = ""
+        if isinstance(value, float) and value.is_integer():
+            hint = f" Pass {int(value)}, not {value}."
+        elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            hint = f" Pass the number {value.strip()}, not the string {value!r}."
+        raise InputError(f"{name} must be {wanted}, got {value!r} ({type(value).__name__}).{hint}")
+    return number
+
+
 def check_choice(name: str, value, choices: Sequence[str]) -> str:
-    """One of ``choices`` (strings)."""
+    """One of ``choices`` (strings); returns it.
+
+    Args:
+        name: the argument's name (used in the message).
+        value: the value given.
+        choices: the allowed strings.
+    """
     if not isinstance(value, str) or value not in choices:
         raise InputError(f"Unknown {name} {value!r}: use one of {tuple(choices)}.")
     return value
 
 
 def check_fraction(name: str, value: float, *, open_low: bool = False) -> float:
-    """A number in [0, 1] (or (0, 1] with ``open_low``)."""
+    """A number in [0, 1] (or (0, 1] with ``open_low``); returns it as a float.
+
+    Args:
+        name: the argument's name (used in the message).
+        value: the value given.
+        open_low: refuse 0 (for confidence levels and the like).
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InputError(f"{name} must be a number in [0, 1], got {value!r} ({type(value).__name__}).")
     low_ok = value > 0 if open_low else value >= 0
@@ -34,32 +81,46 @@ def check_fraction(name: str, value: float, *, open_low: bool = False) -> float:
 
 
 def check_index(name: str, value: int, size: int, what: str) -> int:
-    """An integer index in [0, size)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
+    """An integer index in [0, size); returns it as a Python int.
+
+    Args:
+        name: the argument's name (used in the message).
+        value: the value given.
+        size: number of valid indices.
+        what: what is counted, for the message (e.g. "layers").
+    """
+    value = check_int(name, value)
     if not 0 <= value < size:
         raise InputError(f"{name}={value} is out of range: the model has {size} {what} (valid: 0..{size - 1}).")
     return value
 
 
 def check_k(k: int, d_model: int) -> int:
-    """Number of kept dimensions, 1 <= k <= d_model."""
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise InputError(f"k must be an int, got {k!r} ({type(k).__name__}).")
+    """Number of kept dimensions, 1 <= k <= d_model; returns it as a Python int.
+
+    Args:
+        k: the value given.
+        d_model: width of the residual stream.
+    """
+    k = check_int("k", k)
     if not 1 <= k <= d_model:
         raise InputError(f"k={k} is out of range: choose 1 <= k <= d_model = {d_model}.")
     return k
 
 
 def check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
-    """A non-empty list of distinct valid layer indices (None means all layers)."""
+    """A non-empty sorted list of distinct valid layer indices (Python ints).
+
+    Args:
+        layers: layer indices, or None for all layers.
+        n_layers: number of layers of the model.
+    """
     if layers is None:
         return list(range(n_layers))
     layers = list(layers)
     if not layers:
         raise InputError("The layer set is empty: pass at least one layer index, or None for all layers.")
-    for layer in layers:
-        check_index("layer", layer, n_layers, "layers")
+    layers = [check_index("layer", layer, n_layers, "layers") for layer in layers]
     if len(set(layers)) != len(layers):
         raise InputError(f"Duplicate layers in {layers}: list each layer once.")
     return sorted(layers)

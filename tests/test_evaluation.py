@@ -70,7 +70,7 @@ def test_bundled_items_schema_and_provenance():
 
 def test_mc_scoring_matches_hf_eager(tiny, hf_reference, item_file):
     result = evaluate(tiny, "mc", items=item_file, show_progress=False)
-    table = result.items.set_index("item")
+    table = result.per_item.set_index("item")
     tok = tiny.tokenizer
     for item in TINY_ITEMS:
         # independent encoding: lm-eval's rule, written out again
@@ -102,7 +102,7 @@ def test_mc_scoring_matches_hf_eager(tiny, hf_reference, item_file):
 def test_lm_and_copy_match_hf_eager(tiny, hf_reference):
     result = evaluate(tiny, "default", items=None, limit=2, n_lm_prompts=3, lm_seq_len=12, n_copy=3, copy_len=6,
                       seed=5, show_progress=False)
-    items = result.items
+    items = result.per_item
     # LM: the held-out probe split (not the probe prompts), every text token scored
     batch = sl.probe_tokens(tiny, n_prompts=2, seq_len=12, split="heldout")
     nll, n, hits = 0.0, 0, 0
@@ -177,7 +177,7 @@ def _synthetic(acc: list[float]) -> EvalResult:
     items = pd.DataFrame({"part": "mc", "task": "t", "item": [f"i{j}" for j in range(len(acc))], "nll": 1.0,
                           "n_tokens": 1.0, "n_correct": acc, "acc": acc, "acc_norm": acc, "mc_nll": 1.0,
                           "n_choices": 2})
-    return EvalResult(items=items, meta={})
+    return EvalResult(per_item=items, meta={})
 
 
 def test_retention_bootstrap_ci_against_binomial():
@@ -190,7 +190,7 @@ def test_retention_bootstrap_ci_against_binomial():
     half = 1.96 * math.sqrt(0.75 * 0.25 / n)  # normal approximation of the binomial CI
     assert row["ci_low"] == pytest.approx(0.75 - half, abs=0.015)
     assert row["ci_high"] == pytest.approx(0.75 + half, abs=0.015)
-    assert compute_metrics(pruned.items)["mc/acc"] == pytest.approx(0.75)
+    assert compute_metrics(pruned.per_item)["mc/acc"] == pytest.approx(0.75)
 
 
 def test_retention_refuses_different_items(tiny, item_file):
@@ -270,7 +270,7 @@ def test_lm_eval_local_task_matches_evaluate_and_sees_pruning(harness, tiny, ite
 
     folder = tmp_path / "tasks"
     write_local_task(item_file, folder)
-    ours = evaluate(tiny, "mc", items=item_file, show_progress=False).items.set_index("item")
+    ours = evaluate(tiny, "mc", items=item_file, show_progress=False).per_item.set_index("item")
     theirs = evaluate_lm_eval(tiny, ["sinklens_items"], include_path=folder, batch_size=4, log_samples=True)
     dense_lls = _harness_lls(theirs)
     for sample in theirs.samples["sinklens_items"]:
@@ -283,7 +283,7 @@ def test_lm_eval_local_task_matches_evaluate_and_sees_pruning(harness, tiny, ite
     heads = [(layer, 0) for layer in range(info.n_layers)]  # one head of a KV group: private K copies under GQA
     probe = sl.probe_tokens(tiny, 4, 16)
     with sl.prune_qk(tiny, heads, 3, dims="bos_top", tokens=probe):
-        pruned_ours = evaluate(tiny, "mc", items=item_file, show_progress=False).items.set_index("item")
+        pruned_ours = evaluate(tiny, "mc", items=item_file, show_progress=False).per_item.set_index("item")
         pruned = _harness_lls(evaluate_lm_eval(tiny, ["sinklens_items"], include_path=folder, batch_size=4,
                                                log_samples=True))
     changed = 0
@@ -355,7 +355,7 @@ def test_lm_eval_agrees_on_bundled_items_with_smollm(harness, smollm, tmp_path):
 
     write_local_task(None, tmp_path)
     theirs = evaluate_lm_eval(smollm, "sinklens_items", limit=8, include_path=tmp_path, batch_size=8, log_samples=True)
-    ours = evaluate(smollm, "mc", limit=8, show_progress=False).items.set_index("item")  # the file's first 8 = facts
+    ours = evaluate(smollm, "mc", limit=8, show_progress=False).per_item.set_index("item")  # the file's first 8 = facts
     samples = theirs.samples["sinklens_items"]
     assert len(samples) == 8
     for sample in samples:
@@ -366,10 +366,10 @@ def test_lm_eval_agrees_on_bundled_items_with_smollm(harness, smollm, tmp_path):
 
 def test_calibration_and_heldout_splits_are_disjoint_halves(tiny, item_file):
     kwargs = dict(items=item_file, n_lm_prompts=3, lm_seq_len=8, n_copy=3, copy_len=4, show_progress=False)
-    cal = evaluate(tiny, split="calibration", **kwargs).items
-    held = evaluate(tiny, split="heldout", **kwargs).items
+    cal = evaluate(tiny, split="calibration", **kwargs).per_item
+    held = evaluate(tiny, split="heldout", **kwargs).per_item
     every = evaluate(tiny, split="all", n_lm_prompts=6, lm_seq_len=8, n_copy=6, copy_len=4, items=item_file,
-                     show_progress=False).items
+                     show_progress=False).per_item
     assert not set(cal["item"]) & set(held["item"])
     assert set(cal["item"]) | set(held["item"]) == set(every["item"])
     assert sorted(cal[cal["part"] == "lm"]["item"]) == ["lm-0000", "lm-0002", "lm-0004"]
@@ -377,3 +377,139 @@ def test_calibration_and_heldout_splits_are_disjoint_halves(tiny, item_file):
     # the same copy sequence gets the same score whichever split holds it
     merged = held.merge(every, on=["part", "item"], suffixes=("", "_all"))
     assert (merged["n_correct"] == merged["n_correct_all"]).all() and len(merged) == len(held)
+
+
+# --- the result is a read-only mapping of metric -> value ----------------------------------------------
+
+def test_result_is_a_read_only_mapping_of_metrics(tiny, item_file):
+    result = evaluate(tiny, "mc", items=item_file, show_progress=False)
+    per_item = result.per_item
+    expected = {}  # recomputed from the per-item table with plain pandas
+    for task in ("alpha", "beta"):
+        rows = per_item[per_item["task"] == task]
+        expected[f"mc/{task}/acc"], expected[f"mc/{task}/acc_norm"] = rows["acc"].mean(), rows["acc_norm"].mean()
+    expected["mc/acc"] = (expected["mc/alpha/acc"] + expected["mc/beta/acc"]) / 2
+    expected["mc/acc_norm"] = (expected["mc/alpha/acc_norm"] + expected["mc/beta/acc_norm"]) / 2
+    expected["acc/mean"] = expected["mc/acc"]
+    assert set(result) == set(expected) and len(result) == len(expected)
+    for name, value in result.items():  # the loop a new user writes first
+        assert value == pytest.approx(expected[name]) and isinstance(value, float)
+    assert dict(result) == result.metrics and json.loads(json.dumps(dict(result))) == dict(result)
+    assert result["mc/acc"] == pytest.approx(expected["mc/acc"]) and "lm/ppl" not in result
+    assert result.get("lm/ppl") is None
+    with pytest.raises(KeyError, match="lm/ppl.*mc/acc"):
+        result["lm/ppl"]
+    with pytest.raises(TypeError):
+        result["mc/acc"] = 1.0
+    result.metrics["mc/acc"] = -1.0  # a copy: the result does not change
+    assert result["mc/acc"] == pytest.approx(expected["mc/acc"])
+
+
+# --- integer arguments: one check, one message ------------------------------------------------------
+
+INT_ARGUMENTS = {  # name -> a call that passes the value as that argument
+    "limit": lambda model, v: evaluate(model, "copy", v, show_progress=False),
+    "n_copy": lambda model, v: evaluate(model, "copy", n_copy=v, show_progress=False),
+    "copy_len": lambda model, v: evaluate(model, "copy", copy_len=v, show_progress=False),
+    "n_lm_prompts": lambda model, v: evaluate(model, "lm", n_lm_prompts=v, show_progress=False),
+    "lm_seq_len": lambda model, v: evaluate(model, "lm", lm_seq_len=v, show_progress=False),
+    "batch_tokens": lambda model, v: build_plan(model, "copy", batch_tokens=v),
+    "seed": lambda model, v: build_plan(model, "copy", seed=v),
+    "start_layer": lambda model, v: build_plan(model, "copy", n_copy=2, copy_len=4).run(model, start_layer=v),
+    "n_prompts": lambda model, v: sl.probe_tokens(model, v, 8),
+    "seq_len": lambda model, v: sl.probe_tokens(model, 2, v),
+    "n_boot": lambda model, v: retention(_synthetic([1.0]), _synthetic([1.0]), n_boot=v),
+    "batch_size": lambda model, v: sl.evaluate_lm_eval(model, "piqa", batch_size=v),
+    "num_fewshot": lambda model, v: sl.evaluate_lm_eval(model, "piqa", num_fewshot=v),
+}
+NONE_MEANS_DEFAULT = {"limit", "lm_seq_len", "num_fewshot"}
+
+
+BAD_INT_CASES = [(name, value) for name in sorted(INT_ARGUMENTS) for value in (2.0, "2", None, True)
+                 if not (value is None and name in NONE_MEANS_DEFAULT)]
+
+
+@pytest.mark.parametrize("name, value", BAD_INT_CASES)
+def test_integer_arguments_refuse_other_types_with_one_message(tiny, name, value):
+    """Floats, strings, None and bools get the one check's message naming the argument, never a TypeError."""
+    with pytest.raises(sl.InputError, match=f"^{name} must be an int"):
+        INT_ARGUMENTS[name](tiny, value)
+
+
+def test_limit_accepts_numpy_ints(tiny, item_file):
+    result = evaluate(tiny, "mc", np.int64(1), items=item_file, show_progress=False)
+    assert result.meta["limit"] == 1 and type(result.meta["limit"]) is int  # JSON-ready
+    assert len(result.per_item) == 2  # one item per task
+
+
+# --- lm-eval offline: the missing data is named before the harness is imported -----------------------
+
+@pytest.fixture
+def offline_empty_caches(monkeypatch, tmp_path):
+    """Offline (as HF_HUB_OFFLINE=1 says) with empty hub and datasets caches, whatever this machine holds."""
+    from sinklens import lm_eval_bridge
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setattr(lm_eval_bridge.hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path
+
+
+def _refuse_harness_import(monkeypatch):
+    from sinklens import lm_eval_bridge
+
+    def refuse():
+        raise AssertionError("the harness was imported before the missing data was named")
+
+    monkeypatch.setattr(lm_eval_bridge, "_import_harness", refuse)
+
+
+def test_lm_eval_offline_names_missing_suite_data_before_importing_the_harness(harness, tiny, offline_empty_caches,
+                                                                               monkeypatch):
+    from sinklens.lm_eval_bridge import PRUNING_PAPER_TASKS, TaskDataUnavailableError
+
+    _refuse_harness_import(monkeypatch)
+    with pytest.raises(TaskDataUnavailableError, match="hub cannot be reached") as err:
+        sl.evaluate_lm_eval(tiny, "pruning-paper")
+    for task in PRUNING_PAPER_TASKS:
+        assert f"task {task!r} (dataset '" in str(err.value)
+
+
+def test_lm_eval_offline_fast_and_harness_paths_name_the_same_dataset(harness, tiny, tmp_path, offline_empty_caches,
+                                                                      monkeypatch):
+    from sinklens import lm_eval_bridge
+    from sinklens.lm_eval_bridge import TaskDataUnavailableError
+
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "remote.yaml").write_text(
+        "task: remote_only\ndataset_path: sinklens-tests/never-cached\ndataset_name: sub\n"
+        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{gold}}'\n")
+    named = "task 'remote_only' (dataset 'sinklens-tests/never-cached', subset 'sub')"
+    with monkeypatch.context() as patch:
+        _refuse_harness_import(patch)
+        with pytest.raises(TaskDataUnavailableError) as fast:
+            sl.evaluate_lm_eval(tiny, "remote_only", include_path=folder)
+    monkeypatch.setattr(lm_eval_bridge, "_check_data_offline", lambda *args: None)  # the harness's own loading
+    with pytest.raises(TaskDataUnavailableError) as slow:
+        sl.evaluate_lm_eval(tiny, "remote_only", include_path=folder)
+    assert named in str(fast.value) and named in str(slow.value)
+
+
+def test_lm_eval_offline_leaves_cached_and_local_data_to_the_harness(harness, tiny, tmp_path, offline_empty_caches,
+                                                                     item_file):
+    from sinklens.lm_eval_bridge import TaskDataUnavailableError, write_local_task
+
+    folder = tmp_path / "tasks"
+    write_local_task(item_file, folder)
+    result = sl.evaluate_lm_eval(tiny, "sinklens_items", include_path=folder, batch_size=4)  # json: runs offline
+    ours = evaluate(tiny, "mc", items=item_file, show_progress=False).per_item
+    assert result.metrics["sinklens_items/acc"] == pytest.approx(ours["acc"].mean())
+    (folder / "remote.yaml").write_text(
+        "task: remote_only\ndataset_path: sinklens-tests/never-cached\noutput_type: multiple_choice\n"
+        "test_split: test\ndoc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{gold}}'\n")
+    (offline_empty_caches / "datasets" / "sinklens-tests___never-cached").mkdir(parents=True)  # looks cached
+    with pytest.raises(TaskDataUnavailableError, match="'remote_only'") as err:
+        sl.evaluate_lm_eval(tiny, "remote_only", include_path=folder)
+    assert err.value.__cause__ is not None  # raised by the harness's own loading, not by the text scan

@@ -54,7 +54,7 @@ def full_forward(model, sweep: Sweep, method: str, layers) -> pd.DataFrame:
     edit = (sl.prune_qk(model, heads, 4, dims="bos_top", tokens=sweep.massive) if method == "qk"
             else sl.remove_heads(model, heads))
     with edit:
-        return sweep.plans["all"].run(model).items
+        return sweep.plans["all"].run(model).per_item
 
 
 def assert_items_close(got: pd.DataFrame, expected: pd.DataFrame) -> None:
@@ -68,7 +68,7 @@ def test_prefix_reuse_equals_full_forward(tiny, tmp_path):
     sweep = make_sweep(tiny, write_items(tmp_path))
     for method, layers, split in CONFIGS:
         record = sweep.evaluate(method, layers, split)
-        assert_items_close(record.result.items, full_forward(tiny, sweep, method, layers))
+        assert_items_close(record.result.per_item, full_forward(tiny, sweep, method, layers))
     assert not sl.active_edits(tiny)
     starts = {tuple(json.loads(c)["layers"]): json.loads(e)["start_layer"] for c, e in
               sweep.file.conn.execute("SELECT config, extra FROM results WHERE config LIKE '%qk%'")}
@@ -81,7 +81,7 @@ def test_greedy_extension_starts_at_new_layer(tiny, tmp_path):
     record = sweep.evaluate("qk", (0, 2), "all")
     extra = json.loads(sweep.file.conn.execute("SELECT extra FROM results WHERE key = ?", (record.key,)).fetchone()[0])
     assert extra["start_layer"] == 2  # from layer 0's pruned residuals, not from the dense ones
-    assert_items_close(record.result.items, full_forward(tiny, sweep, "qk", (0, 2)))
+    assert_items_close(record.result.per_item, full_forward(tiny, sweep, "qk", (0, 2)))
 
 
 def test_forward_equivalents_of_a_single_layer_sweep(tiny, tmp_path):
@@ -102,7 +102,7 @@ def test_rerun_skips_finished_configurations(tiny, tmp_path):
     again = second.run(CONFIGS[:4])
     assert all(r.cached for r in again) and second.cost()["configs_evaluated"] == 0
     for a, b in zip(done, again):
-        pd.testing.assert_frame_equal(a.result.items, b.result.items)  # exact round trip
+        pd.testing.assert_frame_equal(a.result.per_item, b.result.per_item)  # exact round trip
         assert a.params == b.params
     assert len(second.file) == 5  # dense + 4
 
@@ -175,7 +175,7 @@ def test_sigkill_mid_sweep_resumes_without_lost_or_duplicated_rows(tmp_path):
     assert len(keys) == len(set(keys)) == len(CONFIGS) + 1
     clean = make_sweep(tiny, items)  # the same sweep, uninterrupted, in memory
     for record, (method, layers, split) in zip(records, CONFIGS):
-        assert_items_close(record.result.items, clean.evaluate(method, layers, split).result.items)
+        assert_items_close(record.result.per_item, clean.evaluate(method, layers, split).result.per_item)
 
 
 def test_refuses_results_of_another_model(tiny, tmp_path):
@@ -193,7 +193,7 @@ def test_refuses_results_of_another_sinklens_version(tiny, tmp_path, monkeypatch
     path = tmp_path / "sweep.sqlite"
     items = write_items(tmp_path)
     make_sweep(tiny, items, results=path).close()
-    monkeypatch.setattr("sinklens.sweep._version", lambda: "999.0")
+    monkeypatch.setattr("sinklens.sweep.__version__", "999.0")
     with pytest.raises(sl.InputError, match="sinklens version.*delete the file"):
         make_sweep(tiny, items, results=path)
 
