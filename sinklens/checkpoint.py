@@ -110,6 +110,8 @@ def save_pruned(model, folder: str | os.PathLike, *, overwrite: bool = False) ->
     info = model_info(model)
     counts = checkpoint_params_zeroed(model)
     state = {name: t.detach() for name, t in standard_state_dict(model).items()}
+    for layer in range(info.n_layers):  # fused q/k/v the bridge splits into copies: rebuilt from the live split
+        state.update(layout(model).checkpoint_tensors(model, layer))
     config = copy.deepcopy(model.original_model.config)
     if counts["layout"] == "ungrouped":
         _ungroup(model, state, info.n_layers, info.group_size, info.d_head)

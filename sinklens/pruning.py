@@ -170,6 +170,7 @@ def plan_pruning(model, heads: Sequence[Head] | PruneSpec, k: int | None = None,
                 plan.k_edits[(layer, group)] = sets[0]
         else:
             plan.k_copies.update({(layer, h): s for h, s in zip(chosen, sets) if s.numel() < full})
+    layout(model).check_plan(plan)
     return plan
 
 
