@@ -147,7 +147,8 @@ def save_pruned(model, folder: str | os.PathLike, *, overwrite: bool = False) ->
         "sinklens_version": version("sinklens"),
         "source_model": {"name": info.name, **info.as_dict()},
         "layout": counts["layout"],
-        "num_key_value_heads": {"source": info.n_kv_heads, "checkpoint": int(config.num_key_value_heads)},
+        "num_key_value_heads": {"source": info.n_kv_heads,
+                                "checkpoint": info.n_heads if counts["layout"] == "ungrouped" else info.n_kv_heads},
         "ungrouped_note": ("gqa='exact' pruned part of a KV group: every k_proj/v_proj row block was repeated per "
                            "query head (exact, no approximation)") if counts["layout"] == "ungrouped" else None,
         "edits": [edit.record() for edit in edits],
