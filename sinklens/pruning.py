@@ -140,8 +140,8 @@ def plan_pruning(model, heads: Sequence[Head] | PruneSpec, k: int | None = None,
     spec.check(info)
     gs = info.group_size
     if spec.gqa == "shared" and gs == 1:
-        warnings.warn(f'gqa="shared" changes nothing on {info.model_type!r} {info.name!r}: it has one query head per KV '
-                      'head (no GQA), so it prunes exactly as gqa="exact".', UserWarning, stacklevel=3)
+        warnings.warn(f'gqa="shared" changes nothing on {info.model_type!r} {info.name!r}: it has one query head per '
+                      'KV head (no GQA), so it prunes exactly as gqa="exact".', UserWarning, stacklevel=3)
     if spec.gqa == "shared" and not spec.force:
         for layer, group in sorted({(l, h // gs) for l, h in spec.heads}):
             members = set(range(group * gs, (group + 1) * gs))

@@ -31,8 +31,8 @@ Patterns are reduced inside the hooks; only the layers involved are hooked.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_families import FAMILIES, MODEL_TYPE, build_family_checkpoint
 
 import sinklens as sl
 from sinklens.qk import LAYOUTS
-from tiny_families import FAMILIES, MODEL_TYPE, build_family_checkpoint
 
 TOL = 1e-5
 PROJECTIONS = ("q_proj", "qkv_proj", "c_attn", "query_key_value")  # the module that multiplies the attention input
@@ -135,7 +135,8 @@ def test_layer_level_equals_model_level_for_one_layer(family):
 
 
 def test_family_refusals(tmp_path_factory):
-    folders = {name: build_family_checkpoint(tmp_path_factory.mktemp(name), name) for name in ("olmo2", "qwen3", "gpt2")}
+    folders = {name: build_family_checkpoint(tmp_path_factory.mktemp(name), name)
+               for name in ("olmo2", "qwen3", "gpt2")}
     olmo = sl.load_model(str(folders["olmo2"]), device="cpu")
     with pytest.raises(sl.InputError, match="full width.*Prune every head of the layer"):
         sl.apply_pruning(olmo, [(1, 0)], 4, dims="random")

@@ -70,7 +70,7 @@ def build_family_checkpoint(folder, family: str, seed: int = 0, n_layers: int = 
             leaf = name.rsplit(".", 1)[-1]
             if "norm" in name or ".ln_" in name or "layernorm" in name:
                 if leaf == "weight":
-                    low, high = (-0.5, 1.0) if model_type_of(config) == "gemma2" else (0.5, 2.0)
+                    low, high = (-0.5, 1.0) if config.model_type == "gemma2" else (0.5, 2.0)
                     param.copy_(torch.empty_like(param).uniform_(low, high, generator=generator))
                 else:
                     param.copy_(torch.empty_like(param).uniform_(-0.3, 0.3, generator=generator))
@@ -85,5 +85,3 @@ def build_family_checkpoint(folder, family: str, seed: int = 0, n_layers: int = 
     return folder
 
 
-def model_type_of(config) -> str:
-    return config.model_type
