@@ -321,22 +321,6 @@ def attention_scaling(model, info: ModelInfo, layer: int) -> float:
     return float(getattr(model.blocks[layer].attn.original_component, "scaling", info.d_head ** -0.5))
 
 
-def project(x: Float[Tensor, "batch pos d_model"], weight: Float[Tensor, "head d_head d_kept"],
-            index: Int[Tensor, "head d_kept"], bias: Float[Tensor, "head d_head"] | None = None
-            ) -> Float[Tensor, "batch head pos d_head"]:
-    """Per-head projections of the attention input reading only the kept input dims:
-    ``x[..., S_h] @ W_h[:, S_h].T (+ b_h)``.
-
-    Args:
-        x: the attention input.
-        weight: per head, the weight columns of its kept dims.
-        index: per head, the kept dims (entries past a head's own count must weigh zero in ``weight``).
-        bias: per-head bias rows, or None.
-    """
-    out = torch.einsum("bpnk,nek->bnpe", x[:, :, index], weight)
-    return out if bias is None else out + bias[None, :, None, :]
-
-
 def masked_like(scores: Float[Tensor, "*batch query key"]) -> Bool[Tensor, "*batch query key"]:
     """Entries the model masked (set to the dtype's minimum, or -inf) in ``hook_attn_scores``.
 
@@ -360,5 +344,5 @@ def drop_mask(keep: Int[Tensor, " k"], d_model: int, device: torch.device | str)
 
 
 __all__ = ["AttentionHooks", "LAYOUTS", "LLAMA", "LayerWeights", "Projection", "QKLayout", "attention_scaling", "bias",
-           "check_editable", "drop_mask", "head_rows", "kv_rows", "layout", "masked_like", "project", "rotate",
+           "check_editable", "drop_mask", "head_rows", "kv_rows", "layout", "masked_like", "rotate",
            "weights"]
