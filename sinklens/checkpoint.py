@@ -110,6 +110,8 @@ def save_pruned(model, folder: str | os.PathLike, *, overwrite: bool = False) ->
     info = model_info(model)
     counts = checkpoint_params_zeroed(model)
     state = {name: t.detach() for name, t in standard_state_dict(model).items()}
+    for layer in range(info.n_layers):  # fused q/k/v the bridge splits into copies: rebuilt from the live split
+        state.update(layout(model).checkpoint_tensors(model, layer))
     config = copy.deepcopy(model.original_model.config)
     if counts["layout"] == "ungrouped":
         _ungroup(model, state, info.n_layers, info.group_size, info.d_head)
@@ -145,7 +147,8 @@ def save_pruned(model, folder: str | os.PathLike, *, overwrite: bool = False) ->
         "sinklens_version": __version__,
         "source_model": {"name": info.name, **info.as_dict()},
         "layout": counts["layout"],
-        "num_key_value_heads": {"source": info.n_kv_heads, "checkpoint": int(config.num_key_value_heads)},
+        "num_key_value_heads": {"source": info.n_kv_heads,
+                                "checkpoint": info.n_heads if counts["layout"] == "ungrouped" else info.n_kv_heads},
         "ungrouped_note": ("gqa='exact' pruned part of a KV group: every k_proj/v_proj row block was repeated per "
                            "query head (exact, no approximation)") if counts["layout"] == "ungrouped" else None,
         "edits": [edit.record() for edit in edits],

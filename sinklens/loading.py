@@ -32,7 +32,8 @@ import torch
 from .errors import HubUnreachableError, InputError, UnknownModelError, UnsupportedArchitectureError
 
 EMBEDDED_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+# the decoder families with a Q/K layout in sinklens.qk (docs/families.md: what each one was checked for)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "olmo2", "gpt2", "gpt_neox")
 _CACHE_MANIFEST = "sinklens_cache.json"
 _CACHE_FORMAT = 1
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -194,12 +195,13 @@ def hub_reachable(endpoint: str = "https://huggingface.co", timeout: float = 3.0
 
 
 def _check_architecture(folder: Path) -> None:
+    """Refuse a checkpoint whose ``model_type`` has no Q/K layout, before any weight is read."""
     config = json.loads((folder / "config.json").read_text())
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedArchitectureError(
-            f"{folder} holds a {model_type!r} model; sinklens supports Llama-family decoders "
-            f"({', '.join(SUPPORTED_MODEL_TYPES)}: RMSNorm, rotary q/k projections). Pick such a checkpoint.")
+            f"{folder} holds a {model_type!r} model; sinklens supports the decoder families "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (see docs/families.md). Pick a checkpoint of one of them.")
 
 
 # --- the embedded model -------------------------------------------------------------------------

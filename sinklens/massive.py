@@ -1,8 +1,11 @@
 """Massive activations (ELMF) of the first token, in two bases.
 
 - ``"resid"``: the residual stream entering the layer (``blocks.L.hook_resid_pre``);
-- ``"normalized"``: the attention input after RMSNorm and its gain (``blocks.L.ln1.hook_out``),
-  i.e. what q_proj / k_proj multiply. This is the default basis for choosing pruning dims.
+- ``"normalized"``: the attention input, i.e. what q_proj / k_proj multiply (``blocks.L.attn.k.hook_in``,
+  from the family's :class:`~sinklens.qk.QKLayout`): the input norm's output with its gain (RMSNorm in
+  Llama-likes, x * (1 + w) in Gemma 2, LayerNorm with bias in GPT-2 / GPT-NeoX); in OLMo 2, which
+  normalises after attention, it is the residual stream itself. This is the default basis for choosing
+  pruning dims.
 
 Sun et al. (2024) call a scalar massive when its magnitude is > 100 and about >= 1000 x the
 median magnitude of its hidden state (all real tokens and dims of that prompt at that layer).
@@ -21,8 +24,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .errors import InputError
-from .hooks import attn_input_hook, batches, relative_index, resid_pre_hook, run_hooked
+from .hooks import batches, relative_index, resid_pre_hook, run_hooked
 from .loading import model_info
+from .qk import layout
 from .tokens import as_batch
 from .validate import check_choice, check_index, check_k, check_layers
 
@@ -197,7 +201,7 @@ def massive_activations(model, tokens, attention_mask: Int[Tensor, "batch pos"] 
         collected: dict[tuple[int, int], dict[str, Tensor]] = {}
         hooks = []
         for slot, layer in enumerate(layers):
-            for b, name in enumerate((resid_pre_hook(layer), attn_input_hook(layer))):
+            for b, name in enumerate((resid_pre_hook(layer), layout(model).hooks(layer).input)):
                 hooks.append((name, _collector(collected, (b, slot), sub.attention_mask)))
         run_hooked(model, sub, hooks, layers)
         for (b, slot), out in collected.items():

@@ -26,6 +26,7 @@ pair with :func:`sinklens.apply_head_removal` and :func:`sinklens.remove_heads`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -138,6 +139,9 @@ def plan_pruning(model, heads: Sequence[Head] | PruneSpec, k: int | None = None,
     info = model_info(model)
     spec.check(info)
     gs = info.group_size
+    if spec.gqa == "shared" and gs == 1:
+        warnings.warn(f'gqa="shared" changes nothing on {info.model_type!r} {info.name!r}: it has one query head per '
+                      'KV head (no GQA), so it prunes exactly as gqa="exact".', UserWarning, stacklevel=3)
     if spec.gqa == "shared" and not spec.force:
         for layer, group in sorted({(l, h // gs) for l, h in spec.heads}):
             members = set(range(group * gs, (group + 1) * gs))
@@ -170,6 +174,7 @@ def plan_pruning(model, heads: Sequence[Head] | PruneSpec, k: int | None = None,
                 plan.k_edits[(layer, group)] = sets[0]
         else:
             plan.k_copies.update({(layer, h): s for h, s in zip(chosen, sets) if s.numel() < full})
+    layout(model).check_plan(plan)
     return plan
 
 

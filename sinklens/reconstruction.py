@@ -21,15 +21,17 @@ Two levels:
   configuration, batch by batch, so the dense reference (patterns of the selected heads, final
   log-probs) is held for one batch only and reused by every configuration.
 - ``"layer"``: each layer is pruned alone on the dense residual stream. Pruning layer l cannot change
-  layer l's inputs, so every configuration's pruned patterns are computed in the hooks of ONE dense
-  forward from that layer's attention input (the model's own rotary cos/sin and mask), with the same
-  plans as :func:`apply_pruning`. This is the thesis' per-head reconstruction error, and cheap enough to
-  sweep k. Tests check it against the pruned model itself.
+  layer l's inputs, so every configuration's pruned scores are computed during ONE dense forward: after
+  the layer's attention ran, the model's own attention module is called again on the same input with
+  the configuration's edits of that layer applied (the same plans as :func:`apply_pruning`), so rotary
+  variants, q/k norms, softcaps and windows come from the model, never from a copy of its maths. This
+  is the thesis' per-head reconstruction error. Tests check it against the pruned model itself.
 Patterns are reduced inside the hooks; only the layers involved are hooked.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -46,7 +48,7 @@ from .hooks import batches, run_hooked
 from .loading import model_info
 from .massive import BASES, Basis, MassiveActivations
 from .pruning import PruningPlan, apply_pruning, plan_pruning
-from .qk import attention_scaling, bias, check_editable, head_rows, kv_rows, layout, masked_like, project, weights
+from .qk import check_editable, head_rows, layout, masked_like, weights
 from .removal import apply_head_removal
 from .spec import GQA_POLICIES, POLICIES, DimsArg, GQAPolicy, Head, PruneSpec, as_spec, check_heads
 from .tokens import TokenBatch, as_batch
@@ -503,70 +505,53 @@ def _compare_hooks(model, info, by_layer, ref, dense_wo, mask, acc: _Accumulator
     return hooks
 
 
-# --- level "layer": every configuration from one dense forward ----------------------------------
+# --- level "layer": every configuration on one dense forward, through the model's own attention -----
 
-class _LayerGroup:
-    """The configurations of one layer that keep the same number of Q dims, stacked along the head axis
-    (config-major) so one batched computation gives all their pruned patterns."""
-
-    def __init__(self, model, info, layer: int, hs: list[int], configs: list[_Config], members: list[int]):
-        self.members = members
-        self.layout = layout(model)
-        gs, full = info.group_size, info.d_model
-        w = weights(model, layer)
-        everything = torch.arange(full)
-        plans = [configs[c].plan for c in members]
-        q_sets = [p.dims[(layer, h)] for p in plans for h in hs]
-        gqa = plans[0].gqa
-        if gqa == "q_only":
-            k_sets = None
-        elif gqa == "shared":
-            k_sets = [p.k_edits.get((layer, h // gs), everything) for p in plans for h in hs]
-        else:
-            k_sets = q_sets
-        q_rows = [head_rows(info, h) for _ in plans for h in hs]
-        k_rows = [kv_rows(info, h) for _ in plans for h in hs]
-        self.q = _gathered(w.q, q_rows, q_sets, bias(model, layer, "q"))
-        self.k = None if k_sets is None else _gathered(w.k, k_rows, k_sets, bias(model, layer, "k"))
-
-    def scores(self, x, cos, sin, rot_k, scaling, dtype) -> Tensor:
-        """Pruned scores [b, configs, n, q, k], before the mask."""
-        repeat = len(self.members)
-        rotate = self.layout.rotate
-        q = rotate(project(x, *self.q), cos, sin) * scaling
-        k = rot_k.repeat(1, repeat, 1, 1) if self.k is None else rotate(project(x, *self.k), cos, sin)
-        scores = (q @ k.transpose(-1, -2)).to(dtype)
-        return scores.view(scores.shape[0], repeat, -1, *scores.shape[2:])
+def _changes_layer(plan: PruningPlan, layer: int) -> bool:
+    return any(l == layer for l, _ in list(plan.q_edits) + list(plan.k_edits) + list(plan.k_copies))
 
 
-def _layer_groups(model, info, layer: int, hs: list[int],
-                  configs: list[_Config]) -> tuple[list[_LayerGroup], list[int]]:
-    """Groups of configurations pruning something in ``layer``, and those leaving it dense (k = d_model)."""
-    by_k: dict[int, list[int]] = {}
-    untouched = []
-    for c, config in enumerate(configs):
-        if config.plan is None:
-            continue
-        plan = config.plan
-        changed = any((layer, h) in plan.q_edits for h in hs) or any(l == layer for l, _ in plan.k_edits) or any(
-            (layer, h) in plan.k_copies for h in hs)
-        if changed:
-            by_k.setdefault(plan.k, []).append(c)
-        else:
-            untouched.append(c)
-    return [_LayerGroup(model, info, layer, hs, configs, members) for members in by_k.values()], untouched
+def _layer_plan(plan: PruningPlan, layer: int) -> PruningPlan:
+    """The part of ``plan`` that edits ``layer`` (the same dims and edits, other layers left out)."""
+    return dataclasses.replace(plan, q_edits={p: d for p, d in plan.q_edits.items() if p[0] == layer},
+                               k_edits={p: d for p, d in plan.k_edits.items() if p[0] == layer},
+                               k_copies={p: d for p, d in plan.k_copies.items() if p[0] == layer})
 
 
-def _gathered(weight: Tensor, rows: list[slice], sets: list[Tensor], bias: Tensor | None):
-    """(weight [n, d_head, width], index [n, width], bias) for :func:`project`; padded entries weigh zero."""
-    width = max(s.numel() for s in sets)
-    index = torch.stack([torch.cat([s, s.new_zeros(width - s.numel())]) for s in sets]).to(weight.device)
-    valid = torch.stack([torch.arange(width) < s.numel() for s in sets]).to(weight.device)
-    stacked = torch.stack([weight[r] for r in rows])
-    gathered = stacked.gather(2, index[:, None, :].expand(-1, stacked.shape[1], -1))
-    gathered = gathered * valid[:, None, :].to(weight.dtype)
-    b = None if bias is None else torch.stack([bias[r] for r in rows])
-    return gathered, index, b
+class _AttentionRerun:
+    """Pruned scores of one layer computed by the model's own attention module on the dense input.
+
+    A forward hook on ``blocks[layer].attn`` keeps the arguments of the dense call; :meth:`scores` applies a
+    plan's edits of this layer (:func:`apply_pruning`: weights and private-K hooks), calls the module again on
+    those arguments (without a KV cache) and returns what its ``hook_attn_scores`` held, then restores the
+    edits. Rotary variants, q/k norms, softcaps, sliding windows and fused projections all come from the model.
+    """
+
+    _CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past")
+
+    def __init__(self, model, layer: int):
+        self.model, self.layer = model, layer
+        self.module = model.blocks[layer].attn
+        self.args = self.kwargs = None
+        self.rerunning = False
+        self.captured: Tensor | None = None
+
+    def record(self, module, args, kwargs) -> None:
+        """Forward pre-hook: keep the dense call's arguments (not during a rerun)."""
+        if not self.rerunning:
+            self.args = args
+            self.kwargs = {name: (None if name in self._CACHE_ARGS else value) for name, value in kwargs.items()}
+
+    def scores(self, plan: PruningPlan) -> Tensor:
+        """The scores [b, n_heads, q, k] of this layer with ``plan``'s edits of it applied."""
+        edit = apply_pruning(self.model, _layer_plan(plan, self.layer))
+        self.rerunning, self.captured = True, None
+        try:
+            self.module(*self.args, **self.kwargs)
+        finally:
+            self.rerunning = False
+            edit.restore()
+        return self.captured
 
 
 def _layer_level(model, batch, heads, configs, gqa, batch_size, show_progress) -> pd.DataFrame:
@@ -574,13 +559,14 @@ def _layer_level(model, batch, heads, configs, gqa, batch_size, show_progress) -
     by_layer = _by_layer(heads)
     layers = sorted(by_layer)
     gs = info.group_size
-    groups = {layer: _layer_groups(model, info, layer, by_layer[layer][1], configs) for layer in layers}
+    changed = {layer: [c for c, config in enumerate(configs)
+                       if config.plan is not None and _changes_layer(config.plan, layer)] for layer in layers}
     whole = [c for c, config in enumerate(configs) if config.plan is None]
     gram = {}
     for layer in layers:  # W_O^h.T W_O^h: ||z W_O^T||^2 = sum_rows z G z^T, without forming c
         wo = _o_columns(model, info, layer, by_layer[layer][1])
         gram[layer] = wo.transpose(1, 2) @ wo
-    scaling = {layer: attention_scaling(model, info, layer) for layer in layers}
+    reruns = {layer: _AttentionRerun(model, layer) for layer in layers}
     acc = _Accumulator(len(configs), len(heads))
     nan = float("nan")
     for _, sub in batches(batch, batch_size, desc="k sweep", show_progress=show_progress):
@@ -593,44 +579,59 @@ def _layer_level(model, batch, heads, configs, gqa, batch_size, show_progress) -
             seen: dict[str, Tensor] = {}
             index = torch.tensor(hs)
             kv = torch.tensor([h // gs for h in hs])
+            rerun = reruns[layer]
 
-            def keep(name, seen=seen):
-                def capture(tensor, hook):
-                    seen[name] = tensor
-                return capture
+            def keep_v(tensor, hook, seen=seen, rerun=rerun):
+                if not rerun.rerunning:
+                    seen["v"] = tensor
 
             def scores_hook(scores, hook, layer=layer, slots=slots, seen=seen, index=index, kv=kv, mask=mask,
-                            real=real):
+                            real=real, rerun=rerun):
+                if rerun.rerunning:  # a pruned configuration's scores, computed by the module itself
+                    rerun.captured = scores[:, index.to(scores.device)].clone()
+                    return
                 device = scores.device
                 dense = scores[:, index.to(device)]
-                masked = masked_like(dense)[:, None]  # [b, 1, n, q, k]
+                masked = masked_like(dense)
                 ref, ref_p = _softmax_pair(dense)
                 v = seen["v"][:, :, kv.to(device)].float().transpose(1, 2)  # [b, n, pos, dh]
-                rot_k = seen["rot_k"][:, :, kv.to(device)].transpose(1, 2)
                 z = ref_p @ v
                 g = gram[layer].to(device)
                 norm = _gram_norm(z, g, real)
                 same = pattern_errors(ref, ref, mask, ref_p, ref_p)
-                for c in groups[layer][1]:  # nothing pruned in this layer: the dense pattern
-                    acc.add(c, slots, {**same, "out_rel": torch.zeros_like(norm)})
+                pruned_here = set(changed[layer])
+                for c, config in enumerate(configs):  # nothing pruned in this layer: the dense pattern
+                    if config.plan is not None and c not in pruned_here:
+                        acc.add(c, slots, {**same, "out_rel": torch.zeros_like(norm)})
                 for c in whole:  # head removed: pattern untouched (no pattern error to speak of), output gone
                     acc.add(c, slots, {"alpha0": same["alpha0"], "frob_rel": torch.full_like(norm, nan),
                                        "kl": torch.full_like(norm, nan), "d_alpha0": torch.full_like(norm, nan),
                                        "out_rel": norm / norm})
-                for group in groups[layer][0]:
-                    pruned = group.scores(seen["x"], seen["cos"], seen["sin"], rot_k, scaling[layer], dense.dtype)
-                    logp, p = _softmax_pair(pruned.masked_fill_(masked, torch.finfo(dense.dtype).min))
-                    values = pattern_errors(ref[:, None], logp, mask, ref_p[:, None], p)
-                    values["out_rel"] = _gram_norm(z[:, None] - p @ v[:, None], g, real) / norm[:, None]
-                    shape = pruned.shape[:3]  # alpha0 is the dense value: [b, 1, n] broadcasts over configs
-                    for i, c in enumerate(group.members):
-                        acc.add(c, slots, {name: value.expand(shape)[:, i] for name, value in values.items()})
+                seen["dense"] = (ref, ref_p, masked, v, z, g, norm)
+
+            def after_attention(module, args, kwargs, output, layer=layer, slots=slots, seen=seen, mask=mask,
+                                real=real, rerun=rerun):
+                if rerun.rerunning:
+                    return
+                ref, ref_p, masked, v, z, g, norm = seen.pop("dense")
+                for c in changed[layer]:
+                    pruned = rerun.scores(configs[c].plan).masked_fill(masked, torch.finfo(ref.dtype).min)
+                    logp, p = _softmax_pair(pruned)
+                    values = pattern_errors(ref, logp, mask, ref_p, p)
+                    values["out_rel"] = _gram_norm(z - p @ v, g, real) / norm
+                    acc.add(c, slots, values)
                 seen.clear()
 
             names = layout(model).hooks(layer)
-            hooks += [(names.input, keep("x")), (names.cos, keep("cos")), (names.sin, keep("sin")),
-                      (names.rot_k, keep("rot_k")), (names.v, keep("v")), (names.scores, scores_hook)]
-        run_hooked(model, sub, hooks, layers)
+            hooks += [(names.v, keep_v), (names.scores, scores_hook)]
+            rerun.handles = [rerun.module.register_forward_pre_hook(rerun.record, with_kwargs=True),
+                             rerun.module.register_forward_hook(after_attention, with_kwargs=True)]
+        try:
+            run_hooked(model, sub, hooks, layers)
+        finally:
+            for rerun in reruns.values():
+                for handle in rerun.handles:
+                    handle.remove()
     return _frame(acc, heads, configs, gqa, "layer", batch)
 
 
