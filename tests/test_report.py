@@ -14,12 +14,12 @@ import plotly.graph_objects as go
 import pytest
 import torch
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from test_runner import _write_notebook
 
 from sinklens.__main__ import main
 from sinklens.errors import InputError
 from sinklens.series import RunFolder, findings, headline, outputs, pngs, report, runner, wording
 from sinklens.views import AttentionView, views_page
-from test_runner import _write_notebook
 
 README = """# project
 
@@ -351,7 +351,8 @@ SUMMARIES = {  # the shapes notebooks 01-05 write, with made-up numbers; 06 is a
                                        "frob_rel_median": 0.4359, "alpha0_dense_mean": 0.6182,
                                        "alpha0_pruned_mean": 0.5455, "next_kl": 0.02238, "d_loss": 0.01649}},
     "reconstruction_error.json": {"headline": {
-        "k": 10, "n_sink_heads": 140, "frob_rel_median_at_k": {"bos_top": 0.4888, "random": 0.9206, "weight_norm": 0.9184},
+        "k": 10, "n_sink_heads": 140,
+        "frob_rel_median_at_k": {"bos_top": 0.4888, "random": 0.9206, "weight_norm": 0.9184},
         "smallest_k_median_below_0.2": {"bos_top": 500, "random": 576, "weight_norm": 500},
         "d_loss_at_k": {"bos_top": 0.6309, "random": 1.736, "weight_norm": 1.596, "whole_head": 4.079}}},
     "layer_selection.json": {"settings": {"k": 10}, "headline": {
@@ -392,7 +393,8 @@ def test_findings_are_written_from_the_summaries(tmp_path):
     assert ("The sink is positional: without BOS the first text token is a sink in 60.2 % of the heads (BOS itself: "
             "67.6 %), and the same token behind BOS in 1.5 %.") in text
     assert "in 27 of 30 layers (layers 2-28): dim 507 in 27 layers, dim 247 in 17 layers." in text
-    assert "140 of 270 heads (52 %) are sink-specialized (alpha_0 > 0.3 on >= 90 % of 128 prompts of 64 tokens)." in text
+    assert ("140 of 270 heads (52 %) are sink-specialized (alpha_0 > 0.3 on >= 90 % of 128 prompts of 64 "
+            "tokens).") in text
     assert "Pruning the 9 sink-specialized heads of layer 14 to k = 10 BOS dims: median attention error" in text
     assert "= 0.44, mean alpha_0 0.62 -> 0.55; next-token KL 0.022 nats, loss +0.016 nats." in text
     assert ("the median attention error is 0.49 (BOS top-k dims), 0.92 (random dims) and 0.92 (largest weight "
@@ -400,9 +402,11 @@ def test_findings_are_written_from_the_summaries(tmp_path):
     assert "falls below 0.2 at k = 500 (BOS top-k dims), 576 (random dims) and 500 (largest weight norms)." in text
     assert "+4.08 nats (whole heads removed)" in text
     assert ("QK-pruning layers 15,16,22 (57 heads, 4,129,536 Q/K parameters) at k = 10 keeps 92.2 % of acc/mean on "
-            "held-out items (95 % CI 89.3 % to 95.3 %; target 91 %); removing the same heads whole keeps 80.6 %.") in text
+            "held-out items (95 % CI 89.3 % to 95.3 %; target 91 %); removing the same heads whole keeps "
+            "80.6 %.") in text
     assert "different lists" not in text  # one count of sink-specialized heads: 140 everywhere
-    assert len(sentences) == 9  # 3 + 1 + 1 + 3 + 1; the unknown long_context.json gives no sentence: its numbers are in the tables
+    # 3 + 1 + 1 + 3 + 1 sentences; the unknown long_context.json gives none: its numbers are in the tables
+    assert len(sentences) == 9
 
 
 def test_report_leads_with_findings_labels_and_captions(tmp_path):

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "set this way for every notebook at once")
     run.add_argument("--only", nargs="+", action="extend", metavar="NB",
                      help="run only these notebooks (number such as 01, or name)")
-    run.add_argument("--out", metavar="DIR", help="folder that receives run folders and the latest link (default runs/)")
+    run.add_argument("--out", metavar="DIR",
+                     help="folder that receives run folders and the latest link (default runs/)")
     run.add_argument("--ci", action="store_true",
                      help="small parameters for a quick check: "
                           f"{', '.join(f'{k}={v}' for k, v in runner.CI_PARAMS.items())}")

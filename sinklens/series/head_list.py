@@ -92,7 +92,7 @@ def head_list_record(model, heads: Sequence[tuple[int, int]], *, eps: float, q: 
 
 
 def _check_pairs(heads: Any, n_layers: int, n_heads: int, where: str) -> list[tuple[int, int]]:
-    """Sorted distinct (layer, head) int pairs inside an n_layers x n_heads model; ValueError naming the first bad one."""
+    """Sorted distinct (layer, head) int pairs inside an n_layers x n_heads model; else ValueError."""
     if not isinstance(heads, (list, tuple)):
         raise ValueError(f"{where} must be a list of [layer, head] pairs, got {type(heads).__name__}")
     pairs = []
@@ -185,7 +185,8 @@ def check_head_list(listed: HeadList, model, *, eps: float, q: float) -> HeadLis
                          f"{HEAD_LIST_FILE} of a run of this model, {_MEASURE_HINT}.")
     if (listed.eps, listed.q) != (eps, q):
         raise InputError(f"heads_from {listed.source} was measured with eps={listed.eps}, q={listed.q}, but this "
-                         f"notebook has eps={eps}, q={q}: pass the same eps and q (a series run does), {_MEASURE_HINT}.")
+                         f"notebook has eps={eps}, q={q}: pass the same eps and q (a series run does), "
+                         f"{_MEASURE_HINT}.")
     return listed
 
 

@@ -47,7 +47,11 @@ class NotebookOutputs:
 
 
 def read_manifest(run_dir: str | os.PathLike) -> dict:
-    """``manifest.json`` of a run folder written by ``python -m sinklens run``."""
+    """``manifest.json`` of a run folder written by ``python -m sinklens run``.
+
+    Args:
+        run_dir: the run folder.
+    """
     path = Path(run_dir) / MANIFEST
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -61,7 +65,11 @@ def read_manifest(run_dir: str | os.PathLike) -> dict:
 
 
 def notebook_title(path: Path) -> str:
-    """The first Markdown heading of a notebook, else its file name in words."""
+    """The first Markdown heading of a notebook, else its file name in words.
+
+    Args:
+        path: the (executed) notebook file.
+    """
     try:
         cells = json.loads(path.read_text(encoding="utf-8")).get("cells", [])
     except (OSError, ValueError):
@@ -77,7 +85,11 @@ def notebook_title(path: Path) -> str:
 
 def run_files(run_dir: Path) -> list[str]:
     """Relative paths of the outputs in a run folder: everything but the manifest, the report, hidden
-    files, executed notebooks and the assets in ``figures/`` (``plotly.min.js``, PNG copies)."""
+    files, executed notebooks and the assets in ``figures/`` (``plotly.min.js``, PNG copies).
+
+    Args:
+        run_dir: the run folder.
+    """
     found = []
     for path in sorted(run_dir.rglob("*")):
         rel = path.relative_to(run_dir)
@@ -90,7 +102,11 @@ def run_files(run_dir: Path) -> list[str]:
 
 
 def classify_figure(path: Path) -> FigureFile:
-    """A plotly figure (with its fixed size, if it has one), a circuitsvis attention view or another page."""
+    """A plotly figure (with its fixed size, if it has one), a circuitsvis attention view or another page.
+
+    Args:
+        path: a ``figures/*.html`` file.
+    """
     with open(path, encoding="utf-8", errors="replace") as fh:
         head = fh.read(8192)
     if "CircuitsVis" in head:
@@ -113,6 +129,10 @@ def attribute_outputs(run_dir: Path, manifest: dict) -> tuple[list[NotebookOutpu
     The runner records ``outputs`` per notebook; manifests without them (older runs) get the files
     by modification time: a file belongs to the first notebook whose executed copy (written last,
     when it finishes) is not older than the file.
+
+    Args:
+        run_dir: the run folder.
+        manifest: its manifest.
     """
     files = run_files(run_dir)
     entries = manifest["notebooks"]

@@ -21,7 +21,11 @@ NO_KALEIDO = "PNGs skipped: kaleido is not installed (pip install 'kaleido>=1').
 
 
 def plotly_spec(path: Path) -> dict:
-    """The ``{"data", "layout"}`` of the figure in a plotly HTML file (the arguments of ``Plotly.newPlot``)."""
+    """The ``{"data", "layout"}`` of the figure in a plotly HTML file (the arguments of ``Plotly.newPlot``).
+
+    Args:
+        path: a plotly ``figures/*.html`` file.
+    """
     text = path.read_text(encoding="utf-8")
     start = re.search(r"Plotly\.newPlot\(\s*", text)
     if not start:
@@ -36,7 +40,12 @@ def plotly_spec(path: Path) -> dict:
 
 def export_pngs(run_dir: str | os.PathLike, scale: float = 2) -> tuple[list[Path], str]:
     """Write ``figures/<name>.png`` beside every plotly figure that has none newer than its HTML,
-    with kaleido and a local Chromium. Returns the PNGs written and a one-line note for the report."""
+    with kaleido and a local Chromium. Returns the PNGs written and a one-line note for the report.
+
+    Args:
+        run_dir: the run folder.
+        scale: pixels per layout pixel.
+    """
     figures = [f for f in (classify_figure(p) for p in sorted((Path(run_dir) / "figures").glob("*.html")))
                if f.kind == "plotly"]
     if not figures:

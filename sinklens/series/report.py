@@ -30,7 +30,15 @@ import pandas as pd
 from .findings import findings
 from .headline import format_value, headline_numbers, labelled, provenance
 from .outputs import (
-    INDEX, MANIFEST, FigureFile, NotebookOutputs, Summary, attribute_outputs, read_manifest, read_summary, run_summaries,
+    INDEX,
+    MANIFEST,
+    FigureFile,
+    NotebookOutputs,
+    Summary,
+    attribute_outputs,
+    read_manifest,
+    read_summary,
+    run_summaries,
 )
 from .pngs import export_pngs
 from .wording import caption
@@ -218,7 +226,13 @@ def _notebook_html(run_dir: Path, nb: NotebookOutputs, anchor: str) -> str:
 
 
 def report_html(run_dir: str | os.PathLike, manifest: dict | None = None, notes: list[str] | None = None) -> str:
-    """The text of ``index.html`` for a run folder."""
+    """The text of ``index.html`` for a run folder.
+
+    Args:
+        run_dir: the run folder.
+        manifest: its manifest (read from the folder when None).
+        notes: one-line notes shown under the title (e.g. about PNGs).
+    """
     run_dir = Path(run_dir)
     manifest = manifest if manifest is not None else read_manifest(run_dir)
     notebooks, unclaimed = attribute_outputs(run_dir, manifest)
@@ -260,7 +274,14 @@ def report_html(run_dir: str | os.PathLike, manifest: dict | None = None, notes:
 def write_report(run_dir: str | os.PathLike, manifest: dict | None = None, png: bool = True,
                  log: Callable[[str], None] = print) -> Path:
     """Write ``index.html`` in a run folder (after PNG copies of its plotly figures, when ``png``);
-    return its path. Works for failed and interrupted runs too: it shows what there is."""
+    return its path. Works for failed and interrupted runs too: it shows what there is.
+
+    Args:
+        run_dir: the run folder.
+        manifest: its manifest (read from the folder when None).
+        png: write PNG copies of the plotly figures first.
+        log: where warnings go.
+    """
     run_dir = Path(run_dir)
     manifest = manifest if manifest is not None else read_manifest(run_dir)
     notes = []

@@ -80,7 +80,8 @@ def discover_notebooks(folder: str | os.PathLike) -> list[Path]:
     """The series: files matching ``[0-9][0-9]_*.ipynb`` in ``folder``, sorted by name."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise InputError(f"Notebook folder {folder} does not exist: run from the repository root or pass --notebooks DIR.")
+        raise InputError(f"Notebook folder {folder} does not exist: run from the repository root or pass "
+                         "--notebooks DIR.")
     found = sorted(folder.glob(NOTEBOOK_GLOB))
     if not found:
         raise InputError(f"No notebooks matching {NOTEBOOK_GLOB} in {folder}: pass the folder that holds the series.")
