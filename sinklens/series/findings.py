@@ -10,6 +10,7 @@ worked on different head lists says so.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -69,7 +70,7 @@ def sink_discovery(data: dict) -> list[str]:
         else:
             layers = sorted(int(layer) for layer in by_layer)
             dims = Counter(d for found in by_layer.values() for d in found).most_common(3)
-            where = ", ".join(f"dim {d} in {n} layers" for d, n in dims)
+            where = ", ".join(f"dim {d} in {_plural(n, 'layer')}" for d, n in dims)
             of = f" of {n_layers}" if n_layers else ""
             out.append(f"Massive activations (|x| > 100 and >= 1000 x the median) sit on the first token in "
                        f"{len(layers)}{of} layers (layers {layers[0]}-{layers[-1]}): {where}.")
@@ -100,11 +101,23 @@ def topk_pruning(data: dict) -> list[str]:
             f"loss {h['d_loss']:+.3f} nats."]
 
 
+_POLICY_NAMES = {"bos_top": "BOS top-k dims", "random": "random dims", "weight_norm": "largest weight norms",
+                 "whole_head": "whole heads removed"}
+
+
+def _measured(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
 def _policies(values: dict, fmt: Callable[[Any], str]) -> str:
-    names = {"bos_top": "BOS top-k dims", "random": "random dims", "weight_norm": "largest weight norms",
-             "whole_head": "whole heads removed"}
-    parts = [f"{fmt(value)} ({names.get(policy, policy)})" for policy, value in values.items() if value is not None]
+    """``"0.49 (BOS top-k dims), 0.92 (random dims) and ..."`` for the policies with a measured value."""
+    parts = [f"{fmt(value)} ({_POLICY_NAMES.get(policy, policy)})" for policy, value in values.items()
+             if _measured(value)]
     return ", ".join(parts[:-1]) + f" and {parts[-1]}" if len(parts) > 1 else "".join(parts)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def reconstruction_error(data: dict) -> list[str]:
@@ -118,10 +131,16 @@ def reconstruction_error(data: dict) -> list[str]:
     out = [f"At k = {k}, over the {h['n_sink_heads']} sink-specialized heads (each layer pruned alone), the median "
            f"attention error is {_policies(h['frob_rel_median_at_k'], lambda v: f'{v:.2f}')}."]
     smallest = next(((key, value) for key, value in h.items() if key.startswith("smallest_k_median_below_")), None)
-    if smallest and smallest[1]:
-        threshold = smallest[0].rsplit("_", 1)[1]
-        out.append(f"The median error falls below {threshold} at k = "
-                   f"{_policies(smallest[1], lambda v: f'{v:g}')}.")
+    if smallest and isinstance(smallest[1], dict):
+        threshold, by_policy = smallest[0].rsplit("_", 1)[1], smallest[1]
+        never = [_POLICY_NAMES.get(policy, policy) for policy, value in by_policy.items() if not _measured(value)]
+        ks = (data.get("parameters") or {}).get("ks")
+        tried = f" (k up to {max(ks)})" if isinstance(ks, list) and ks else ""
+        if len(never) < len(by_policy):
+            out.append(f"The median error falls below {threshold} at k = {_policies(by_policy, lambda v: f'{v:g}')}"
+                       + (f"; never with {', '.join(never)}{tried}." if never else "."))
+        else:
+            out.append(f"No kept-dims policy brings the median error below {threshold} at the k tried{tried}.")
     if h.get("d_loss_at_k"):
         out.append(f"All of them pruned together at k = {k}, the loss changes by "
                    f"{_policies(h['d_loss_at_k'], lambda v: f'{v:+.2f} nats')}.")
