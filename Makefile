@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.sinklens-installed
 
-.PHONY: run test lab bench clean-venv
+.PHONY: run test headline lab bench clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -20,6 +20,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Rewrite README.md's headline block from runs/latest, when that is a successful default `make run` of the embedded
+# model (a run itself never writes into the checkout).
+headline: $(STAMP)
+	$(PY) -m sinklens headline runs/latest --readme README.md
 
 # JupyterLab in .venv with its "python3" kernel (.venv/bin/python, installed with the venv; JUPYTER_PREFER_ENV_PATH
 # makes it win over a user-level kernelspec of that name). No browser is opened without a display, --allow-root

@@ -38,7 +38,8 @@ def strongest_sink_head(source: Census | pd.DataFrame) -> tuple[int, int]:
 def first_token_record(model, batch: TokenBatch) -> dict:
     """Which token the prompts start with: whether BOS was prepended, the distinct first ids and their strings."""
     if not isinstance(batch, TokenBatch):
-        raise InputError(f"batch must be a TokenBatch (from sinklens.probe_tokens or tokenize), got {type(batch).__name__}.")
+        raise InputError("batch must be a TokenBatch (from sinklens.probe_tokens or tokenize), got "
+                         f"{type(batch).__name__}.")
     starts = batch.attention_mask.argmax(1)
     first = batch.tokens.gather(1, starts[:, None]).flatten().cpu()
     ids = sorted(set(first.tolist()))

@@ -122,12 +122,13 @@ def execute_notebook(name: str, out_dir, **params):
     """
     import papermill
 
-    from sinklens.runner import kernel_config
+    from sinklens.series.runner import kernel_config
 
     out_dir = str(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     output = os.path.join(out_dir, name)
-    papermill.execute_notebook(os.path.join(NOTEBOOKS, name), output, parameters={"out_dir": out_dir, **params},
-                               kernel_name="python3", progress_bar=False, cwd=os.path.dirname(NOTEBOOKS),
-                               config=kernel_config())
+    with kernel_config() as config:
+        papermill.execute_notebook(os.path.join(NOTEBOOKS, name), output, parameters={"out_dir": out_dir, **params},
+                                   kernel_name="python3", progress_bar=False, cwd=os.path.dirname(NOTEBOOKS),
+                                   config=config)
     return output

@@ -342,7 +342,17 @@ def test_report_renders_offline(ci_run, browser, tmp_path):
     assert '<span class="status ok">ok</span>' in dom and "01 Sink discovery" in dom
     assert dom.count("<iframe") == len(figures)
     assert 'href="01_sink_discovery.ipynb"' in dom and 'href="tables/census.csv"' in dom
-    assert "sink_rate_pct" in dom and "Headline numbers" in dom
+    # the findings, written from this run's own summary, and the labelled headline numbers are on the page
+    summary = json.loads((ci_run / "sink_discovery.json").read_text())
+    findings = browser.evaluate("[...document.querySelectorAll('ul.findings li')].map(li => li.textContent)")
+    assert findings and findings[0].startswith(f"Sink^{summary['eps']:g} = {summary['sink_rate_pct']:.1f} % of the "
+                                               f"{summary['n_heads']} heads"), findings
+    strongest = summary["strongest_head"]
+    assert f"the strongest sink head is L{strongest['layer']}H{strongest['head']}" in findings[0]
+    labels = browser.evaluate("[...document.querySelectorAll('#headline ~ .cards th')].map(th => th.textContent)")
+    assert "sink rate Sink^eps: heads with alpha_0 > eps" in labels and "sink_rate_pct" not in labels, labels
+    captions = browser.evaluate("[...document.querySelectorAll('p.caption')].map(p => p.textContent)")
+    assert len(captions) == len(figures), captions  # every figure of notebook 01 says what to look at
     share, colours = screenshot_ink(browser, tmp_path / "index.png")
     assert share > 0.03 and colours > 20
 
@@ -370,19 +380,19 @@ def test_attention_view_renders_offline(ci_run, browser, tmp_path):
 
 def test_pngs_of_the_plotly_figures(ci_run):
     """The runner's report step exported every plotly figure at twice its layout size (kaleido + Chromium)."""
-    from sinklens import report
+    from sinklens.series import outputs, pngs
 
-    plotly = [f for f in sorted((ci_run / "figures").glob("*.html")) if report.classify_figure(f).kind == "plotly"]
+    plotly = [f for f in sorted((ci_run / "figures").glob("*.html")) if outputs.classify_figure(f).kind == "plotly"]
     assert plotly
     try:
         import kaleido  # noqa: F401
     except ImportError:
-        assert html.escape(report.NO_KALEIDO) in (ci_run / "index.html").read_text()
+        assert html.escape(pngs.NO_KALEIDO) in (ci_run / "index.html").read_text()
         return
     assert f"PNGs: {len(plotly)} written" in (ci_run / "index.html").read_text()
     for figure in plotly:
         png = figure.with_suffix(".png").read_bytes()
-        layout = report.plotly_spec(figure)["layout"]
+        layout = pngs.plotly_spec(figure)["layout"]
         size = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
         assert size == (2 * (layout.get("width") or 700), 2 * (layout.get("height") or 500)), figure.name
     share, colours = ink(plotly[0].with_suffix(".png").read_bytes())

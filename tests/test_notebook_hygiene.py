@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sinklens.notebook_params import notebook_parameters
+from sinklens.series.params import notebook_parameters
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 

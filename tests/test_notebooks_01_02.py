@@ -114,3 +114,18 @@ def test_specialized_heads_recomputed_from_the_census(run_dir, census):
     assert ((table["ci_low"] <= table["mean"] + 1e-6) & (table["mean"] <= table["ci_high"] + 1e-6)).all()
     listed = pd.read_csv(run_dir / "tables" / "specialized_heads.csv")
     assert sorted(map(list, zip(listed["layer"], listed["head"]))) == expected
+
+
+def test_notebook_03_takes_the_heads_of_notebook_02(run_dir, tmp_path):
+    """In a series, 03 prunes from 02's list (heads_from) instead of measuring its own: one count per run."""
+    saved = json.loads((run_dir / "specialized_heads.json").read_text())
+    heads_from = str(run_dir / "specialized_heads.json")
+    out = tmp_path / "nb03"
+    execute_notebook("03_topk_pruning.ipynb", out, **PARAMS, q=Q, k=8, batch_size=8, heads_from=heads_from)
+    summary = json.loads((out / "topk_pruning.json").read_text())
+    assert summary["sink_heads"]["heads_from"] == heads_from
+    assert summary["n_sink_heads"] == summary["headline"]["n_sink_heads"] == saved["n_specialized"]
+    layer = summary["layer"]
+    in_layer = sorted(h for h in saved["heads"] if h[0] == layer)
+    assert sorted(summary["heads"]) == in_layer and len(in_layer) == max(
+        sum(h[0] == l for h in saved["heads"]) for l in {h[0] for h in saved["heads"]})  # layer=-1: the fullest layer

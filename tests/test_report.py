@@ -6,6 +6,7 @@ import os
 import re
 import time
 from html.parser import HTMLParser
+from pathlib import Path
 
 import nbformat
 import pandas as pd
@@ -13,12 +14,12 @@ import plotly.graph_objects as go
 import pytest
 import torch
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-from sinklens import report, runner
-from sinklens.errors import InputError
-from sinklens.runs import RunFolder
-from sinklens.views import AttentionView, views_page
 from test_runner import _write_notebook
+
+from sinklens.__main__ import main
+from sinklens.errors import InputError
+from sinklens.series import RunFolder, findings, headline, outputs, pngs, report, runner, wording
+from sinklens.views import AttentionView, views_page
 
 README = """# project
 
@@ -40,9 +41,10 @@ def _executed(path, title):
                    str(path))
 
 
-def make_run(root, failed=False, outputs=True):
+def make_run(root, failed=False, with_outputs=True, reference=False):
     """A run folder as the runner leaves it: notebook 01 ok (summary, table, plotly figure, attention view),
-    02 ok (summary) or failed, 03 not run after a failure; plus a file no notebook claims."""
+    02 ok (summary) or failed, 03 not run after a failure; plus a file no notebook claims. ``reference``: a
+    default run of the embedded model (the only kind the README's headline takes)."""
     run_dir = root / "20260101-000000-tiny"
     run = RunFolder(run_dir)
     _executed(run_dir / "01_alpha.ipynb", "01 Alpha study")
@@ -74,10 +76,11 @@ def make_run(root, failed=False, outputs=True):
                                                      "evalue": "boom <b>from</b> beta"}}
         entries.append({"notebook": "03_gamma.ipynb", "parameters": {}, "passed": {}, "status": "not run",
                         "wall_s": None})
-    if not outputs:
+    if not with_outputs:
         for entry in entries:
             entry.pop("outputs", None)
-    manifest = {"model": "tiny", "run_dir": str(run_dir), "started": "2026-01-01T00:00:00+0000",
+    manifest = {"model": runner.DEFAULT_MODEL if reference else "tiny", "run_dir": str(run_dir),
+                "started": "2026-01-01T00:00:00+0000", "default_run": reference and not failed,
                 "finished": "2026-01-01T00:01:00+0000", "ci": False, "argv": ["run", "--only", "01", "02"],
                 "versions": {"python": "3.11", "sinklens": "0.1.0"}, "git": {"commit": "abc1234def5678", "dirty": True},
                 "status": "failed" if failed else "ok", "wall_s": 15.75, "notebooks": entries}
@@ -109,11 +112,14 @@ def test_index_links_and_embeds_every_output(tmp_path):
     assert "01 Alpha study" in page and "02 Beta check" in page
     assert page.count('<span class="status ok">ok</span>') == 5  # run, two notebooks in the contents and headings
     assert "12.5 s" in page and 'href="01_alpha.ipynb"' in page and 'href="02_beta.ipynb"' in page
-    # headline numbers: scalars and small mappings, no setting or long mappings; a summary's own headline wins
-    assert "sink_rate_pct" in page and "67.6<" in page and "strongest_head.layer" in page
-    assert ">kept<" in page and ">0.25<" in page
+    # headline numbers: scalars and small mappings, no setting or long mappings; a summary's own headline wins.
+    # Known keys read as labels with units, unknown ones as words; the raw key stays as the row's tooltip.
     cards = page.split('id="headline"')[1].split('<h2 id="nb-')[0]
+    assert "<th>sink rate Sink^eps: heads with alpha_0 &gt; eps</th><td class=\"num\">67.6 %</td>" in cards
+    assert 'title="strongest_head.layer"><th>strongest sink head: layer</th>' in cards
+    assert ">kept<" in cards and ">0.25<" in cards
     assert "by_layer" not in cards and "n_layers" not in cards and "n_prompts" not in cards
+    assert 'href="alpha_summary.json">alpha_summary.json</a>' in cards  # the raw JSON, linked
     # the whole summary is there too, long values shortened
     assert "by_layer" in page and "(100 items)" in page
     # tables: first rows, row count, link to the CSV
@@ -154,14 +160,14 @@ def test_report_pages_load_nothing_from_the_network(tmp_path):
 
 
 def test_outputs_of_older_manifests_go_by_modification_time(tmp_path):
-    run_dir = make_run(tmp_path, outputs=False)
+    run_dir = make_run(tmp_path, with_outputs=False)
     base = time.time() - 1000
     stamps = {"alpha_summary.json": 10, "tables/scores.csv": 11, "figures/alpha_curve.html": 12,
               "figures/attention_alpha.html": 13, "01_alpha.ipynb": 20, "beta_summary.json": 30,
               "02_beta.ipynb": 40, "extra.sqlite": 50}
     for rel, offset in stamps.items():
         os.utime(run_dir / rel, (base + offset, base + offset))
-    notebooks, unclaimed = report.attribute_outputs(run_dir, report.read_manifest(run_dir))
+    notebooks, unclaimed = outputs.attribute_outputs(run_dir, outputs.read_manifest(run_dir))
     assert [p.name for p in notebooks[0].summaries] == ["alpha_summary.json"]
     assert [p.name for p in notebooks[0].tables] == ["scores.csv"]
     assert sorted((f.path.name, f.kind) for f in notebooks[0].figures) == [("alpha_curve.html", "plotly"),
@@ -174,31 +180,44 @@ def test_headline_numbers():
     summary = {"model": {"name": "m"}, "parameters": {"eps": 0.3}, "probe": {"n": 1}, "rate": 0.123456,
                "flag": True, "none": None, "label": "short", "long": "x" * 81, "best": {"layer": 3, "dims": [1, 2]},
                "big": {str(i): i for i in range(7)}, "rows": [1, 2]}
-    assert report.headline_numbers(summary) == [("rate", 0.123456), ("flag", True), ("none", None),
-                                                ("label", "short"), ("best.layer", 3)]
-    assert report.headline_numbers({"headline": {"a": 1}, "b": 2}) == [("a", 1)]
-    assert report.headline_numbers([1, 2]) == []
-    assert len(report.headline_numbers({f"k{i}": i for i in range(30)})) == report.MAX_HEADLINE
-    assert [report.format_value(v) for v in (0.123456, 1234567.0, True, None, 3)] == ["0.1235", "1.235e+06", "true",
-                                                                                    "-", "3"]
+    assert headline.headline_numbers(summary) == [("rate", 0.123456), ("flag", True), ("none", None),
+                                                  ("label", "short"), ("best.layer", 3)]
+    assert headline.headline_numbers({"headline": {"a": 1}, "b": 2}) == [("a", 1)]
+    assert headline.headline_numbers([1, 2]) == []
+    assert len(headline.headline_numbers({f"k{i}": i for i in range(30)})) == headline.MAX_HEADLINE
+    assert [headline.format_value(v) for v in (0.123456, 1234567.0, True, None, 3)] == ["0.1235", "1.235e+06", "true",
+                                                                                      "-", "3"]
+
+
+def test_labels_and_units():
+    # a stored fraction shown as the percent its unit says; a mapping entry gets the outer label and the inner one
+    assert headline.labelled("best_retention", 0.9217) == ("retention of that set (held-out)", "92.17 %")
+    assert headline.labelled("d_loss_at_k.bos_top", 0.6309) == (
+        "change of loss at k, all sink-specialized heads pruned (BOS top-k dims)", "0.6309 nats")
+    assert headline.labelled("removal_retention_same_heads", None)[1] == "-"  # no unit after a missing value
+    # keys nobody labelled (a later notebook's summary) still read as words
+    assert headline.labelled("tokens_to_sink_pct", 12.5) == ("tokens to sink (%)", "12.5")
+    assert headline.labelled("context.max_len", 4096) == ("context: max len", "4096")
+    assert wording.caption("sink_heatmap") and wording.caption("no_such_figure") is None
 
 
 def test_readme_headline_is_rewritten_between_the_markers_only(tmp_path):
-    run_dir = make_run(tmp_path)
+    run_dir = make_run(tmp_path, reference=True)
     readme = tmp_path / "README.md"
     readme.write_text(README)
-    assert report.update_readme_headline(readme, run_dir) is True
+    assert headline.update_readme_headline(readme, run_dir) is True
     text = readme.read_text()
     before, block, after = re.split(r"<!-- headline:start -->\n|\n<!-- headline:end -->", text)
     assert before == README.split("<!-- headline:start -->")[0]
     assert after == README.split("<!-- headline:end -->")[1]
     assert "old numbers" not in block
-    assert "Run `20260101-000000-tiny`: `python -m sinklens run --only 01 02`, model `tiny`" in block
+    assert ("Run `20260101-000000-tiny`: `python -m sinklens run --only 01 02`, model `smollm2-135m`" in block)
     assert "commit abc1234def with uncommitted changes" in block
-    assert "`alpha_summary.json` (01 Alpha study)" in block and "| sink_rate_pct | 67.6 |" in block
+    assert "`alpha_summary.json` (01 Alpha study)" in block
+    assert "| sink rate Sink^eps: heads with alpha_0 > eps | 67.6 % |" in block
     assert "| kept | 5 |" in block
     # idempotent: the same run gives the same file, and says nothing changed
-    assert report.update_readme_headline(readme, run_dir) is False and readme.read_text() == text
+    assert headline.update_readme_headline(readme, run_dir) is False and readme.read_text() == text
 
 
 @pytest.mark.parametrize("text", ["# no markers\n", "<!-- headline:end -->\n<!-- headline:start -->\n",
@@ -208,30 +227,44 @@ def test_readme_without_one_pair_of_markers_is_refused(tmp_path, text):
     readme = tmp_path / "README.md"
     readme.write_text(text)
     with pytest.raises(InputError, match="needs exactly one `<!-- headline:start -->` line followed by"):
-        report.update_readme_headline(readme, run_dir)
+        headline.update_readme_headline(readme, run_dir)
     assert readme.read_text() == text
 
 
 def test_command_line_rewrites_report_and_readme(tmp_path, capsys):
-    run_dir = make_run(tmp_path)
+    run_dir = make_run(tmp_path, reference=True)
     readme = tmp_path / "README.md"
     readme.write_text(README)
-    assert report.main([str(run_dir), "--no-png", "--readme", str(readme)]) == 0
-    assert (run_dir / "index.html").is_file() and "| sink_rate_pct | 67.6 |" in readme.read_text()
-    assert "headline numbers updated" in capsys.readouterr().out
-    assert report.main([str(tmp_path / "nowhere"), "--no-png"]) == 2
+    assert main(["report", str(run_dir), "--no-png"]) == 0
+    assert (run_dir / "index.html").is_file() and readme.read_text() == README  # a report never touches the README
+    assert main(["headline", str(run_dir), "--readme", str(readme)]) == 0
+    assert "| sink rate Sink^eps: heads with alpha_0 > eps | 67.6 % |" in readme.read_text()
+    assert f"headline numbers updated from {run_dir.name}" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "nowhere"), "--no-png"]) == 2
     assert "manifest.json does not exist: pass a run folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["not default", "failed"])
+def test_headline_refuses_a_run_that_is_not_the_reference(tmp_path, capsys, kind):
+    run_dir = make_run(tmp_path, reference=kind == "failed", failed=kind == "failed")
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    assert main(["headline", str(run_dir), "--readme", str(readme)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir} cannot give the README's headline numbers" in err and "then `make headline`" in err
+    assert ("its status is 'failed'" if kind == "failed" else "it is not a default run") in err
+    assert readme.read_text() == README
 
 
 def test_plotly_spec_reads_the_figure_back(tmp_path):
     fig = go.Figure(go.Bar(x=["a", "b"], y=[1.5, float("nan")])).update_layout(width=300, title="t </script>")
     path = RunFolder(tmp_path).save_figure(fig, "bars")
-    spec = report.plotly_spec(path)
+    spec = pngs.plotly_spec(path)
     assert spec["data"][0]["x"] == ["a", "b"] and spec["data"][0]["y"][0] == 1.5
     assert spec["layout"]["width"] == 300 and spec["layout"]["title"]["text"] == "t </script>"
-    assert report.classify_figure(path).width == 300
+    assert outputs.classify_figure(path).width == 300
     with pytest.raises(InputError, match="no Plotly.newPlot"):
-        report.plotly_spec(RunFolder(tmp_path).save_html("<html></html>", "plain"))
+        pngs.plotly_spec(RunFolder(tmp_path).save_html("<html></html>", "plain"))
 
 
 def test_pngs_are_skipped_with_the_reason_when_no_browser(tmp_path, monkeypatch):
@@ -239,9 +272,9 @@ def test_pngs_are_skipped_with_the_reason_when_no_browser(tmp_path, monkeypatch)
     monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-such-chromium"))
     try:
         import kaleido  # noqa: F401
-        expected = report.NO_BROWSER
+        expected = pngs.NO_BROWSER
     except ImportError:
-        expected = report.NO_KALEIDO
+        expected = pngs.NO_KALEIDO
     page = report.write_report(run_dir, log=lambda text: None).read_text()
     assert html.escape(expected) in page and not list((run_dir / "figures").glob("*.png"))
 
@@ -257,7 +290,10 @@ def test_default_run_is_the_whole_series_with_defaults(tmp_path):
     assert not runner.plan_run(folder, ci=True, out=out).default_run
     assert not runner.plan_run(folder, only=["01"], out=out).default_run
     assert not runner.plan_run(folder, overrides={"n": "4"}, out=out).default_run
-    assert not runner.plan_run(folder, model="other-model", out=out).default_run
+    other = tmp_path / "other-model"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    assert not runner.plan_run(folder, model=str(other), out=out).default_run
 
 
 @pytest.fixture
@@ -267,7 +303,7 @@ def series(tmp_path):
     folder.mkdir()
     _write_notebook(folder / "01_alpha.ipynb",
                     'model_name: str = "m"\nn: int = 3\nfail: bool = False\nout_dir: str = "x"',
-                    "import pandas as pd\nfrom sinklens.runs import RunFolder\nrun = RunFolder(out_dir)\n"
+                    "import pandas as pd\nfrom sinklens.series import RunFolder\nrun = RunFolder(out_dir)\n"
                     "run.save_json({'n': n, 'score': n / 4}, 'alpha')\n"
                     "run.save_table(pd.DataFrame({'i': range(n)}), 'rows')\n"
                     "if fail:\n    raise ValueError('boom from alpha')")
@@ -275,25 +311,132 @@ def series(tmp_path):
     return folder
 
 
-def test_runner_writes_the_report_and_the_readme_headline(series, tmp_path, capsys):
-    from sinklens.__main__ import main
-
+def test_a_run_writes_the_report_and_never_the_readme(series, tmp_path, capsys):
     out = tmp_path / "runs"
     readme = tmp_path / "README.md"
     assert main(["run", "--notebooks", str(series), "--out", str(out), "-p", "fail=true"]) == 1
     run_dir = (out / "latest").resolve()
-    manifest = report.read_manifest(run_dir)
+    manifest = outputs.read_manifest(run_dir)
     assert manifest["default_run"] is False
     assert manifest["notebooks"][0]["outputs"] == ["alpha.json", "tables/rows.csv"]  # recorded for a failure too
     page = (run_dir / "index.html").read_text()
     assert "ValueError: boom from alpha" in page and ">score<" in page and 'href="tables/rows.csv"' in page
-    assert readme.read_text() == README  # not a default run: README untouched
 
     assert main(["run", "--notebooks", str(series), "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
     run_dir = (out / "latest").resolve()
-    assert report.read_manifest(run_dir)["default_run"] is True
-    assert "Report: " in stdout and "README.md: headline numbers updated from this run." in stdout
+    assert outputs.read_manifest(run_dir)["default_run"] is True and "Report: " in stdout
+    assert readme.read_text() == README  # even the reference run leaves the checkout alone
+    # the explicit command takes the block from it
+    assert main(["headline", str(out / "latest"), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert f"Run `{run_dir.name}`: `python -m sinklens run --notebooks" in text and "| score | 0.75 |" in text
     assert text.endswith("Text after the block.\n")
+
+
+# --- findings --------------------------------------------------------------------------------------------
+
+CASES = {"BOS at position 0": 67.6, "first text token at position 1 (after BOS)": 1.5,
+         "first text token at position 0 (no BOS)": 60.2}
+SUMMARIES = {  # the shapes notebooks 01-05 write, with made-up numbers; 06 is a later notebook nobody knows yet
+    "sink_discovery.json": {
+        "model": {"name": "m", "n_layers": 30}, "eps": 0.3, "n_prompts": 128, "n_heads": 270,
+        "probe": {"n_prompts": 128, "seq_len": 64}, "sink_rate_pct": 67.61, "n_heads_mean_alpha0_above_eps": 200,
+        "strongest_head": {"layer": 18, "head": 8, "mean_alpha0": 0.9979},
+        "massive_dims_by_layer": {str(layer): [247, 507] if layer > 11 else [507] for layer in range(2, 29)},
+        "bos_comparison": {"verdict": "position", "sink_rate_pct": CASES}},
+    "specialized_heads.json": {"heads": [[1, 2]] * 140, "n_heads": 270, "eps": 0.3, "q": 0.9,
+                               "probe": {"n_prompts": 128, "seq_len": 64}},
+    "topk_pruning.json": {"headline": {"layer": 14, "n_heads_pruned": 9, "n_sink_heads": 140, "k": 10,
+                                       "frob_rel_median": 0.4359, "alpha0_dense_mean": 0.6182,
+                                       "alpha0_pruned_mean": 0.5455, "next_kl": 0.02238, "d_loss": 0.01649}},
+    "reconstruction_error.json": {"headline": {
+        "k": 10, "n_sink_heads": 140,
+        "frob_rel_median_at_k": {"bos_top": 0.4888, "random": 0.9206, "weight_norm": 0.9184},
+        "smallest_k_median_below_0.2": {"bos_top": 500, "random": 576, "weight_norm": 500},
+        "d_loss_at_k": {"bos_top": 0.6309, "random": 1.736, "weight_norm": 1.596, "whole_head": 4.079}}},
+    "layer_selection.json": {"settings": {"k": 10}, "headline": {
+        "metric": "acc/mean", "target_retention": 0.91, "n_sink_heads": 140, "n_configurations": 124,
+        "best_layers": "15,16,22", "best_n_heads": 57, "best_params_zeroed": 4129536, "best_retention": 0.9217,
+        "best_ci_low": 0.893, "best_ci_high": 0.9527, "removal_retention_same_heads": 0.8064}},
+    "long_context.json": {"model": {"name": "m"}, "headline": {"max_len": 4096, "sink_rate_at_max_pct": 41.5}},
+}
+
+
+def make_series_run(root, summaries=SUMMARIES, figures=("sink_heatmap", "my_new_figure")):
+    """A run folder whose notebooks 01-06 each wrote one summary (notebook 01 also the named figures)."""
+    run_dir = root / "20260101-000000-smollm2-135m"
+    run = RunFolder(run_dir)
+    entries = []
+    for i, (name, data) in enumerate(summaries.items(), 1):
+        notebook = f"{i:02d}_{Path(name).stem}.ipynb"
+        _executed(run_dir / notebook, f"{i:02d} {Path(name).stem.replace('_', ' ')}")
+        (run_dir / name).write_text(json.dumps(data))
+        written = [name]
+        if i == 1:
+            for figure in figures:
+                run.save_figure(go.Figure(go.Bar(y=[1, 2])), figure)
+                written.append(f"figures/{figure}.html")
+        entries.append({"notebook": notebook, "parameters": {}, "passed": {}, "status": "ok", "wall_s": 1.0,
+                        "outputs": written})
+    (run_dir / "manifest.json").write_text(json.dumps({"model": "smollm2-135m", "run_dir": str(run_dir),
+                                                       "status": "ok", "notebooks": entries}))
+    return run_dir
+
+
+def test_findings_are_written_from_the_summaries(tmp_path):
+    run_dir = make_series_run(tmp_path)
+    sentences = findings.findings(headline.summaries_of(run_dir))
+    text = "\n".join(sentences)
+    assert ("Sink^0.3 = 67.6 % of the 270 heads put alpha_0 > 0.3 on the first token (mean over 128 prompts of 64 "
+            "tokens); the strongest sink head is L18H8 (mean alpha_0 0.998).") in text
+    assert ("The sink is positional: without BOS the first text token is a sink in 60.2 % of the heads (BOS itself: "
+            "67.6 %), and the same token behind BOS in 1.5 %.") in text
+    assert "in 27 of 30 layers (layers 2-28): dim 507 in 27 layers, dim 247 in 17 layers." in text
+    assert ("140 of 270 heads (52 %) are sink-specialized (alpha_0 > 0.3 on >= 90 % of 128 prompts of 64 "
+            "tokens).") in text
+    assert "Pruning the 9 sink-specialized heads of layer 14 to k = 10 BOS dims: median attention error" in text
+    assert "= 0.44, mean alpha_0 0.62 -> 0.55; next-token KL 0.022 nats, loss +0.016 nats." in text
+    assert ("the median attention error is 0.49 (BOS top-k dims), 0.92 (random dims) and 0.92 (largest weight "
+            "norms).") in text
+    assert "falls below 0.2 at k = 500 (BOS top-k dims), 576 (random dims) and 500 (largest weight norms)." in text
+    assert "+4.08 nats (whole heads removed)" in text
+    assert ("QK-pruning layers 15,16,22 (57 heads, 4,129,536 Q/K parameters) at k = 10 keeps 92.2 % of acc/mean on "
+            "held-out items (95 % CI 89.3 % to 95.3 %; target 91 %); removing the same heads whole keeps "
+            "80.6 %.") in text
+    assert "different lists" not in text  # one count of sink-specialized heads: 140 everywhere
+    smallest = SUMMARIES["reconstruction_error.json"]["headline"]["smallest_k_median_below_0.2"]
+    never = {"reconstruction_error.json": {"parameters": {"ks": [1, 10, 50]}, "headline": dict(
+        SUMMARIES["reconstruction_error.json"]["headline"], **{"smallest_k_median_below_0.2": dict.fromkeys(smallest)})}}
+    assert ("No kept-dims policy brings the median error below 0.2 at the k tried (k up to 50)."
+            in findings.findings(headline.summaries_of(make_series_run(tmp_path / "never", never))))
+    # 3 + 1 + 1 + 3 + 1 sentences; the unknown long_context.json gives none: its numbers are in the tables
+    assert len(sentences) == 9
+
+
+def test_report_leads_with_findings_labels_and_captions(tmp_path):
+    run_dir = make_series_run(tmp_path)
+    page = report.write_report(run_dir, png=False).read_text()
+    assert page.index('<h2 id="findings">Findings</h2>') < page.index('id="headline"') < page.index('<h2 id="nb-')
+    assert "<li>140 of 270 heads (52 %) are sink-specialized" in page
+    cards = page.split('id="headline"')[1].split('<h2 id="nb-')[0]
+    assert "<th>sink-specialized heads</th>" in cards and "<th>retention of that set (held-out)</th>" in cards
+    assert ">92.17 %<" in cards and ">0.6309 nats<" in cards
+    # the summary of a notebook nobody wrote a builder or labels for is still there, generically
+    assert "06 long context" in cards and "<th>max len</th>" in cards and "<th>sink rate at max (%)</th>" in cards
+    assert f'<p class="caption">{html.escape(wording.CAPTIONS["sink_heatmap"])}</p>' in page
+    assert page.count('class="caption"') == 1  # my_new_figure has none and is shown without
+
+
+def test_missing_or_partial_summaries_give_no_sentence(tmp_path):
+    partial = {name: data for name, data in SUMMARIES.items() if name != "topk_pruning.json"}
+    partial["layer_selection.json"] = {"settings": {"k": 10}}  # e.g. a run that failed before the selection
+    partial["reconstruction_error.json"] = json.loads(json.dumps(SUMMARIES["reconstruction_error.json"]))
+    partial["reconstruction_error.json"]["headline"]["n_sink_heads"] = 138  # another head list
+    run_dir = make_series_run(tmp_path, partial)
+    text = "\n".join(findings.findings(headline.summaries_of(run_dir)))
+    assert "Pruning the" not in text and "QK-pruning" not in text and "Sink^0.3 = 67.6 %" in text
+    assert ("The notebooks of this run worked on different lists of sink-specialized heads: 140 "
+            "(specialized_heads.json), 138 (reconstruction_error.json).") in text
+    page = report.write_report(run_dir, png=False).read_text()
+    assert "layer_selection.json" in page  # its card and raw link stay

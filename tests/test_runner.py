@@ -2,14 +2,16 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from sinklens import runner
 from sinklens.__main__ import main
+from sinklens.series import RunFolder, runner
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
@@ -18,7 +20,7 @@ NOTEBOOKS = REPO / "notebooks"
 def _write_notebook(path, parameters, body):
     params = new_code_cell(parameters)
     params.metadata["tags"] = ["parameters"]
-    check = new_code_cell("import json, os\nfrom sinklens.notebook_params import check_params\nP = check_params(globals())")
+    check = new_code_cell("import json, os\nfrom sinklens.series import check_params\nP = check_params(globals())")
     nb = new_notebook(cells=[params, check, new_code_cell(body)],
                       metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
     nbformat.write(nb, str(path))
@@ -59,12 +61,52 @@ def _run(argv, capsys):
     (["-p", "n_prompts"], "not key=value"),
     (["--only", "07"], "--only 07: no such notebook"),
     (["--only", "01", "-p", "n_boot=5"], "declared by 02_head_specialization"),
+    # values, checked by name with the package's own choices
+    (["-p", "eps=1.5"], "-p eps=1.5: eps must lie in [0, 1], got 1.5"),
+    (["-p", "n_prompts=0"], "-p n_prompts=0: Parameter n_prompts must be an int >= 1, got 0"),
+    (["-p", "gqa=both"], "-p gqa=both: Unknown gqa 'both': use one of ('exact', 'shared', 'q_only')"),
+    (["-p", "strategies=[greedy, best]"], "Unknown entry of strategies 'best'"),
+    (["-p", "ks=[1, 0]"], "ks must be a list of ints >= 1"),
+    (["-p", "items_file=/no/such/items.jsonl"], "items_file: /no/such/items.jsonl is not a file"),
+    (["-p", "heads_from=/no/such/specialized_heads.json"], "heads_from /no/such/specialized_heads.json: no such file"),
+    # the model name, before any kernel
+    (["--model", "no-such-model"], "--model no-such-model: Unknown model 'no-such-model'"),
+    (["--model", "/no/such/folder"], "--model /no/such/folder: Unknown model"),
 ])
 def test_bad_arguments_exit_2_before_anything_runs(tmp_path, capsys, args, message):
     out = tmp_path / "runs"
     code, stdout, stderr = _run(["run", "--notebooks", str(NOTEBOOKS), "--out", str(out), *args], capsys)
     assert code == 2
-    assert message in stderr
+    assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not out.exists() or not [p for p in out.iterdir() if not p.name.startswith(".")]
+
+
+def _head_list_file(folder, model_name, heads=((1, 0),), n_layers=3, n_heads=4):
+    """A specialized_heads.json as notebook 02 writes it, for a model of the given name and shape."""
+    path = folder / "specialized_heads.json"
+    path.write_text(json.dumps({"heads": [list(h) for h in heads], "eps": 0.3, "q": 0.9,
+                                "probe": {"n_prompts": 8, "seq_len": 32},
+                                "model": {"name": model_name, "n_layers": n_layers, "n_heads": n_heads,
+                                          "d_model": 48}}))
+    return path
+
+
+def test_heads_from_of_another_model_or_not_a_head_list_exits_2(tmp_path, capsys):
+    out = tmp_path / "runs"
+    other = _head_list_file(tmp_path, "meta-llama/Llama-2-7b-hf")
+    code, _, stderr = _run(["run", "--notebooks", str(NOTEBOOKS), "--out", str(out), "--only", "03",
+                            "-p", f"heads_from={other}"], capsys)
+    assert code == 2 and f"heads_from {other} holds the heads of model 'meta-llama/Llama-2-7b-hf'" in stderr
+    assert "leave heads_from empty" in stderr
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"heads": [[0, 1]]}')
+    code, _, stderr = _run(["run", "--notebooks", str(NOTEBOOKS), "--out", str(out), "--only", "03",
+                            "-p", f"heads_from={broken}"], capsys)
+    assert code == 2 and f"heads_from {broken} is not a head list written by notebook 02" in stderr
+    out_of_range = _head_list_file(tmp_path, runner.DEFAULT_MODEL, heads=[(3, 0)])
+    code, _, stderr = _run(["run", "--notebooks", str(NOTEBOOKS), "--out", str(out), "--only", "03",
+                            "-p", f"heads_from={out_of_range}"], capsys)
+    assert code == 2 and "lists head (3, 0), outside a model of 3 layers x 4 heads" in stderr
     assert not out.exists() or not [p for p in out.iterdir() if not p.name.startswith(".")]
 
 
@@ -95,19 +137,34 @@ def test_parse_value_uses_the_declared_type():
 def test_plan_passes_each_notebook_only_what_it_declares(series, tmp_path):
     params = tmp_path / "p.yaml"
     params.write_text("eps: 1\nn_boot: 7\n")
-    plan = runner.plan_run(series, model="tiny-model", overrides={"n_prompts": "5", "sizes": "[2, 3]"},
+    model = tmp_path / "tiny-model"  # a checkpoint folder: --model is checked, never loaded, by the plan
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    plan = runner.plan_run(series, model=str(model), overrides={"n_prompts": "5", "sizes": "[2, 3]"},
                            params_file=params, ci=True, out=tmp_path / "runs")
     assert [nb.path.name for nb in plan.notebooks] == ["01_alpha.ipynb", "02_beta.ipynb", "03_gamma.ipynb"]
     alpha, beta, gamma = (nb.passed for nb in plan.notebooks)
-    # -p beats --params beats CI_PARAMS; ints become floats for float parameters
-    assert alpha == {"n_prompts": 5, "eps": 1.0, "sizes": [2, 3], "model_name": "tiny-model"}
+    # -p beats --params beats CI_PARAMS beats the series probe; ints become floats for float parameters
+    assert alpha == {"n_prompts": 5, "eps": 1.0, "sizes": [2, 3], "model_name": str(model)}
     assert isinstance(alpha["eps"], float)
-    assert beta == {"n_boot": 7, "model_name": "tiny-model"}
-    assert gamma == {"model_name": "tiny-model"}
+    assert beta == {"n_boot": 7, "model_name": str(model)}
+    assert gamma == {"model_name": str(model)}
     assert plan.notebooks[0].effective["flag"] is False  # declared default kept
     ci_only = runner.plan_run(series, ci=True, out=tmp_path / "runs")
     assert ci_only.notebooks[0].passed["n_prompts"] == runner.CI_PARAMS["n_prompts"]
     assert ci_only.notebooks[1].passed["n_boot"] == runner.CI_PARAMS["n_boot"]
+    assert ci_only.notebooks[0].passed["eps"] == runner.SERIES_PARAMS["eps"]  # the series probe, set once
+
+
+def test_the_series_probe_is_one_for_every_notebook():
+    """Without --ci, -p or --params every notebook that declares a probe parameter gets the series' value,
+    whatever its own default (the notebooks' defaults differ: they serve a notebook opened alone)."""
+    plan = runner.plan_run(NOTEBOOKS)
+    for name, value in runner.SERIES_PARAMS.items():
+        given = {nb.path.stem: nb.passed[name] for nb in plan.notebooks if name in nb.declared}
+        assert len(given) >= 3 and set(given.values()) == {value}, (name, given)
+    assert plan.default_run
+    assert not runner.plan_run(NOTEBOOKS, overrides={"n_prompts": "128"}).default_run  # -p: not the reference run
 
 
 def test_run_folder_names_are_never_reused(tmp_path):
@@ -143,36 +200,60 @@ def test_failing_notebook_stops_the_run_and_keeps_what_finished(series, tmp_path
     assert json.loads((second / "gamma.json").read_text())["out_dir"] == str(second)
 
 
+def _git_status() -> str:
+    return subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=all"],
+                          capture_output=True, text=True, check=True).stdout
+
+
 @pytest.mark.notebook
-def test_real_ci_run_of_notebook_01(tmp_path, capfd):
-    """capfd: the kernel writes to the inherited file descriptors, so its warnings are seen too."""
-    out = tmp_path / "runs"
-    code, stdout, stderr = _run(["run", "--only", "01", "--ci", "--out", str(out), "--notebooks", str(NOTEBOOKS)],
-                                capfd)
-    assert code == 0, stderr
-    run_dir = (out / "latest").resolve()
-    assert run_dir.parent == out.resolve() and run_dir.name.endswith("-smollm2-135m")
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["status"] == "ok" and manifest["model"] == "smollm2-135m" and manifest["ci"] is True
-    assert set(manifest["versions"]) >= {"torch", "transformer-lens", "transformers", "sinklens"}
-    assert manifest["versions"]["transformer-lens"].startswith("4.")
-    (entry,) = manifest["notebooks"]
-    assert entry["notebook"] == "01_sink_discovery.ipynb" and entry["status"] == "ok" and entry["wall_s"] > 0
-    assert entry["parameters"]["n_prompts"] == runner.CI_PARAMS["n_prompts"]
-    assert entry["parameters"]["seq_len"] == runner.CI_PARAMS["seq_len"]
-    assert entry["parameters"]["out_dir"] == str(run_dir)
-    assert "n_boot" not in entry["passed"]  # 01 does not declare it
-    executed = nbformat.read(str(run_dir / "01_sink_discovery.ipynb"), 4)
-    assert any(cell.get("outputs") for cell in executed.cells if cell.cell_type == "code")
-    summary = json.loads((run_dir / "sink_discovery.json").read_text())
-    assert summary["n_prompts"] == runner.CI_PARAMS["n_prompts"] and summary["model"]["name"] == "smollm2-135m"
-    assert "[1/1] 01_sink_discovery.ipynb" in stdout
-    assert "WARNING" not in stdout + stderr, stdout + stderr  # e.g. ipykernel's unencrypted-TCP warning
+def test_two_real_ci_runs_side_by_side(tmp_path):
+    """Two `python -m sinklens run --ci --only 01` started together from the checkout (its working directory, as
+    `make run` does) both succeed, write nothing into the checkout (no kernel-ipc-N sockets, no README change:
+    `git status` is the same before and after), and each describes itself in its own run folder."""
+    before = _git_status()
+    command = [sys.executable, "-m", "sinklens", "run", "--only", "01", "--ci"]
+    procs = [subprocess.Popen([*command, "--out", str(tmp_path / f"runs{i}")], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in (1, 2)]
+    results = [(proc.wait(timeout=600), proc.stdout.read(), proc.stderr.read()) for proc in procs]
+    for proc in procs:
+        proc.stdout.close()
+        proc.stderr.close()
+    for code, stdout, stderr in results:
+        assert code == 0, stdout + stderr
+        assert "[1/1] 01_sink_discovery.ipynb" in stdout
+        assert "WARNING" not in stdout + stderr, stdout + stderr  # e.g. ipykernel's unencrypted-TCP warning
+    assert _git_status() == before
+    assert not list(REPO.glob("kernel-ipc*"))
+    for i in (1, 2):
+        out = tmp_path / f"runs{i}"
+        run_dir = (out / "latest").resolve()
+        assert run_dir.parent == out.resolve() and run_dir.name.endswith("-smollm2-135m")
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        assert manifest["status"] == "ok" and manifest["model"] == "smollm2-135m" and manifest["ci"] is True
+        assert set(manifest["versions"]) >= {"torch", "transformer-lens", "transformers", "sinklens"}
+        assert manifest["versions"]["transformer-lens"].startswith("4.")
+        (entry,) = manifest["notebooks"]
+        assert entry["notebook"] == "01_sink_discovery.ipynb" and entry["status"] == "ok" and entry["wall_s"] > 0
+        assert entry["parameters"]["n_prompts"] == runner.CI_PARAMS["n_prompts"]
+        assert entry["parameters"]["seq_len"] == runner.CI_PARAMS["seq_len"]
+        assert entry["parameters"]["out_dir"] == str(run_dir)
+        assert "n_boot" not in entry["passed"]  # 01 does not declare it
+        executed = nbformat.read(str(run_dir / "01_sink_discovery.ipynb"), 4)
+        assert any(cell.get("outputs") for cell in executed.cells if cell.cell_type == "code")
+        summary = json.loads((run_dir / "sink_discovery.json").read_text())
+        assert summary["n_prompts"] == runner.CI_PARAMS["n_prompts"] and summary["model"]["name"] == "smollm2-135m"
+        assert (run_dir / "index.html").is_file()
+
+
+def test_kernel_sockets_live_in_a_private_folder_removed_afterwards():
+    with runner.kernel_config() as first, runner.kernel_config() as second:
+        folders = [Path(config.KernelManager.ip).parent for config in (first, second)]
+        assert first.KernelManager.transport == "ipc" and folders[0] != folders[1]
+        assert all(folder.is_dir() and not folder.is_relative_to(REPO) for folder in folders)
+    assert not any(folder.exists() for folder in folders)
 
 
 def test_relative_out_dir_from_the_notebooks_folder_means_the_project_root(tmp_path, monkeypatch):
-    from sinklens.runs import RunFolder
-
     (tmp_path / "pyproject.toml").write_text("")
     (tmp_path / "notebooks").mkdir()
     monkeypatch.chdir(tmp_path / "notebooks")  # an interactive Jupyter session

@@ -12,13 +12,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import InputError
+from ..errors import InputError
 
 
 def project_path(path: str | os.PathLike) -> Path:
     """``path`` as given, except that a relative path used from inside the project's ``notebooks/``
     folder (an interactive Jupyter session) is taken relative to the project root, as papermill and
-    ``python -m sinklens run`` (which run notebooks from the root) take it."""
+    ``python -m sinklens run`` (which run notebooks from the root) take it.
+
+    Args:
+        path: the path as a notebook gives it.
+    """
     path = Path(path)
     cwd = Path.cwd()
     if not path.is_absolute() and cwd.name == "notebooks" and (cwd.parent / "pyproject.toml").is_file():
@@ -27,7 +31,11 @@ def project_path(path: str | os.PathLike) -> Path:
 
 
 class RunFolder:
-    """A folder that notebooks write their outputs into (``figures/``, ``tables/`` and JSON files)."""
+    """A folder that notebooks write their outputs into (``figures/``, ``tables/`` and JSON files).
+
+    Args:
+        path: the folder (a notebook's ``out_dir``), created with ``figures/`` and ``tables/`` if missing.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = project_path(path)
@@ -40,25 +48,45 @@ class RunFolder:
             raise InputError(f"Run folder {self.path} is not writable: pass a writable out_dir.")
 
     def save_figure(self, fig, name: str) -> Path:
-        """Write a plotly figure as ``figures/<name>.html`` sharing one local plotly.min.js."""
+        """Write a plotly figure as ``figures/<name>.html`` sharing one local plotly.min.js.
+
+        Args:
+            fig: the plotly figure.
+            name: file name without ``.html`` (the report's captions are keyed by it).
+        """
         path = self.path / "figures" / f"{name}.html"
         fig.write_html(path, include_plotlyjs="directory", full_html=True)
         return path
 
     def save_html(self, html: str, name: str) -> Path:
-        """Write a self-contained HTML page (e.g. a circuitsvis view) as ``figures/<name>.html``."""
+        """Write a self-contained HTML page (e.g. a circuitsvis view) as ``figures/<name>.html``.
+
+        Args:
+            html: the page.
+            name: file name without ``.html``.
+        """
         path = self.path / "figures" / f"{name}.html"
         path.write_text(html, encoding="utf-8")
         return path
 
     def save_table(self, frame: pd.DataFrame, name: str) -> Path:
-        """Write ``tables/<name>.csv``."""
+        """Write ``tables/<name>.csv``.
+
+        Args:
+            frame: the table.
+            name: file name without ``.csv``.
+        """
         path = self.path / "tables" / f"{name}.csv"
         frame.to_csv(path, index=False)
         return path
 
     def save_json(self, data: dict, name: str) -> Path:
-        """Write ``<name>.json`` at the top of the run folder."""
+        """Write ``<name>.json`` at the top of the run folder (a summary: the report reads its ``headline``).
+
+        Args:
+            data: JSON-ready mapping (numpy scalars and missing values are converted).
+            name: file name without ``.json``.
+        """
         path = self.path / f"{name}.json"
         path.write_text(json.dumps(data, indent=2, default=_json_value), encoding="utf-8")
         return path

@@ -3,13 +3,19 @@
 Every notebook matching ``notebooks/[0-9][0-9]_*.ipynb`` runs in sorted order with papermill
 into a new folder ``<out>/<YYYYmmdd-HHMMSS>-<model>/`` (never an existing one), receiving only
 the parameters its ``parameters`` cell declares, plus ``model_name`` and ``out_dir`` (the run
-folder). Parameter overrides are parsed to the declared types and checked before anything
-runs. The folder receives the executed notebooks, a ``manifest.json`` (versions, git commit,
-parameters, wall time, status and the files written, per notebook) and the report
-``index.html`` (:mod:`sinklens.report`); ``<out>/latest`` points at the newest run.
+folder). The probe of the series (:data:`SERIES_PARAMS`: prompts, their length, eps and q) is
+set once for the run and passed to every notebook that declares it; a notebook that declares
+``heads_from`` gets this run's ``specialized_heads.json`` once an earlier notebook wrote it, so
+the whole run works on one list of sink-specialized heads. Parameter overrides are parsed to the
+declared types, their values and the model name are checked before a run folder is created or
+a kernel started. The folder receives the executed notebooks, a ``manifest.json`` (versions,
+git commit, parameters, wall time, status and the files written, per notebook) and the report
+``index.html`` (:mod:`sinklens.series.report`); ``<out>/latest`` points at the newest run.
 A failing notebook stops the series; what finished is kept, the failure is recorded and shown
-in the report. A successful default run (whole series, embedded model, no ``--ci``, ``-p`` or
-``--params``) also rewrites the headline numbers in the project's README.
+in the report. A run writes nothing into the checkout: the README's headline block is
+refreshed by the explicit ``python -m sinklens headline`` (``make headline``), and the
+kernels' IPC sockets live in a private temporary folder per run, so runs started side by
+side from one checkout are independent.
 """
 
 from __future__ import annotations
@@ -24,18 +30,29 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
-from .loading import EMBEDDED_MODELS
-from .notebook_params import _coerce, notebook_parameters
+import papermill
+import yaml
+from papermill.exceptions import PapermillExecutionError
+from traitlets.config import Config
+
+from ..errors import InputError, SinklensError
+from ..loading import EMBEDDED_MODELS, resolve_checkpoint
+from .head_list import HEAD_LIST_FILE, check_model_name, read_head_list
+from .params import check_value, coerce_value, notebook_parameters
+from .report import write_report
 
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
 DEFAULT_MODEL = next(iter(EMBEDDED_MODELS))
+# The probe of the series, set once for the run and passed to every notebook that declares these parameters: every
+# notebook measures on the same prompts with the same definition of a sink-specialized head. -p/--params set them
+# for the whole run the same way.
+SERIES_PARAMS: dict[str, Any] = {"n_prompts": 128, "seq_len": 64, "eps": 0.3, "q": 0.9}
 # Small parameters for --ci: the whole series in well under a minute per notebook on 2 CPU cores.
 # Applied to the notebooks that declare them; -p and --params still override them.
 CI_PARAMS: dict[str, Any] = {
@@ -46,6 +63,7 @@ CI_PARAMS: dict[str, Any] = {
 }
 # Set by the runner itself, never by -p or a params file.
 RESERVED = {"model_name": "--model", "out_dir": "--out"}
+HEADS_FROM = "heads_from"  # the parameter through which a notebook takes the run's head list
 MANIFEST = "manifest.json"
 LATEST = "latest"
 EXIT_INPUT = 2
@@ -62,7 +80,8 @@ def discover_notebooks(folder: str | os.PathLike) -> list[Path]:
     """The series: files matching ``[0-9][0-9]_*.ipynb`` in ``folder``, sorted by name."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise InputError(f"Notebook folder {folder} does not exist: run from the repository root or pass --notebooks DIR.")
+        raise InputError(f"Notebook folder {folder} does not exist: run from the repository root or pass "
+                         "--notebooks DIR.")
     found = sorted(folder.glob(NOTEBOOK_GLOB))
     if not found:
         raise InputError(f"No notebooks matching {NOTEBOOK_GLOB} in {folder}: pass the folder that holds the series.")
@@ -118,8 +137,6 @@ def parse_value(name: str, text: str, kind: type) -> Any:
             raise fail
         return _BOOLS[text.strip().lower()]
     if kind in (list, dict):
-        import yaml
-
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
@@ -131,9 +148,11 @@ def parse_value(name: str, text: str, kind: type) -> Any:
 
 
 def load_params_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A YAML (or JSON) mapping ``{parameter: value}``."""
-    import yaml
+    """A YAML (or JSON) mapping ``{parameter: value}``.
 
+    Args:
+        path: the ``--params`` file.
+    """
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -173,21 +192,45 @@ class RunPlan:
     ci: bool = False
     argv: list[str] = field(default_factory=list)
     complete: bool = True  # every notebook of the series is selected
+    customized: bool = False  # -p or --params set a value
 
     @property
     def default_run(self) -> bool:
-        """The reference run: whole series, default model, declared defaults (no --ci, -p or --params)."""
-        return (self.complete and not self.ci and self.model == DEFAULT_MODEL
-                and all(set(nb.passed) <= {"model_name"} for nb in self.notebooks))
+        """The reference run: whole series, default model, default parameters (no --ci, -p or --params)."""
+        return self.complete and not self.ci and not self.customized and self.model == DEFAULT_MODEL
+
+
+def check_model(model: str) -> str:
+    """Refuse a ``--model`` that ``load_model`` could not load, without loading it: a bundled name passes, a
+    folder must hold a checkpoint, a hub id must be in the local cache or the hub reachable.
+
+    Args:
+        model: the ``--model`` value.
+    """
+    if model not in EMBEDDED_MODELS:
+        try:
+            resolve_checkpoint(model)
+        except SinklensError as err:
+            raise InputError(f"--model {model}: {err}") from None
+    return model
 
 
 def plan_run(notebooks_dir: str | os.PathLike | None = None, model: str | None = None,
              overrides: Mapping[str, str] | None = None, params_file: str | os.PathLike | None = None,
              only: Iterable[str] | None = None, ci: bool = False, out: str | os.PathLike | None = None) -> RunPlan:
-    """Validate a run (notebooks, parameters, output folder) without running anything.
+    """Validate a run (notebooks, parameter types and values, model name, output folder) without running anything.
 
-    Precedence of values: notebook default < ``CI_PARAMS`` (with ``ci``) < ``params_file`` <
-    ``overrides`` (raw ``-p`` strings, parsed to each notebook's declared type).
+    Precedence of values: notebook default < ``SERIES_PARAMS`` < ``CI_PARAMS`` (with ``ci``) <
+    ``params_file`` < ``overrides`` (raw ``-p`` strings, parsed to each notebook's declared type).
+
+    Args:
+        notebooks_dir: folder of the series (default ``notebooks/``).
+        model: model name, checkpoint folder or hub id (default the embedded model).
+        overrides: ``{name: text}`` from ``-p name=text``.
+        params_file: YAML file of ``{name: value}``.
+        only: notebooks to run (number prefix, stem or file name); default all.
+        ci: use the small ``CI_PARAMS``.
+        out: folder that receives the run folders (default ``runs/`` beside the notebooks folder).
     """
     notebooks_dir = Path(notebooks_dir) if notebooks_dir is not None else default_notebooks_dir()
     series = discover_notebooks(notebooks_dir)
@@ -205,31 +248,44 @@ def plan_run(notebooks_dir: str | os.PathLike | None = None, model: str | None =
             if not any(name in params for params in declared.values()):
                 users = [nb.stem for nb in discover_notebooks(notebooks_dir)
                          if nb not in declared and name in notebook_parameters(nb)]
+                known = sorted({n for p in declared.values() for n in p} - set(RESERVED))
                 hint = (f" It is declared by {', '.join(users)}, which --only does not select." if users else
-                        f" Known parameters: {', '.join(sorted({n for p in declared.values() for n in p} - set(RESERVED)))}.")
+                        f" Known parameters: {', '.join(known)}.")
                 raise InputError(f"{source}: unknown parameter {name!r}: no selected notebook declares it.{hint}")
     plans = []
     for nb, params in declared.items():
-        passed: dict[str, Any] = {}
+        passed: dict[str, Any] = {name: value for name, value in SERIES_PARAMS.items() if name in params}
+        setter = dict.fromkeys(passed, "the series probe")
         if ci:
             passed |= {name: value for name, value in CI_PARAMS.items() if name in params}
+            setter |= {name: "--ci" for name in CI_PARAMS if name in params}
         for name, value in from_file.items():
             if name in params:
                 try:
-                    passed[name] = _coerce(name, value, params[name][0])
+                    passed[name] = coerce_value(name, value, params[name][0])
                 except InputError as err:
                     raise InputError(f"--params {params_file}: {err} ({nb.name} declares it as "
                                      f"{params[name][0].__name__}).") from None
+                setter[name] = f"--params {params_file}"
         for name, text in overrides.items():
             if name in params:
                 passed[name] = parse_value(name, text, params[name][0])
+                setter[name] = f"-p {name}={text}"
+        for name, value in passed.items():
+            try:
+                check_value(name, value)
+            except InputError as err:
+                raise InputError(f"{setter[name]}: {err}") from None
+        if passed.get(HEADS_FROM):
+            check_model_name(read_head_list(passed[HEADS_FROM]), model)
         passed["model_name"] = model
         plans.append(NotebookPlan(nb, params, passed))
+    check_model(model)
     # absolute: the notebooks run with the repository root as working directory
     out_root = Path(out).expanduser().resolve() if out is not None else notebooks_dir.resolve().parent / "runs"
     _check_writable(out_root)
     return RunPlan(model=model, notebooks=plans, out_root=out_root, repo_root=notebooks_dir.resolve().parent, ci=ci,
-                   complete=len(selected) == len(series))
+                   complete=len(selected) == len(series), customized=bool(overrides or from_file))
 
 
 def _check_writable(root: Path) -> None:
@@ -300,27 +356,19 @@ def git_state(repo_root: Path) -> dict[str, Any] | None:
         return None
 
 
-def report_hook(run_dir: Path, manifest: dict, readme: Path | None = None,
-                log: Callable[[str], None] = print) -> None:
-    """Write the run report ``index.html`` (called once after the notebooks, also after a failure) and,
-    given ``readme`` and a successful run, rewrite its headline numbers. Problems here are reported as
-    warnings: they never change the run's status."""
-    from . import report
+def report_hook(run_dir: Path, manifest: dict, log: Callable[[str], None] = print) -> None:
+    """Write the run report ``index.html`` (called once after the notebooks, also after a failure). Problems
+    here are reported as warnings: they never change the run's status.
 
+    Args:
+        run_dir: the run folder.
+        manifest: its manifest, as written.
+        log: where the report's path and warnings go.
+    """
     try:
-        log(f"Report: {report.write_report(run_dir, manifest, log=log)}")
+        log(f"Report: {write_report(run_dir, manifest, log=log)}")
     except Exception as error:
         log(f"warning: the report index.html could not be written: {type(error).__name__}: {error}")
-    if readme is None or manifest.get("status") != "ok":
-        return
-    if not readme.is_file():
-        log(f"warning: {readme} not found: headline numbers not written.")
-        return
-    try:
-        changed = report.update_readme_headline(readme, run_dir, manifest)
-        log(f"{readme.name}: headline numbers {'updated from this run' if changed else 'unchanged'}.")
-    except Exception as error:
-        log(f"warning: {readme.name} headline numbers not written: {error}")
 
 
 def _snapshot(run_dir: Path) -> dict[str, tuple[int, int]]:
@@ -341,12 +389,18 @@ def _kernel_name(notebook: Path) -> str:
     return spec.get("name") or "python3"
 
 
-def kernel_config():
-    """Notebook kernels talk over local IPC sockets (cleaned up on exit), not TCP ports: nothing listens on
-    the network, and ipykernel does not warn about unencrypted TCP once per notebook."""
-    from traitlets.config import Config
+@contextlib.contextmanager
+def kernel_config() -> Iterator[Config]:
+    """Configuration of the notebook kernels, valid inside the ``with`` block.
 
-    return Config({"KernelManager": {"transport": "ipc"}})
+    Kernels talk over local IPC sockets, not TCP ports: nothing listens on the network, and
+    ipykernel does not warn about unencrypted TCP once per notebook. The sockets are files named
+    after ``KernelManager.ip``; by default ``kernel-ipc-N`` in the working directory (the
+    checkout), numbered from 1 by each process, so two runs side by side would take each other's
+    sockets. Here they go to a private temporary folder, removed when the block ends.
+    """
+    with tempfile.TemporaryDirectory(prefix="sinklens-kernels-") as folder:
+        yield Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(folder, "ipc")}})
 
 
 @contextlib.contextmanager
@@ -374,11 +428,15 @@ def execute(plan: RunPlan, log: Callable[[str], None] = print,
     """Run the planned notebooks into a new run folder; return it and the manifest.
 
     Stops at the first failing notebook (its error is reported through ``err``); the manifest
-    is rewritten after every notebook so an interrupted run still describes itself.
-    """
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
+    is rewritten after every notebook so an interrupted run still describes itself. A notebook
+    that declares ``heads_from`` and was not given one gets this run's ``specialized_heads.json``
+    once an earlier notebook has written it (else it measures its own heads, and the log says so).
 
+    Args:
+        plan: the checked run (:func:`plan_run`).
+        log: progress lines.
+        err: failure lines (default: stderr).
+    """
     err = err or (lambda text: print(text, file=sys.stderr, flush=True))
     run_dir = new_run_folder(plan.out_root, plan.model)
     manifest = {
@@ -396,15 +454,20 @@ def execute(plan: RunPlan, log: Callable[[str], None] = print,
     status = "ok"
     for i, (nb, entry) in enumerate(zip(plan.notebooks, manifest["notebooks"]), 1):
         log(f"[{i}/{total}] {nb.path.name} ...")
+        if HEADS_FROM in nb.declared and HEADS_FROM not in entry["passed"]:
+            if (run_dir / HEAD_LIST_FILE).is_file():
+                entry["passed"][HEADS_FROM] = entry["parameters"][HEADS_FROM] = str(run_dir / HEAD_LIST_FILE)
+            else:
+                log(f"      no {HEAD_LIST_FILE} in this run yet: {nb.path.stem} measures its own heads.")
         start = time.perf_counter()
         entry["status"] = "running"
         _write_manifest(run_dir, manifest)
         before = _snapshot(run_dir)
         try:
-            with _quiet_progress():
+            with _quiet_progress(), kernel_config() as config:
                 papermill.execute_notebook(str(nb.path), str(run_dir / nb.path.name), parameters=entry["passed"],
                                            kernel_name=_kernel_name(nb.path), progress_bar=False, log_output=False,
-                                           cwd=str(plan.repo_root), config=kernel_config())
+                                           cwd=str(plan.repo_root), config=config)
             entry["status"] = "ok"
         except PapermillExecutionError as error:
             entry["status"] = "failed"
@@ -438,7 +501,7 @@ def execute(plan: RunPlan, log: Callable[[str], None] = print,
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     manifest["wall_s"] = round(sum(e["wall_s"] or 0 for e in manifest["notebooks"]), 2)
     _write_manifest(run_dir, manifest)
-    report_hook(run_dir, manifest, readme=plan.repo_root / "README.md" if plan.default_run else None, log=log)
+    report_hook(run_dir, manifest, log=log)
     update_latest(plan.out_root, run_dir, log)
     log(f"{'Done' if status == 'ok' else 'Stopped after a failure'}: {run_dir}")
     return run_dir, manifest
@@ -448,7 +511,18 @@ def run(notebooks_dir: str | os.PathLike | None = None, model: str | None = None
         overrides: Mapping[str, str] | None = None, params_file: str | os.PathLike | None = None,
         only: Iterable[str] | None = None, ci: bool = False, out: str | os.PathLike | None = None,
         argv: Sequence[str] | None = None) -> int:
-    """Plan and execute a run; return the exit code (0 ok, 1 a notebook failed, 2 bad input)."""
+    """Plan and execute a run; return the exit code (0 ok, 1 a notebook failed, 2 bad input: nothing was run).
+
+    Args:
+        notebooks_dir: folder of the series (default ``notebooks/``).
+        model: model name, checkpoint folder or hub id.
+        overrides: ``{name: text}`` from ``-p``.
+        params_file: YAML file of parameter values.
+        only: notebooks to run.
+        ci: small parameters for a quick check.
+        out: folder that receives the run folders.
+        argv: the command line, recorded in the manifest.
+    """
     try:
         plan = plan_run(notebooks_dir, model, overrides, params_file, only, ci, out)
     except InputError as error:

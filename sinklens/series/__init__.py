@@ -1,0 +1,25 @@
+"""The notebook series: running it, its run folders, its report.
+
+Modules, one concept each:
+
+- :mod:`~sinklens.series.params`: typed notebook parameters and the checks of their values.
+- :mod:`~sinklens.series.folder`: ``RunFolder``, where a notebook writes figures, tables and JSON.
+- :mod:`~sinklens.series.head_list`: the run's one list of sink-specialized heads (``heads_from``).
+- :mod:`~sinklens.series.runner`: plan and execute the series (``python -m sinklens run``).
+- :mod:`~sinklens.series.outputs`: what a run folder holds (manifest, each notebook's outputs, summaries).
+- :mod:`~sinklens.series.wording`: labels and units of headline numbers, captions of figures.
+- :mod:`~sinklens.series.findings`: the run's findings in sentences, from its summaries.
+- :mod:`~sinklens.series.headline`: headline numbers and the README block (``python -m sinklens headline``).
+- :mod:`~sinklens.series.pngs`: PNG copies of the plotly figures.
+- :mod:`~sinklens.series.report`: the report ``index.html`` (``python -m sinklens report``).
+- :mod:`~sinklens.series.cli`: the command line.
+
+A notebook needs three names: ``check_params`` (its second cell), ``RunFolder`` and the
+``head_list`` module.
+"""
+
+from . import head_list
+from .folder import RunFolder
+from .params import check_params
+
+__all__ = ["RunFolder", "check_params", "head_list"]

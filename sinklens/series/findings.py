@@ -1,0 +1,212 @@
+"""The findings of a run in a few sentences, written from its JSON summaries.
+
+Every number in a sentence is read from a summary the notebooks wrote; nothing is typed in. Each
+known summary (by file name) has a builder; a summary without one is left to the headline tables
+(it still shows there), a missing summary gives no sentence, and a summary whose keys a builder
+does not find (an older or a failed run) gives no sentence rather than a wrong one. Last, the
+counts of sink-specialized heads that the summaries report are compared: a run whose notebooks
+worked on different head lists says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..census import CASE_AFTER_BOS, CASE_BOS, CASE_NO_BOS
+from .head_list import HEAD_LIST_FILE
+from .outputs import Summary
+
+
+def _pct(value: float, digits: int = 1) -> str:
+    """A percentage as text: ``67.6 %``."""
+    return f"{value:.{digits}f} %"
+
+
+def _share(fraction: float, digits: int = 1) -> str:
+    """A fraction as a percentage: ``0.9217`` -> ``92.2 %``."""
+    return _pct(100 * fraction, digits)
+
+
+def _heads_share(n: int, total: int) -> str:
+    return f"{n} of {total} heads ({100 * n / total:.0f} %)" if total else f"{n} heads"
+
+
+def _probe_text(probe: Any, n_prompts: Any = None) -> str:
+    probe = probe if isinstance(probe, dict) else {}
+    n = probe.get("n_prompts", n_prompts)
+    seq_len = probe.get("seq_len")
+    return f"{n} prompts" + (f" of {seq_len} tokens" if seq_len else "")
+
+
+def sink_discovery(data: dict) -> list[str]:
+    """Sentences of notebook 01's ``sink_discovery.json``: sink rate, strongest head, token or position, massive dims.
+
+    Args:
+        data: the summary's content.
+    """
+    eps, n_heads = data["eps"], data["n_heads"]
+    strongest = data["strongest_head"]
+    out = [f"Sink^{eps:g} = {_pct(data['sink_rate_pct'])} of the {n_heads} heads put alpha_0 > {eps:g} on the first "
+           f"token (mean over {_probe_text(data.get('probe'), data.get('n_prompts'))}); the strongest sink head is "
+           f"L{strongest['layer']}H{strongest['head']} (mean alpha_0 {strongest['mean_alpha0']:.3f})."]
+    comparison = data.get("bos_comparison") or {}
+    rates = comparison.get("sink_rate_pct") or {}
+    if {CASE_BOS, CASE_NO_BOS, CASE_AFTER_BOS} <= set(rates):
+        lead = {"position": "The sink is positional", "token": "The sink follows the BOS token",
+                "mixed": "Both the BOS token and the first position make the sink",
+                "none": "Neither BOS nor the first text token is a sink"}.get(comparison.get("verdict"), "Sink rates")
+        out.append(f"{lead}: without BOS the first text token is a sink in {_pct(rates[CASE_NO_BOS])} of the heads "
+                   f"(BOS itself: {_pct(rates[CASE_BOS])}), and the same token behind BOS in "
+                   f"{_pct(rates[CASE_AFTER_BOS])}.")
+    by_layer = data.get("massive_dims_by_layer")
+    if isinstance(by_layer, dict):
+        n_layers = (data.get("model") or {}).get("n_layers")
+        if not by_layer:
+            out.append("No massive activation (|x| > 100 and >= 1000 x the median) on the first token in any layer.")
+        else:
+            layers = sorted(int(layer) for layer in by_layer)
+            dims = Counter(d for found in by_layer.values() for d in found).most_common(3)
+            where = ", ".join(f"dim {d} in {_plural(n, 'layer')}" for d, n in dims)
+            of = f" of {n_layers}" if n_layers else ""
+            out.append(f"Massive activations (|x| > 100 and >= 1000 x the median) sit on the first token in "
+                       f"{len(layers)}{of} layers (layers {layers[0]}-{layers[-1]}): {where}.")
+    return out
+
+
+def specialized_heads(data: dict) -> list[str]:
+    """The sentence of notebook 02's ``specialized_heads.json``: how many heads are sink-specialized, by which rule.
+
+    Args:
+        data: the summary's content.
+    """
+    n, total, eps, q = len(data["heads"]), data["n_heads"], data["eps"], data["q"]
+    return [f"{_heads_share(n, total)} are sink-specialized (alpha_0 > {eps:g} on >= {_share(q, 0)} of "
+            f"{_probe_text(data.get('probe'))})."]
+
+
+def topk_pruning(data: dict) -> list[str]:
+    """The sentence of notebook 03's ``topk_pruning.json``: one layer's heads pruned to k BOS dims.
+
+    Args:
+        data: the summary's content.
+    """
+    h = data["headline"]
+    return [f"Pruning the {h['n_heads_pruned']} sink-specialized heads of layer {h['layer']} to k = {h['k']} BOS "
+            f"dims: median attention error ||A - A'||_F / ||A||_F = {h['frob_rel_median']:.2f}, mean alpha_0 "
+            f"{h['alpha0_dense_mean']:.2f} -> {h['alpha0_pruned_mean']:.2f}; next-token KL {h['next_kl']:.3f} nats, "
+            f"loss {h['d_loss']:+.3f} nats."]
+
+
+_POLICY_NAMES = {"bos_top": "BOS top-k dims", "random": "random dims", "weight_norm": "largest weight norms",
+                 "whole_head": "whole heads removed"}
+
+
+def _measured(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _policies(values: dict, fmt: Callable[[Any], str]) -> str:
+    """``"0.49 (BOS top-k dims), 0.92 (random dims) and ..."`` for the policies with a measured value."""
+    parts = [f"{fmt(value)} ({_POLICY_NAMES.get(policy, policy)})" for policy, value in values.items()
+             if _measured(value)]
+    return ", ".join(parts[:-1]) + f" and {parts[-1]}" if len(parts) > 1 else "".join(parts)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def reconstruction_error(data: dict) -> list[str]:
+    """Sentences of notebook 04's ``reconstruction_error.json``: error at k per policy, the smallest k, the loss.
+
+    Args:
+        data: the summary's content.
+    """
+    h = data["headline"]
+    k = h["k"]
+    out = [f"At k = {k}, over the {h['n_sink_heads']} sink-specialized heads (each layer pruned alone), the median "
+           f"attention error is {_policies(h['frob_rel_median_at_k'], lambda v: f'{v:.2f}')}."]
+    smallest = next(((key, value) for key, value in h.items() if key.startswith("smallest_k_median_below_")), None)
+    if smallest and isinstance(smallest[1], dict):
+        threshold, by_policy = smallest[0].rsplit("_", 1)[1], smallest[1]
+        never = [_POLICY_NAMES.get(policy, policy) for policy, value in by_policy.items() if not _measured(value)]
+        ks = (data.get("parameters") or {}).get("ks")
+        tried = f" (k up to {max(ks)})" if isinstance(ks, list) and ks else ""
+        if len(never) < len(by_policy):
+            out.append(f"The median error falls below {threshold} at k = {_policies(by_policy, lambda v: f'{v:g}')}"
+                       + (f"; never with {', '.join(never)}{tried}." if never else "."))
+        else:
+            out.append(f"No kept-dims policy brings the median error below {threshold} at the k tried{tried}.")
+    if h.get("d_loss_at_k"):
+        out.append(f"All of them pruned together at k = {k}, the loss changes by "
+                   f"{_policies(h['d_loss_at_k'], lambda v: f'{v:+.2f} nats')}.")
+    return out
+
+
+def layer_selection(data: dict) -> list[str]:
+    """The sentence of notebook 05's ``layer_selection.json``: the largest layer set meeting the target.
+
+    Args:
+        data: the summary's content.
+    """
+    h = data["headline"]
+    k = (data.get("settings") or {}).get("k")
+    at_k = f" at k = {k}" if k is not None else ""
+    if h.get("best_layers") is None:
+        return [f"No layer set{at_k} kept {_share(h['target_retention'], 0)} of {h['metric']} "
+                f"({h['n_configurations']} configurations evaluated)."]
+    removal = h.get("removal_retention_same_heads")
+    tail = f"; removing the same heads whole keeps {_share(removal)}" if removal is not None else ""
+    return [f"QK-pruning layers {h['best_layers']} ({h['best_n_heads']} heads, {h['best_params_zeroed']:,} Q/K "
+            f"parameters){at_k} keeps {_share(h['best_retention'])} of {h['metric']} on held-out items (95 % CI "
+            f"{_share(h['best_ci_low'])} to {_share(h['best_ci_high'])}; target {_share(h['target_retention'], 0)})"
+            f"{tail}."]
+
+
+BUILDERS: dict[str, Callable[[dict], list[str]]] = {
+    "sink_discovery.json": sink_discovery, HEAD_LIST_FILE: specialized_heads, "topk_pruning.json": topk_pruning,
+    "reconstruction_error.json": reconstruction_error, "layer_selection.json": layer_selection,
+}
+
+
+def head_counts(summaries: Sequence[Summary]) -> dict[str, int]:
+    """``{file: count}`` of sink-specialized heads each summary reports (its head list, or ``n_sink_heads``).
+
+    Args:
+        summaries: the run's summaries (:func:`sinklens.series.outputs.run_summaries`).
+    """
+    counts = {}
+    for summary in summaries:
+        data = summary.data if isinstance(summary.data, dict) else {}
+        headline = data.get("headline") if isinstance(data.get("headline"), dict) else {}
+        if summary.path.name == HEAD_LIST_FILE and isinstance(data.get("heads"), list):
+            counts[summary.path.name] = len(data["heads"])
+        elif isinstance(headline.get("n_sink_heads", data.get("n_sink_heads")), int):
+            counts[summary.path.name] = headline.get("n_sink_heads", data.get("n_sink_heads"))
+    return counts
+
+
+def findings(summaries: Sequence[Summary]) -> list[str]:
+    """The run's findings, one or more sentences per known summary, in notebook order.
+
+    Args:
+        summaries: the run's summaries (:func:`sinklens.series.outputs.run_summaries`).
+    """
+    out: list[str] = []
+    for summary in summaries:
+        builder = BUILDERS.get(Path(summary.path).name)
+        if builder is None or not isinstance(summary.data, dict):
+            continue
+        try:
+            out += builder(summary.data)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+            continue  # an older or partial summary: its numbers still show in the headline tables
+    counts = head_counts(summaries)
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{count} ({name})" for name, count in counts.items())
+        out.append(f"The notebooks of this run worked on different lists of sink-specialized heads: {listed}.")
+    return out

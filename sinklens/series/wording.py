@@ -1,0 +1,158 @@
+"""What the report calls things: human labels and units of the headline numbers, captions of the figures.
+
+A headline number is known by its key in a summary's ``headline`` block (``frob_rel_median``) or
+by ``outer.inner`` for the entries of a small mapping (``d_loss_at_k.bos_top``: the outer label,
+then the inner one in brackets). Keys that are not listed here are still shown, with a label made
+from the key itself (underscores as spaces, ``pct`` as %), so a new notebook's summary appears in
+the report without an entry here. Captions are keyed by a figure's file name (without ``.html``);
+a figure without one is shown without a caption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Label:
+    """How a headline number reads: ``text``, its ``unit`` (shown after the value) and a ``scale`` applied
+    to the stored value first (100 turns a stored fraction into the percent the unit says)."""
+
+    text: str
+    unit: str = ""
+    scale: float = 1.0
+
+
+_PERCENT_OF_FRACTION = {"unit": "%", "scale": 100.0}
+LABELS: dict[str, Label] = {
+    # 01 sink discovery
+    "prepend_bos": Label("BOS prepended to the probe prompts"),
+    "n_prompts": Label("probe prompts"),
+    "seq_len": Label("prompt length", "tokens"),
+    "eps": Label("sink threshold eps on alpha_0"),
+    "q": Label("share of prompts a sink-specialized head must sink on", **_PERCENT_OF_FRACTION),
+    "sink_rate_pct": Label("sink rate Sink^eps: heads with alpha_0 > eps", "%"),
+    "n_heads": Label("heads in the model"),
+    "n_heads_mean_alpha0_above_eps": Label("heads with mean alpha_0 > eps"),
+    "strongest_head.layer": Label("strongest sink head: layer"),
+    "strongest_head.head": Label("strongest sink head: head"),
+    "strongest_head.mean_alpha0": Label("strongest sink head: mean alpha_0"),
+    "bos_comparison.verdict": Label("what the sink follows (BOS token or first position)"),
+    # 02 sink-specialized heads
+    "n_specialized": Label("sink-specialized heads"),
+    "specialized_pct": Label("sink-specialized heads, share of all heads", "%"),
+    "n_boot": Label("bootstrap resamples"),
+    # 03 pruning one layer
+    "layer": Label("pruned layer"),
+    "n_heads_pruned": Label("heads pruned"),
+    "n_sink_heads": Label("sink-specialized heads"),
+    "k": Label("kept Q/K input dims per head (k)"),
+    "frob_rel_median": Label("median attention error ||A - A'||_F / ||A||_F"),
+    "alpha0_dense_mean": Label("mean alpha_0 of the pruned heads, dense"),
+    "alpha0_pruned_mean": Label("mean alpha_0 of the pruned heads, pruned"),
+    "next_kl": Label("next-token KL(dense || pruned)", "nats"),
+    "d_loss": Label("change of next-token loss", "nats"),
+    # 04 reconstruction error against k
+    "frob_rel_median_at_k": Label("median attention error at k"),
+    "smallest_k_median_below_0.2": Label("smallest k with median attention error < 0.2"),
+    "smallest_k_median_below_0.1": Label("smallest k with median attention error < 0.1"),
+    "d_loss_at_k": Label("change of loss at k, all sink-specialized heads pruned", "nats"),
+    "qk_params_zeroed_share": Label("Q/K weights zeroed at k", **_PERCENT_OF_FRACTION),
+    # 05 layer selection
+    "metric": Label("selection metric"),
+    "target_retention": Label("retention target", **_PERCENT_OF_FRACTION),
+    "n_configurations": Label("configurations evaluated"),
+    "best_layers": Label("largest layer set meeting the target"),
+    "best_n_heads": Label("heads QK-pruned in that set"),
+    "best_params_zeroed": Label("Q/K parameters zeroed in that set"),
+    "best_retention": Label("retention of that set (held-out)", **_PERCENT_OF_FRACTION),
+    "best_ci_low": Label("retention, 95 % CI low", **_PERCENT_OF_FRACTION),
+    "best_ci_high": Label("retention, 95 % CI high", **_PERCENT_OF_FRACTION),
+    "removal_retention_same_heads": Label("retention with the same heads removed whole", **_PERCENT_OF_FRACTION),
+}
+# inner keys of headline mappings: the kept-dims policies of a pruning
+INNER_LABELS: dict[str, str] = {
+    "bos_top": "BOS top-k dims", "random": "random dims", "weight_norm": "largest weight norms",
+    "whole_head": "whole head removed",
+}
+
+
+def label(key: str) -> Label:
+    """The label of a headline key; ``outer.inner`` keys combine both parts; unknown keys read as words.
+
+    Args:
+        key: the key in a summary's headline (``"frob_rel_median"``) or ``"outer.inner"``.
+    """
+    if key in LABELS:
+        return LABELS[key]
+    outer, dot, inner = key.partition(".")
+    if dot and outer in LABELS:
+        base = LABELS[outer]
+        return Label(f"{base.text} ({INNER_LABELS.get(inner, _words(inner))})", base.unit, base.scale)
+    return Label(_words(key))
+
+
+def _words(key: str) -> str:
+    text = key.replace(".", ": ").replace("_", " ")
+    return text.replace(" pct", " (%)") if text.endswith(" pct") else text
+
+
+CAPTIONS: dict[str, str] = {
+    # 01
+    "sink_heatmap": "Mean alpha_0 per layer and head: bright cells are heads that park their attention on the first "
+                    "token.",
+    "sink_rate_by_layer": "Share of each layer's heads with alpha_0 > eps: look for layers where it drops.",
+    "massive_profile_resid": "The first token's largest magnitudes per layer against the median and the other "
+                             "tokens (log scale): massive activations stand orders of magnitude above the rest.",
+    "first_token_norms": "Norm of the first token's residual vector per layer against the other tokens: where it "
+                         "jumps, the sink forms.",
+    "norm_share": "Share of the first token's squared norm held by its top-k dims: close to 1 means a few dims "
+                  "carry the whole vector.",
+    "rank_stability": "How often the top-k dims are the same from prompt to prompt: 1 means fixed dims.",
+    "bos_comparison": "Sink rate per layer with BOS, without BOS (first text token) and for that token behind "
+                      "BOS: the pattern tells token from position.",
+    "attention_strongest_head": "The strongest sink head on one probe prompt: the first column holds the "
+                                "attention.",
+    # 02
+    "specialization": "Mean alpha_0 per head with its bootstrap 95 % interval, sorted: specialized heads sit above "
+                      "eps on almost every prompt.",
+    "specialization_heatmap": "Sink-specialized heads by layer and head: where the list of heads comes from.",
+    "confidence_vs_alpha": "Head confidence against alpha_0: sink heads are confident by construction; confident "
+                           "heads with low alpha_0 attend sharply elsewhere.",
+    "prompt_consistency": "alpha_0 of the top heads on every prompt: a specialized head is bright on every row.",
+    "attention_specialized_layer": "All heads of the layer holding the strongest sink head, on one probe prompt.",
+    # 03
+    "kept_dims": "The BOS vector's magnitudes at the pruned layer: the kept k dims are the tallest bars.",
+    "patterns_before_after": "Each pruned head's attention on one prompt, dense (left) and pruned (right): the "
+                             "first column should survive.",
+    "attention_views_before_after": "Interactive views of the same heads before and after pruning.",
+    "alpha0_before_after": "alpha_0 of each pruned head, dense against pruned: points on the diagonal kept their "
+                           "sink.",
+    # 04
+    "frob_rel_vs_k": "Attention error against k per kept-dims policy: the BOS dims should reach a low error at a "
+                     "far smaller k than the controls.",
+    "out_rel_vs_k": "Error of the head outputs against k: whole-head removal sits at 1.",
+    "frob_rel_vs_k_by_layer": "Attention error against k of the BOS dims, per layer: layers that need a larger k "
+                              "stand out.",
+    "frob_rel_vs_k_by_head": "Attention error against k of the BOS dims, per head.",
+    "frob_rel_heatmap_at_k": "Attention error of every head at k with the BOS dims: sink-specialized heads should be "
+                             "dark (low error).",
+    "model_level_at_k": "The model with all sink-specialized heads pruned at k: change of next-token loss per "
+                        "policy, whole-head removal beside it.",
+    # 05
+    "single_layer_retention": "Retention of the selection metric when one layer's sink heads are pruned: the "
+                              "layers the search starts from.",
+    "retention_by_n_layers": "Held-out retention against the number of pruned layers per strategy; crosses: the "
+                             "same heads removed whole.",
+    "pareto_frontier": "Held-out configurations no other beats on both pruned heads and retention.",
+    "removal_comparison": "QK pruning against whole-head removal of the same heads, per layer set.",
+}
+
+
+def caption(figure_stem: str) -> str | None:
+    """The one-line caption of a figure (what to look at), or None.
+
+    Args:
+        figure_stem: the figure's file name without ``.html`` (its name in ``RunFolder.save_figure``).
+    """
+    return CAPTIONS.get(figure_stem)
