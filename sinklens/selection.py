@@ -37,7 +37,7 @@ from .loading import model_info
 from .massive import BASES, Basis, massive_activations
 from .probes import probe_tokens
 from .progress import progress
-from .spec import GQA_POLICIES, GQAPolicy, PruneSpec
+from .spec import GQA_POLICIES, GQAPolicy, PruneSpec, check_heads
 from .specialization import sink_specialized_heads
 from .sweep import Record, Sweep, open_results
 from .validate import check_choice, check_fraction, check_k, check_layers
@@ -224,7 +224,8 @@ def _check_metric(metric: str, suite: str, items) -> None:
 
 def layer_selection(model, k: int = 10, target_retention: float = 0.91,
                     strategy: Strategy | Sequence[Strategy] = "greedy", *,
-                    metric: str = MEAN_ACC, layers: Sequence[int] | None = None, n_prompts: int = 32,
+                    metric: str = MEAN_ACC, layers: Sequence[int] | None = None,
+                    heads: Sequence[tuple[int, int]] | None = None, n_prompts: int = 32,
                     seq_len: int = 64, eps: float = 0.3, q: float = 0.9, basis: Basis = "normalized",
                     gqa: GQAPolicy = "exact", suite: str = "default", limit: int | None = None,
                     eval_kwargs: dict | None = None,
@@ -252,6 +253,8 @@ def layer_selection(model, k: int = 10, target_retention: float = 0.91,
         strategy: one of ``STRATEGIES`` or a list of them (module docstring).
         metric: the selection metric (any metric of :func:`sinklens.evaluate`).
         layers: the candidate layers (None: every layer holding a sink-specialized head).
+        heads: the sink-specialized heads, e.g. a run's list from notebook 02 (None: measured here by a census of
+            the probe set with ``eps`` and ``q``).
         n_prompts, seq_len: the probe set of the census and the BOS dims.
         eps, q: the sink-specialized definition (alpha_0 > eps on >= q of the prompts).
         basis, gqa: the pruning, as in :func:`sinklens.apply_pruning` (recorded as ``settings["spec"]``).
@@ -280,6 +283,8 @@ def layer_selection(model, k: int = 10, target_retention: float = 0.91,
                              "(split is chosen by the selection).")
     _check_metric(metric, suite, eval_kwargs.get("items"))
     candidates = check_layers(layers, info.n_layers)
+    if heads is not None:  # a run's head list (notebook 02): no census here
+        heads = check_heads(heads, info)
     max_layers = _check_optional_int("max_layers", max_layers)
     greedy_pool = _check_optional_int("greedy_pool", greedy_pool)
     exhaustive_pool = _check_optional_int("exhaustive_pool", exhaustive_pool)
@@ -301,8 +306,9 @@ def layer_selection(model, k: int = 10, target_retention: float = 0.91,
 
     # measured, never typed in: the sink-specialized heads and the BOS dims of each layer
     probe = probe_tokens(model, n_prompts=n_prompts, seq_len=seq_len, prepend_bos=True, split="probe")
-    census = run_census(model, probe, show_progress=show_progress)
-    heads = sink_specialized_heads(census.sink_scores(0), eps=eps, q=q)
+    if heads is None:
+        census = run_census(model, probe, show_progress=show_progress)
+        heads = sink_specialized_heads(census.sink_scores(0), eps=eps, q=q)
     by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
         if layer in candidates:

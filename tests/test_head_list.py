@@ -51,9 +51,6 @@ def test_measured_heads_match_hf_and_round_trip_through_the_file(tiny, hf_refere
     assert listed.record() == {"heads_from": str(path), "n_sink_heads": len(expected), "eps": EPS, "q": Q,
                                "probe": {"n_prompts": 6, "seq_len": 12}}
     assert head_list.series_head_list("", tiny, eps=EPS, q=Q) is None  # standalone: the notebook measures
-    head_list.check_same_heads(expected, listed)  # the same heads: nothing to say
-    with pytest.raises(InputError, match=f"heads_from {path} lists {len(expected)}"):
-        head_list.check_same_heads(expected[1:], listed)
 
 
 def _record(tiny, **changes):

@@ -29,7 +29,7 @@ def test_notebook_03_topk_pruning(tmp_path):
     layer, heads = summary["layer"], [tuple(h) for h in summary["heads"]]
     assert heads and all(l == layer for l, _ in heads) and summary["n_sink_heads"] >= len(heads)
     record = summary["pruning"]
-    assert record["k"] == 8 and record["dims_policy"] == "bos_top" and record["basis"] == "normalized"
+    assert record["k"] == 8 and record["policy"] == "bos_top" and record["basis"] == "normalized"
     assert record["gqa"] == "exact" and record["params_zeroed"]["total"] > 0
     kept = pd.read_csv(out / "tables" / "kept_dims.csv")
     assert len(kept) == 8 * len(heads)
@@ -57,18 +57,18 @@ def test_notebook_04_reconstruction_error(tmp_path):
     n_heads = summary["n_sink_heads"]
     assert n_heads > 0 and len(summary["sink_heads"]) == n_heads
     sweep = pd.read_csv(out / "tables" / "k_sweep.csv")
-    assert set(sweep["dims"]) == {"bos_top", "random", "weight_norm", "whole_head"}
+    assert set(sweep["policy"]) == {"bos_top", "random", "weight_norm", "whole_head"}
     assert sorted(sweep["k"].unique()) == [1, 10, 50]
-    sizes = sweep.groupby("dims").size()
+    sizes = sweep.groupby("policy").size()
     assert sizes["random"] == 2 * 3 * n_heads and sizes["bos_top"] == 3 * n_heads
-    whole = sweep[sweep["dims"] == "whole_head"]
+    whole = sweep[sweep["policy"] == "whole_head"]
     assert (whole["out_rel"].round(6) == 1).all() and whole["frob_rel"].isna().all()
     # BOS dims: more kept dims, less error; and far less than random dims at the same k
-    med = sweep[sweep["dims"] != "whole_head"].groupby(["dims", "k"])["frob_rel"].median().unstack()
+    med = sweep[sweep["policy"] != "whole_head"].groupby(["policy", "k"])["frob_rel"].median().unstack()
     assert med.loc["bos_top", 50] < med.loc["bos_top", 1] and med.loc["bos_top", 50] < med.loc["random", 50]
     quantiles = pd.read_csv(out / "tables" / "frob_rel_quantiles_at_k.csv")
-    bos = sweep[(sweep["dims"] == "bos_top") & (sweep["k"] == 10)]["frob_rel"]
-    assert quantiles.set_index("dims").loc["bos_top", "q50"] == pytest.approx(bos.median())
+    bos = sweep[(sweep["policy"] == "bos_top") & (sweep["k"] == 10)]["frob_rel"]
+    assert quantiles.set_index("policy").loc["bos_top", "q50"] == pytest.approx(bos.median())
     smallest = pd.read_csv(out / "tables" / "smallest_k.csv")
     assert len(smallest) == 4 * 2 and set(smallest["threshold"]) == {0.2, 0.1}
     every = pd.read_csv(out / "tables" / "all_heads_at_k.csv")
@@ -80,7 +80,7 @@ def test_notebook_04_reconstruction_error(tmp_path):
     head = summary["headline"]
     assert head["frob_rel_median_at_k"]["bos_top"] == pytest.approx(bos.median())
     assert set(head["smallest_k_median_below_0.2"]) == {"bos_top", "random", "weight_norm"}
-    assert head["d_loss_at_k"]["bos_top"] == pytest.approx(level[level["dims"] == "bos_top"]["d_loss"].mean())
+    assert head["d_loss_at_k"]["bos_top"] == pytest.approx(level[level["policy"] == "bos_top"]["d_loss"].mean())
     figures = {p.name for p in (out / "figures").iterdir()}
     assert {"frob_rel_vs_k.html", "out_rel_vs_k.html", "frob_rel_vs_k_by_layer.html", "frob_rel_vs_k_by_head.html",
             "frob_rel_heatmap_at_k.html", "model_level_at_k.html"} <= figures

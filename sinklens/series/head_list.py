@@ -231,20 +231,3 @@ def specialized_heads(model, probe: TokenBatch, *, heads_from: str = "", eps: fl
                     probe={"n_prompts": int(n_prompts), "seq_len": int(seq_len), "prepend_bos": probe.prepend_bos},
                     source=MEASURED)
 
-
-def check_same_heads(measured: Sequence[tuple[int, int]], listed: HeadList | None) -> None:
-    """Refuse a notebook result whose own census found other heads than the run's list (None: nothing to compare).
-
-    Args:
-        measured: the heads a package function measured itself (e.g. ``LayerSelection.heads``).
-        listed: the run's head list from :func:`series_head_list`, or None.
-    """
-    if listed is None:
-        return
-    found = sorted(tuple(pair) for pair in measured)
-    if found != listed.heads:
-        extra, missing = sorted(set(found) - set(listed.heads)), sorted(set(listed.heads) - set(found))
-        raise InputError(f"This notebook's census found {len(found)} sink-specialized heads, heads_from "
-                         f"{listed.source} lists {len(listed.heads)} (only here: {extra[:5]}, only there: "
-                         f"{missing[:5]}): give this notebook the probe of that list ({listed.probe.get('n_prompts')} "
-                         f"prompts of {listed.probe.get('seq_len')} tokens; a series run does), {_MEASURE_HINT}.")

@@ -21,8 +21,8 @@ from typing import Any
 
 from ..errors import InputError
 from ..massive import BASES
-from ..pruning import GQA_POLICIES
 from ..selection import REMOVAL, STRATEGIES
+from ..spec import GQA_POLICIES
 from ..validate import as_int, check_choice, check_fraction
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
