@@ -123,4 +123,5 @@ def beyond_bos_headline(table: pd.DataFrame, k: int, baseline: str = "bos_top/ze
             "baseline_frob_rel_median": medians.get(baseline)}
 
 
-__all__ = ["beyond_bos_headline", "dims_overlap", "search_cost_table", "spread_heads", "variant_labels", "variant_table"]
+__all__ = ["beyond_bos_headline", "dims_overlap", "search_cost_table", "spread_heads", "variant_labels",
+           "variant_table"]

@@ -52,7 +52,7 @@ class AttentionHooks(NamedTuple):
     rot_k: str  # rotated keys [batch, pos, n_kv_heads, d_head]
     v: str  # values [batch, pos, n_kv_heads, d_head]
     scores: str  # scaled, masked scores [batch, n_heads, query, key]
-    q_out: str | None = None  # the q projection's output [batch, pos, n_heads * d_head] (a mean-fill bias is added here)
+    q_out: str | None = None  # the q projection's output (a mean-fill bias is added here)
     k_out: str | None = None  # the k projection's output [batch, pos, n_kv_heads * d_head]
 
 

@@ -36,7 +36,7 @@ from typing import Literal, get_args
 
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 
 from .calibration import calibration_set, fingerprint
@@ -66,8 +66,8 @@ LEVELS: tuple[str, ...] = get_args(Level)
 Metric = Literal["frob_rel", "kl", "d_alpha0", "out_rel", "alpha0", "next_kl", "loss", "d_loss"]
 METRICS = ("frob_rel", "kl", "d_alpha0", "out_rel")
 K_GRID = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
-COLUMNS = ["level", "policy", "k", "seed", "gqa", "basis", "fill", "calibration", "fit", "layer", "head", "alpha0", "frob_rel", "kl", "d_alpha0",
-           "out_rel", "next_kl", "loss", "d_loss", "n_prompts"]
+COLUMNS = ["level", "policy", "k", "seed", "gqa", "basis", "fill", "calibration", "fit", "layer", "head", "alpha0",
+           "frob_rel", "kl", "d_alpha0", "out_rel", "next_kl", "loss", "d_loss", "n_prompts"]
 
 
 @dataclass

@@ -53,8 +53,9 @@ class HeadProblem:
         self.wq = w.q[head_rows(info, head)].detach().float().to(device)  # [d_head, d_model]
         self.wk = w.k[kv_rows(info, head)].detach().float().to(device)
         bq, bk = bias(model, layer, "q"), bias(model, layer, "k")
-        self.bq = torch.zeros(info.d_head, device=device) if bq is None else bq[head_rows(info, head)].float().to(device)
-        self.bk = torch.zeros(info.d_head, device=device) if bk is None else bk[kv_rows(info, head)].float().to(device)
+        zero = torch.zeros(info.d_head, device=device)
+        self.bq = zero if bq is None else bq[head_rows(info, head)].detach().float().to(device)
+        self.bk = zero if bk is None else bk[kv_rows(info, head)].detach().float().to(device)
         self.scaling = attention_scaling(model, info, layer)
         self.mask = calibration.batch.attention_mask.to(device)
         real = self.mask.bool()
