@@ -1,6 +1,7 @@
 """sinklens: attention sinks, massive activations and QK column pruning on TransformerLens."""
 
 
+from .calibration import CalibrationSet
 from .census import Census, first_token_comparison, run_census, sink_scores
 from .checkpoint import read_manifest, save_pruned
 from .dims import select_dims
@@ -31,7 +32,7 @@ __all__ = [
     "Census", "MassiveActivations", "bos_top_dims", "first_token_comparison", "massive_activations", "run_census",
     "sink_scores", "sink_specialized_heads", "specialization_table",
     # QK column pruning, reconstruction error, pruned checkpoints
-    "HeadRemovalHandle", "PruneHandle", "PruneSpec", "PruningPlan", "active_edits", "apply_head_removal",
+    "CalibrationSet", "HeadRemovalHandle", "PruneHandle", "PruneSpec", "PruningPlan", "active_edits", "apply_head_removal",
     "apply_pruning", "error_quantiles", "k_sweep", "k_sweep_headline", "layer_heads", "plan_pruning", "prune_qk",
     "read_manifest", "reconstruction_error", "reconstruction_headline", "remove_heads", "save_pruned", "select_dims",
     "smallest_k",

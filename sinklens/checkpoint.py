@@ -10,6 +10,12 @@ which a grouped checkpoint cannot hold. The checkpoint is then written exactly b
 model: ``num_key_value_heads = num_attention_heads``, every k_proj / v_proj row block repeated once per
 query head, and the selected heads' K copies pruned. The manifest records it (``layout: "ungrouped"``).
 Nothing is ever approximated.
+
+A pruning with ``fill="mean"`` adds constant biases to the pruned heads' q (and k) projections. The
+checkpoint holds them as q_proj / k_proj biases: the config switches the family's attention bias on
+(Llama: ``attention_bias=True``), the fill biases are written in the pruned heads' rows and every other
+new bias (other rows, v_proj, o_proj) is zero, so plain transformers computes the pruned model as sinklens
+does. A temperature is already in the (scaled) live W_Q columns and q bias.
 """
 
 from __future__ import annotations
@@ -63,6 +69,27 @@ def _ungroup(model, state: dict[str, torch.Tensor], n_layers: int, group_size: i
                 state[key] = blocks.repeat_interleave(group_size, dim=0).reshape(-1, *t.shape[1:]).clone()
 
 
+def _enable_biases(model, config, state: dict[str, torch.Tensor]) -> None:
+    """Switch the config's attention biases on and add zero tensors for every attention bias ``state`` lacks."""
+    if not hasattr(config, "attention_bias"):
+        raise InputError(f"fill='mean' needs q/k projection biases, which a {config.model_type} checkpoint cannot "
+                         "switch on (its config has no attention_bias): save a fill='zero' pruning instead.")
+    config.attention_bias = True
+    with torch.device("meta"):
+        shapes = AutoModelForCausalLM.from_config(config).state_dict()
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    for name, tensor in shapes.items():
+        if name.endswith(".bias") and name not in state:
+            state[name] = torch.zeros(tensor.shape, dtype=dtype, device=device)
+
+
+def _add_rows(state: dict[str, torch.Tensor], key: str, rows: slice, value: torch.Tensor) -> None:
+    """state[key][rows] += value, on a copy (the state's tensors may be the live ones)."""
+    tensor = state[key].detach().clone()
+    tensor[rows] = (tensor[rows].float() + value.to(tensor.device)).to(tensor.dtype)
+    state[key] = tensor
+
+
 def checkpoint_params_zeroed(model) -> dict:
     """Q/K (and o_proj, for removed heads) weights the checkpoint of the model's active edits zeroes.
 
@@ -113,14 +140,24 @@ def save_pruned(model, folder: str | os.PathLike, *, overwrite: bool = False) ->
     for layer in range(info.n_layers):  # fused q/k/v the bridge splits into copies: rebuilt from the live split
         state.update(layout(model).checkpoint_tensors(model, layer))
     config = copy.deepcopy(model.original_model.config)
+    plans = [edit.plan for edit in edits if isinstance(edit, PruneHandle)]
+    biased = any(plan.q_bias or plan.k_bias or plan.k_copy_bias for plan in plans)
+    if biased:
+        _enable_biases(model, config, state)
+        for plan in plans:
+            for (layer, head), value in plan.q_bias.items():
+                _add_rows(state, layout(model).checkpoint_key(layer, "q", "bias"), head_rows(info, head), value)
+            for (layer, group), value in plan.k_bias.items():
+                _add_rows(state, layout(model).checkpoint_key(layer, "k", "bias"), head_rows(info, group), value)
     if counts["layout"] == "ungrouped":
         _ungroup(model, state, info.n_layers, info.group_size, info.d_head)
         config.num_key_value_heads = config.num_attention_heads
-        for edit in edits:
-            if isinstance(edit, PruneHandle):
-                for (layer, head), keep in edit.plan.k_copies.items():
-                    weight = state[layout(model).checkpoint_key(layer, "k")]
-                    weight[head_rows(info, head), drop_mask(keep, info.d_model, weight.device)] = 0
+        for plan in plans:
+            for (layer, head), keep in plan.k_copies.items():
+                weight = state[layout(model).checkpoint_key(layer, "k")]
+                weight[head_rows(info, head), drop_mask(keep, info.d_model, weight.device)] = 0
+            for (layer, head), value in plan.k_copy_bias.items():  # ungrouped: K rows of query head ``head``
+                _add_rows(state, layout(model).checkpoint_key(layer, "k", "bias"), head_rows(info, head), value)
     with torch.device("meta"):
         fresh = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
     expected = set(fresh.state_dict())
@@ -151,6 +188,8 @@ def save_pruned(model, folder: str | os.PathLike, *, overwrite: bool = False) ->
                                 "checkpoint": info.n_heads if counts["layout"] == "ungrouped" else info.n_kv_heads},
         "ungrouped_note": ("gqa='exact' pruned part of a KV group: every k_proj/v_proj row block was repeated per "
                            "query head (exact, no approximation)") if counts["layout"] == "ungrouped" else None,
+        "attention_bias": ("fill='mean' biases written as q_proj/k_proj biases; every other attention bias is zero"
+                           if biased else None),
         "edits": [edit.record() for edit in edits],
         "params_zeroed": counts,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},

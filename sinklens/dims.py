@@ -6,9 +6,14 @@
 - ``"random"``: a seeded control: one permutation per (seed, layer, head), so a head's draw does not
   depend on the other heads and the dims at k are the first k of it (nested across k);
 - ``"weight_norm"``: the k largest column norms of the head's stacked W_Q and W_K rows;
+- ``"act_weight"``: the k largest ||x_d||_2 (over the calibration tokens) x (||W_Q^h[:, d]|| + ||W_K^h[:, d]||),
+  the Wanda criterion on the attention input (:func:`sinklens.search.act_weight_scores`);
+- ``"optimized"``: the first k dims of the head's greedy ranking by pattern error on the calibration tokens
+  (:mod:`sinklens.search`);
 - ``"explicit"``: the dims the spec holds.
 
-A new policy (issue 12: activation-weighted, optimised) is one more branch of :func:`select_dims`.
+The data-driven policies measure calibration tokens passed beside the spec (a
+:class:`~sinklens.calibration.CalibrationSet`, or BOS-prepended ids it is made from).
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from .calibration import CalibrationSet, calibration_set
 from .edits import active_edits
 from .errors import InputError
 from .loading import ModelInfo, model_info
 from .massive import Basis, MassiveActivations, massive_activations
 from .qk import head_rows, kv_rows, weights
-from .spec import DimsArg, GQAPolicy, Head, PruneSpec, as_spec
+from .search import act_weight_scores, optimized_dims
+from .spec import Calibration, DimsArg, Fill, GQAPolicy, Head, PruneSpec, as_spec
 from .tokens import as_batch
 
 
@@ -37,7 +44,8 @@ def bos_activations(model, tokens, layers: Sequence[int],
 
     Args:
         model: a bridge from :func:`sinklens.load_model`.
-        tokens: BOS-prepended probe tokens (ids, a TokenBatch), or a MassiveActivations measured on them.
+        tokens: BOS-prepended probe tokens (ids, a TokenBatch, a CalibrationSet), or a MassiveActivations measured
+            on them.
         layers: the layers whose BOS vectors are needed.
         attention_mask: 0/1 mask of real tokens for id tensors (None: all real).
     """
@@ -45,6 +53,9 @@ def bos_activations(model, tokens, layers: Sequence[int],
         raise InputError('dims="bos_top" needs tokens: pass BOS-prepended probe tokens (sinklens.probe_tokens), or a '
                          "MassiveActivations measured on them, as tokens=.")
     layers = list(layers)
+    if isinstance(tokens, CalibrationSet):
+        tokens.check_model(model)
+        return tokens.massive(layers)
     if isinstance(tokens, MassiveActivations):
         missing = [layer for layer in layers if layer not in tokens.layers]
         if missing:
@@ -82,7 +93,8 @@ def _weight_norm_dims(model, info: ModelInfo, layer: int, head: int, k: int) -> 
 
 def select_dims(model, heads: Sequence[Head] | PruneSpec, k: int | None = None, dims: DimsArg | None = None, *,
                 tokens=None, basis: Basis | None = None, seed: int | None = None,
-                gqa: GQAPolicy | None = None, force: bool | None = None,
+                gqa: GQAPolicy | None = None, force: bool | None = None, fill: Fill | None = None,
+                calibration: Calibration | None = None,
                 attention_mask: Int[Tensor, "batch pos"] | None = None) -> dict[Head, Int[Tensor, " k"]]:
     """The kept dims of every head, sorted ascending: ``{(layer, head): LongTensor[k]}`` (on the CPU).
 
@@ -91,15 +103,21 @@ def select_dims(model, heads: Sequence[Head] | PruneSpec, k: int | None = None, 
         heads: ``(layer, head)`` pairs, or a :class:`~sinklens.spec.PruneSpec` (then leave k, dims, basis,
             seed, gqa and force out).
         k: input dims kept per head.
-        dims: a policy name (``"bos_top"`` default, ``"random"``, ``"weight_norm"``), one 1-D set of k
-            indices for every head, or a mapping ``{(layer, head): indices}`` covering exactly ``heads``.
-        tokens: for ``bos_top``: BOS-prepended probe tokens, or a MassiveActivations measured on them.
+        dims: a policy name (``"bos_top"`` default, ``"random"``, ``"weight_norm"``, ``"act_weight"``,
+            ``"optimized"``), one 1-D set of k indices for every head, or a mapping ``{(layer, head): indices}``
+            covering exactly ``heads``.
+        tokens: the calibration tokens of ``bos_top``, ``act_weight`` and ``optimized``: BOS-prepended probe
+            tokens or a :class:`~sinklens.calibration.CalibrationSet` (``bos_top`` also takes a
+            MassiveActivations measured on them).
         basis: for ``bos_top``: ``"normalized"`` (attention input, default) or ``"resid"``.
         seed: for ``random`` (default 0).
-        gqa, force: checked as in :func:`sinklens.apply_pruning` (they do not change the dims).
+        gqa, force: checked as in :func:`sinklens.apply_pruning` (``optimized`` searches with dense keys under
+            ``gqa="q_only"``).
+        fill: the fill of dropped dims ``optimized`` measures its errors with (default ``"zero"``).
+        calibration: checked as in :func:`sinklens.apply_pruning` (it does not change the dims).
         attention_mask: 0/1 mask of real tokens when ``tokens`` are ids.
     """
-    spec = as_spec(heads, k, dims, basis=basis, gqa=gqa, seed=seed, force=force)
+    spec = as_spec(heads, k, dims, basis=basis, gqa=gqa, seed=seed, force=force, fill=fill, calibration=calibration)
     return dims_of(model, spec, tokens, attention_mask=attention_mask)
 
 
@@ -110,7 +128,7 @@ def dims_of(model, spec: PruneSpec, tokens=None, *,
     Args:
         model: a bridge from :func:`sinklens.load_model`.
         spec: the pruning.
-        tokens: for ``bos_top``: BOS-prepended probe tokens, or a MassiveActivations measured on them.
+        tokens: the calibration tokens (see :func:`select_dims`).
         attention_mask: 0/1 mask of real tokens when ``tokens`` are ids.
     """
     info = model_info(model)
@@ -122,6 +140,13 @@ def dims_of(model, spec: PruneSpec, tokens=None, *,
         return {(l, h): _random_dims(spec.seed, l, h, k, info.d_model).sort().values for l, h in heads}
     if spec.policy == "weight_norm":
         return {(l, h): _weight_norm_dims(model, info, l, h, k).sort().values for l, h in heads}
+    if spec.policy in ("act_weight", "optimized"):
+        calibration = calibration_set(model, tokens, attention_mask)
+        if spec.policy == "act_weight":
+            return {(l, h): act_weight_scores(model, info, calibration, l, h).topk(k).indices.sort().values.cpu()
+                    for l, h in heads}
+        return {(l, h): optimized_dims(model, info, calibration, (l, h), k, fill=spec.fill, gqa=spec.gqa,
+                                       objective=spec.objective, pool=spec.pool).sort().values for l, h in heads}
     layers = spec.layers()
     stats = bos_activations(model, tokens, layers, attention_mask)
     top = {layer: stats.top_dims(layer, k, spec.basis).cpu() for layer in layers}

@@ -108,6 +108,18 @@ class Edit:
             else:
                 weight[index] = original.masked_fill(value_mask, 0)
 
+    def write(self, weight: Tensor, index: tuple, value: Tensor) -> None:
+        """Save ``weight[index]`` and overwrite it with ``value`` (e.g. kept W_Q columns scaled by a temperature).
+
+        Args:
+            weight: the live weight (or bias).
+            index: the slice of it the edit owns.
+            value: the new values (broadcast to the slice, cast to its dtype).
+        """
+        with torch.no_grad():
+            self._saved.append((weight, index, weight[index].clone()))
+            weight[index] = value.to(weight.dtype)
+
     def hook(self, name: str, fn: Callable, prepend: bool = False) -> None:
         """Add a permanent hook that :meth:`restore` removes.
 

@@ -16,6 +16,14 @@ GQA (several query heads read one KV head), ``gqa=``:
   unless every head of the group is selected (``force=True`` overrides: siblings then change too).
 - ``"q_only"``: only W_Q is pruned.
 
+Fill and calibration (fitted on calibration tokens passed as ``tokens=``, see :mod:`sinklens.calibration`):
+- ``fill="mean"``: a dropped input dim holds its mean mu_d over the calibration tokens (BOS excluded)
+  instead of 0, i.e. the head's q gains the constant bias W_Q^h[:, dropped] mu_dropped (and its K, pruned
+  like its W_K, the same with W_K). The bias is added where the projection happens (the output of
+  q_proj / k_proj, or inside the private K copy), and ``save_pruned`` writes it as q/k_proj biases.
+- ``calibration="temperature"``: the pruned head's queries are scaled by c (its kept W_Q columns, its q
+  bias and fill bias), fitted per head to minimise the pattern KL (:mod:`sinklens.temperature`).
+
 Three steps, each usable alone: :func:`plan_pruning` checks everything, measures the kept dims and
 decides the edits without touching the model (a :class:`PruningPlan` already knows its record and the
 parameters it zeroes); :func:`apply_pruning` applies a plan (or plans and applies) persistently, undone
@@ -33,16 +41,19 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
+from .calibration import CalibrationSet, calibration_set
 from .dims import dims_of
 from .edits import Edit, count_parameters
 from .errors import InputError, SinklensError
 from .loading import ModelInfo, model_info
 from .massive import Basis, MassiveActivations
 from .qk import attention_scaling, bias, check_editable, drop_mask, head_rows, kv_rows, layout, masked_like, weights
-from .spec import DimsArg, GQAPolicy, Head, PruneSpec, as_spec
+from .search import HeadProblem
+from .spec import Calibration, DimsArg, Fill, GQAPolicy, Head, PruneSpec, as_spec
+from .temperature import fit_temperature
 
 # --- the plan of one pruning --------------------------------------------------------------------
 
@@ -53,7 +64,11 @@ class PruningPlan:
 
     ``dims``: the kept dims of each head's Q (and of its K under ``"exact"``); ``q_edits``: query heads
     whose q rows are edited; ``k_edits``: ``(layer, kv head)`` whose shared k rows are edited;
-    ``k_copies``: query heads given a pruned private K copy (hook).
+    ``k_copies``: query heads given a pruned private K copy (hook). With ``fill="mean"``: ``q_bias`` (per
+    query head in ``q_edits``, scaled by its ``q_scale``), ``k_bias`` (per ``k_edits`` entry) and
+    ``k_copy_bias`` (per ``k_copies`` entry): the fill biases added to those projections. With
+    ``calibration="temperature"``: ``q_scale``, the factor of each pruned head's queries. ``calibration``:
+    the calibration tokens' provenance (None when nothing was fitted on data).
     """
 
     spec: PruneSpec
@@ -64,6 +79,11 @@ class PruningPlan:
     q_edits: dict[Head, Tensor] = field(default_factory=dict)
     k_edits: dict[Head, Tensor] = field(default_factory=dict)
     k_copies: dict[Head, Tensor] = field(default_factory=dict)
+    q_bias: dict[Head, Tensor] = field(default_factory=dict)
+    k_bias: dict[Head, Tensor] = field(default_factory=dict)
+    k_copy_bias: dict[Head, Tensor] = field(default_factory=dict)
+    q_scale: dict[Head, float] = field(default_factory=dict)
+    calibration: dict | None = None
 
     @property
     def heads(self) -> list[Head]:
@@ -101,12 +121,20 @@ class PruningPlan:
 
     def record(self) -> dict:
         """JSON-ready description: the spec's fields (``PruneSpec.from_dict`` reads them back), the kept
-        ``dims`` per head, the GQA edits and :meth:`params_zeroed`."""
+        ``dims`` per head, the GQA edits, :meth:`params_zeroed`, the fitted temperatures (``q_scale``), the
+        norms of the fill biases and the calibration tokens' provenance."""
+        def norms(biases: dict) -> dict:
+            return {f"{a}.{b}": float(v.norm()) for (a, b), v in sorted(biases.items())}
+
         return {"kind": "qk_pruning", **self.spec.as_dict(), "prepend_bos": self.prepend_bos,
                 "dims": {f"{l}.{h}": self.dims[(l, h)].tolist() for l, h in self.heads},
                 "k_shared_edits": {f"{l}.{g}": d.tolist() for (l, g), d in self.k_edits.items()},
                 "k_private_copies": [f"{l}.{h}" for l, h in sorted(self.k_copies)],
-                "params_zeroed": self.params_zeroed()}
+                "params_zeroed": self.params_zeroed(),
+                "q_scale": {f"{l}.{h}": c for (l, h), c in sorted(self.q_scale.items())},
+                "fill_bias_norm": {"q": norms(self.q_bias), "k_shared": norms(self.k_bias),
+                                   "k_private": norms(self.k_copy_bias)},
+                "calibration_tokens": self.calibration}
 
     def dims_frame(self) -> pd.DataFrame:
         """One row per (layer, head, kept dim)."""
@@ -116,7 +144,8 @@ class PruningPlan:
 
 def plan_pruning(model, heads: Sequence[Head] | PruneSpec, k: int | None = None, dims: DimsArg | None = None, *,
                  tokens=None, basis: Basis | None = None, gqa: GQAPolicy | None = None, seed: int | None = None,
-                 force: bool | None = None, attention_mask: Int[Tensor, "batch pos"] | None = None) -> PruningPlan:
+                 force: bool | None = None, fill: Fill | None = None, calibration: Calibration | None = None,
+                 attention_mask: Int[Tensor, "batch pos"] | None = None) -> PruningPlan:
     """Check every argument, choose the kept dims and decide the edits; changes nothing.
 
     Args:
@@ -124,18 +153,21 @@ def plan_pruning(model, heads: Sequence[Head] | PruneSpec, k: int | None = None,
         heads: ``(layer, head)`` pairs, or a :class:`~sinklens.spec.PruneSpec` (then leave k, dims, basis,
             gqa, seed and force out).
         k: input dims kept per head.
-        dims: ``"bos_top"`` (default), ``"random"``, ``"weight_norm"``, one 1-D set of k dims for every head,
-            or a mapping ``{(layer, head): dims}`` (see :mod:`sinklens.dims`).
-        tokens: for ``bos_top``: BOS-prepended probe tokens (ids, a TokenBatch) or a MassiveActivations
-            measured on them.
+        dims: ``"bos_top"`` (default), ``"random"``, ``"weight_norm"``, ``"act_weight"``, ``"optimized"``, one
+            1-D set of k dims for every head, or a mapping ``{(layer, head): dims}`` (see :mod:`sinklens.dims`).
+        tokens: the calibration tokens of the data-driven policies, of ``fill="mean"`` and of the temperature:
+            BOS-prepended probe tokens (ids, a TokenBatch) or a :class:`~sinklens.calibration.CalibrationSet`
+            (``bos_top`` with zero fill and no calibration also takes a MassiveActivations measured on them).
         basis: for ``bos_top``: ``"normalized"`` (default) or ``"resid"``.
         gqa: ``"exact"`` (default), ``"shared"`` or ``"q_only"`` (module docstring).
         seed: for ``random`` (default 0).
         force: let ``gqa="shared"`` prune a partial KV group (default False).
+        fill: ``"zero"`` (default) or ``"mean"`` (module docstring).
+        calibration: ``"none"`` (default) or ``"temperature"`` (module docstring).
         attention_mask: 0/1 mask of real tokens when ``tokens`` are ids.
     """
     check_editable(model)
-    spec = as_spec(heads, k, dims, basis=basis, gqa=gqa, seed=seed, force=force)
+    spec = as_spec(heads, k, dims, basis=basis, gqa=gqa, seed=seed, force=force, fill=fill, calibration=calibration)
     info = model_info(model)
     spec.check(info)
     gs = info.group_size
@@ -151,10 +183,14 @@ def plan_pruning(model, heads: Sequence[Head] | PruneSpec, k: int | None = None,
                     f'gqa="shared" zeroes K columns that KV head {group} of layer {layer} shares with query heads '
                     f"{sorted(members)}, but only {sorted(chosen)} are selected. Select the whole group, use "
                     'gqa="exact" (private K copies) or "q_only", or pass force=True to change the siblings too.')
-    kept = dims_of(model, spec, tokens, attention_mask=attention_mask)
+    fitted = spec.fill != "zero" or spec.calibration != "none" or spec.policy in ("act_weight", "optimized")
+    source = calibration_set(model, tokens, attention_mask) if fitted else tokens
+    kept = dims_of(model, spec, source, attention_mask=attention_mask)
     prepend_bos = None
     if spec.policy == "bos_top":
         prepend_bos = tokens.prepend_bos if isinstance(tokens, MassiveActivations) else True
+    elif fitted:
+        prepend_bos = True
     plan = PruningPlan(spec=spec, info=info, model_params=count_parameters(model), dims=kept, prepend_bos=prepend_bos)
     full = info.d_model
     plan.q_edits = {pair: d for pair, d in kept.items() if d.numel() < full}
@@ -175,7 +211,62 @@ def plan_pruning(model, heads: Sequence[Head] | PruneSpec, k: int | None = None,
         else:
             plan.k_copies.update({(layer, h): s for h, s in zip(chosen, sets) if s.numel() < full})
     layout(model).check_plan(plan)
+    if fitted:
+        _fit(model, plan, source)
     return plan
+
+
+def fill_bias(rows: Float[Tensor, "d_head d_model"], keep: Int[Tensor, " k"],
+              mean: Float[Tensor, " d_model"]) -> Float[Tensor, " d_head"]:
+    """The constant a projection gains when its dropped input dims hold their means: rows[:, dropped] @ mean[dropped]
+    (fp32, on ``mean``'s device).
+
+    Args:
+        rows: the head's rows of the projection weight (full width).
+        keep: the kept input dims.
+        mean: the per-dim calibration mean.
+    """
+    drop = drop_mask(keep, rows.shape[1], mean.device)
+    return rows.detach().float().to(mean.device)[:, drop] @ mean[drop]
+
+
+def _fit(model, plan: PruningPlan, calibration: CalibrationSet) -> None:
+    """The fill biases and temperatures of ``plan``, measured on the calibration set (in place)."""
+    spec, info = plan.spec, plan.info
+    plan.calibration = calibration.describe()
+    if spec.policy == "optimized":
+        plan.calibration["search_cost"] = {
+            f"{l}.{h}": calibration.search_cost.get(((l, h), spec.fill, "q" if spec.gqa == "q_only" else "qk",
+                                                     spec.objective, min(spec.pool, info.d_model)))
+            for l, h in spec.heads}
+    if spec.fill == "mean":
+        for (layer, head), keep in plan.q_edits.items():
+            plan.q_bias[(layer, head)] = fill_bias(weights(model, layer).q[head_rows(info, head)], keep,
+                                                   calibration.mean(layer))
+        for (layer, group), keep in plan.k_edits.items():
+            plan.k_bias[(layer, group)] = fill_bias(weights(model, layer).k[head_rows(info, group)], keep,
+                                                    calibration.mean(layer))
+        for (layer, head), keep in plan.k_copies.items():
+            plan.k_copy_bias[(layer, head)] = fill_bias(weights(model, layer).k[kv_rows(info, head)], keep,
+                                                        calibration.mean(layer))
+    if spec.calibration != "temperature":
+        return
+    for (layer, head), keep in plan.q_edits.items():
+        problem = HeadProblem(model, info, calibration, layer, head)
+        fill_q = plan.q_bias.get((layer, head))
+        q_offset = problem.bq if fill_q is None else problem.bq + fill_q.to(problem.bq.device)
+        group = (layer, head // info.group_size)
+        k_dims = k_offset = None
+        if group in plan.k_edits:
+            k_dims, k_fill = plan.k_edits[group], plan.k_bias.get(group)
+        elif (layer, head) in plan.k_copies:
+            k_dims, k_fill = plan.k_copies[(layer, head)], plan.k_copy_bias.get((layer, head))
+        if k_dims is not None:
+            k_offset = problem.bk if k_fill is None else problem.bk + k_fill.to(problem.bk.device)
+        scale = fit_temperature(problem, keep, q_offset, k_dims, k_offset)
+        plan.q_scale[(layer, head)] = scale
+        if fill_q is not None:
+            plan.q_bias[(layer, head)] = fill_q * scale
 
 
 # --- private K copies (gqa="exact" on part of a group) -----------------------------------------
@@ -189,7 +280,7 @@ class _KCopyHooks:
     between calls so a KV-cached decoding step (fewer queries than keys) sees the whole pruned K.
     """
 
-    def __init__(self, model, info: ModelInfo, layer: int, copies: dict[int, Tensor]):
+    def __init__(self, model, info: ModelInfo, layer: int, copies: dict[int, Tensor], fills: dict[int, Tensor]):
         self.layer, self.info, self.layout = layer, info, layout(model)
         self.heads = sorted(copies)
         wk = weights(model, layer).k
@@ -200,7 +291,11 @@ class _KCopyHooks:
                           for h in self.heads])
         self.weight = rows.masked_fill(drop, 0).clone()
         k_bias = bias(model, layer, "k")
-        self.bias = None if k_bias is None else torch.cat([k_bias[kv_rows(info, h)] for h in self.heads])
+        self.bias = None if k_bias is None else torch.cat([k_bias[kv_rows(info, h)] for h in self.heads]).clone()
+        if fills:  # mean fill: each copy's bias gains its dropped columns times their means
+            zero = torch.zeros(info.d_head, dtype=torch.float32, device=wk.device)
+            extra = torch.cat([fills.get(h, zero).to(wk.device) for h in self.heads])
+            self.bias = extra.to(wk.dtype) if self.bias is None else (self.bias.float() + extra).to(wk.dtype)
         self.scaling = attention_scaling(model, info, layer)
         self.head_index = torch.tensor(self.heads, device=wk.device)
         self.x = self.cos = self.sin = self.rot_q = self.keys = None
@@ -267,18 +362,55 @@ class PruneHandle(Edit):
             for (layer, head), keep in plan.k_copies.items():
                 copies.setdefault(layer, {})[head] = keep
             for layer, per_head in copies.items():  # snapshot K before any edit of this pruning
-                for name, fn, prepend in _KCopyHooks(model, info, layer, per_head).hooks():
+                fills = {h: b for (l, h), b in plan.k_copy_bias.items() if l == layer}
+                for name, fn, prepend in _KCopyHooks(model, info, layer, per_head, fills).hooks():
                     self.hook(name, fn, prepend)
             for (layer, head), keep in plan.q_edits.items():
-                wq = weights(model, layer).q
-                self.zero(wq, (head_rows(info, head),), drop_mask(keep, full, wq.device))
+                wq, rows = weights(model, layer).q, (head_rows(info, head),)
+                scale = plan.q_scale.get((layer, head))
+                if scale is None:
+                    self.zero(wq, rows, drop_mask(keep, full, wq.device))
+                else:
+                    kept = wq[rows].float().masked_fill(drop_mask(keep, full, wq.device), 0)
+                    self.write(wq, rows, kept * scale)
+                    q_bias = bias(model, layer, "q")
+                    if q_bias is not None:
+                        self.write(q_bias, rows, q_bias[rows].float() * scale)
             for (layer, group), keep in plan.k_edits.items():
                 wk = weights(model, layer).k
                 self.zero(wk, (head_rows(info, group),), drop_mask(keep, full, wk.device))
+            for which, biases, n_rows in (("q", plan.q_bias, info.n_heads), ("k", plan.k_bias, info.n_kv_heads)):
+                for layer in sorted({l for l, _ in biases}):
+                    self._add_bias(model, layer, which, {i: b for (l, i), b in biases.items() if l == layer}, n_rows)
         except Exception:
             self.restore()
             raise
         self.register()
+
+    def _add_bias(self, model, layer: int, which: str, per_head: dict[int, Tensor], n_rows: int) -> None:
+        """A permanent hook adding fill biases to the rows of some heads at the output of the q or k projection.
+
+        Args:
+            model: the bridge.
+            layer: the layer.
+            which: ``"q"`` or ``"k"``.
+            per_head: head (query head for q, KV head for k) -> its bias [d_head].
+            n_rows: heads of that projection.
+        """
+        names = layout(model).hooks(layer)
+        point = names.q_out if which == "q" else names.k_out
+        if point is None:
+            raise InputError(f'fill="mean" adds a bias to the {which} projection, which the {layout(model).name} '
+                             'layout has no hook for: use fill="zero".')
+        device = next(iter(per_head.values())).device
+        delta = torch.zeros(n_rows, self.info.d_head, dtype=torch.float32, device=device)
+        for index, value in per_head.items():
+            delta[index] = value
+
+        def add(tensor: Tensor, hook) -> Tensor:  # [batch, pos, rows * d_head], or split per head
+            return tensor + delta.reshape(tensor.shape[2:]).to(tensor.device, tensor.dtype)
+
+        self.hook(point, add)
 
     @property
     def heads(self) -> list[Head]:
@@ -308,7 +440,8 @@ class PruneHandle(Edit):
     def __repr__(self) -> str:
         state = "active" if self.active else "restored"
         spec = self.plan.spec
-        return f"PruneHandle({len(spec.heads)} heads, k={spec.k}, policy={spec.policy}, gqa={spec.gqa}, {state})"
+        return (f"PruneHandle({len(spec.heads)} heads, k={spec.k}, policy={spec.policy}, gqa={spec.gqa}, "
+                f"fill={spec.fill}, calibration={spec.calibration}, {state})")
 
 
 # --- public entry points ------------------------------------------------------------------------
@@ -316,6 +449,7 @@ class PruneHandle(Edit):
 def apply_pruning(model, heads: Sequence[Head] | PruneSpec | PruningPlan, k: int | None = None,
                   dims: DimsArg | None = None, *, tokens=None, basis: Basis | None = None,
                   gqa: GQAPolicy | None = None, seed: int | None = None, force: bool | None = None,
+                  fill: Fill | None = None, calibration: Calibration | None = None,
                   attention_mask: Int[Tensor, "batch pos"] | None = None) -> PruneHandle:
     """Prune the Q/K input columns of ``heads`` to ``k`` kept dims now; ``handle.restore()`` undoes it.
 
@@ -326,23 +460,25 @@ def apply_pruning(model, heads: Sequence[Head] | PruneSpec | PruningPlan, k: int
         heads: ``(layer, head)`` pairs, a :class:`~sinklens.spec.PruneSpec`, or a :class:`PruningPlan` from
             :func:`plan_pruning` (with a spec or a plan, leave the other pruning arguments out; a plan also
             takes no tokens).
-        k, dims, tokens, basis, gqa, seed, force, attention_mask: as in :func:`plan_pruning`.
+        k, dims, tokens, basis, gqa, seed, force, fill, calibration, attention_mask: as in :func:`plan_pruning`.
     """
     if isinstance(heads, PruningPlan):
         given = {name for name, value in dict(k=k, dims=dims, tokens=tokens, basis=basis, gqa=gqa, seed=seed,
-                                              force=force, attention_mask=attention_mask).items() if value is not None}
+                                              force=force, fill=fill, calibration=calibration,
+                                              attention_mask=attention_mask).items() if value is not None}
         if given:
             raise InputError(f"A PruningPlan is complete: pass it alone, without {sorted(given)}.")
         return PruneHandle(model, heads)
     plan = plan_pruning(model, heads, k, dims, tokens=tokens, basis=basis, gqa=gqa, seed=seed, force=force,
-                        attention_mask=attention_mask)
+                        fill=fill, calibration=calibration, attention_mask=attention_mask)
     return PruneHandle(model, plan)
 
 
 @contextmanager
 def prune_qk(model, heads: Sequence[Head] | PruneSpec | PruningPlan, k: int | None = None,
              dims: DimsArg | None = None, *, tokens=None, basis: Basis | None = None, gqa: GQAPolicy | None = None,
-             seed: int | None = None, force: bool | None = None,
+             seed: int | None = None, force: bool | None = None, fill: Fill | None = None,
+             calibration: Calibration | None = None,
              attention_mask: Int[Tensor, "batch pos"] | None = None) -> Iterator[PruneHandle]:
     """Context manager: inside it every forward sees the pruned model; on exit it is restored bitwise.
 
@@ -350,14 +486,15 @@ def prune_qk(model, heads: Sequence[Head] | PruneSpec | PruningPlan, k: int | No
     ``prune_qk(model, PruneSpec(heads, k=10), tokens=probe)`` are the same pruning. Yields the handle.
 
     Args:
-        model, heads, k, dims, tokens, basis, gqa, seed, force, attention_mask: as in :func:`apply_pruning`.
+        model, heads, k, dims, tokens, basis, gqa, seed, force, fill, calibration, attention_mask: as in
+            :func:`apply_pruning`.
     """
     handle = apply_pruning(model, heads, k, dims, tokens=tokens, basis=basis, gqa=gqa, seed=seed, force=force,
-                           attention_mask=attention_mask)
+                           fill=fill, calibration=calibration, attention_mask=attention_mask)
     try:
         yield handle
     finally:
         handle.restore()
 
 
-__all__ = ["PruneHandle", "PruningPlan", "apply_pruning", "plan_pruning", "prune_qk"]
+__all__ = ["PruneHandle", "PruningPlan", "apply_pruning", "fill_bias", "plan_pruning", "prune_qk"]

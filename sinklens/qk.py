@@ -53,6 +53,8 @@ class AttentionHooks(NamedTuple):
     rot_k: str  # rotated keys [batch, pos, n_kv_heads, d_head]
     v: str  # values [batch, pos, n_kv_heads, d_head]
     scores: str  # scaled, masked scores [batch, n_heads, query, key]
+    q_out: str | None = None  # the q projection's output (a mean-fill bias is added here)
+    k_out: str | None = None  # the k projection's output [batch, pos, n_kv_heads * d_head]
 
 
 def rotate(x: Float[Tensor, "batch head pos d_head"], cos: Float[Tensor, "batch_or_1 pos d_rot"],
@@ -140,7 +142,8 @@ class QKLayout:
         """
         p = f"blocks.{layer}.attn."
         return AttentionHooks(input=p + "k.hook_in", cos=p + "hook_cos", sin=p + "hook_sin", rot_q=p + "hook_rot_q",
-                              rot_k=p + "hook_rot_k", v=p + "hook_v", scores=p + "hook_attn_scores")
+                              rot_k=p + "hook_rot_k", v=p + "hook_v", scores=p + "hook_attn_scores",
+                              q_out=p + "q.hook_out", k_out=p + "k.hook_out")
 
     def checkpoint_key(self, layer: int, which: Projection, part: Literal["weight", "bias"] = "weight") -> str:
         """The standard HF state-dict name of a projection's weight (or bias) of ``layer`` (separate q/k/v

@@ -38,32 +38,38 @@ from typing import Literal, get_args
 
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 
+from .calibration import calibration_set, fingerprint
 from .dims import bos_activations
 from .edits import active_edits
 from .errors import InputError
 from .hooks import batches, run_hooked
 from .loading import model_info
 from .massive import BASES, Basis, MassiveActivations
+from .pattern_error import pattern_errors, softmax_pair
 from .pruning import PruningPlan, apply_pruning, plan_pruning
 from .qk import check_editable, head_rows, layout, masked_like, weights
 from .removal import apply_head_removal
-from .spec import GQA_POLICIES, POLICIES, DimsArg, GQAPolicy, Head, PruneSpec, as_spec, check_heads
+from .spec import (
+    CALIBRATIONS, DEFAULT_POOL, FILLS, GQA_POLICIES, POLICIES, Calibration, DimsArg, Fill, GQAPolicy, Head, Objective,
+    PruneSpec, as_spec, check_heads,
+)
 from .tokens import TokenBatch, as_batch
 from .validate import as_int, check_choice, check_fraction
 
-SweepPolicy = Literal["bos_top", "random", "weight_norm", "whole_head"]
+SweepPolicy = Literal["bos_top", "random", "weight_norm", "act_weight", "optimized", "whole_head"]
 SWEEP_POLICIES: tuple[str, ...] = get_args(SweepPolicy)  # the kept-dims policies and whole-head removal
 assert SWEEP_POLICIES == POLICIES + ("whole_head",)
+DEFAULT_SWEEP_POLICIES = ("bos_top", "random", "weight_norm", "whole_head")  # k_sweep's default: the thesis' controls
 Level = Literal["layer", "model"]
 LEVELS: tuple[str, ...] = get_args(Level)
 Metric = Literal["frob_rel", "kl", "d_alpha0", "out_rel", "alpha0", "next_kl", "loss", "d_loss"]
 METRICS = ("frob_rel", "kl", "d_alpha0", "out_rel")
 K_GRID = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
-COLUMNS = ["level", "policy", "k", "seed", "gqa", "basis", "layer", "head", "alpha0", "frob_rel", "kl", "d_alpha0",
-           "out_rel", "next_kl", "loss", "d_loss", "n_prompts"]
+COLUMNS = ["level", "policy", "k", "seed", "gqa", "basis", "fill", "calibration", "fit", "layer", "head", "alpha0",
+           "frob_rel", "kl", "d_alpha0", "out_rel", "next_kl", "loss", "d_loss", "n_prompts"]
 
 
 @dataclass
@@ -72,6 +78,7 @@ class _Config:
 
     policy: str
     plan: PruningPlan | None
+    fit: str | None = None  # what the pruning was fitted on: "in_sample", "held_out", "unknown" or None
 
     @property
     def spec(self) -> PruneSpec | None:
@@ -79,56 +86,6 @@ class _Config:
 
 
 # --- metrics (fp32, per prompt) -----------------------------------------------------------------
-
-def pattern_errors(ref_logp: Float[Tensor, "batch *heads query key"], logp: Float[Tensor, "batch *heads query key"],
-                   mask: Tensor, ref_p: Tensor | None = None,
-                   p: Tensor | None = None) -> dict[str, Float[Tensor, "batch *heads"]]:
-    """frob_rel, kl, alpha0 (dense) and d_alpha0 per prompt and head from log-patterns, real tokens only.
-
-    Any head dims between batch and query broadcast (e.g. [b, 1, n, q, k] dense against [b, C, n, q, k]
-    pruned). ``ref_p`` / ``p``: the patterns themselves when the caller has them already.
-
-    Args:
-        ref_logp: the dense log-pattern.
-        logp: the pruned log-pattern.
-        mask: 0/1 mask of real tokens [batch, pos].
-        ref_p, p: the patterns (exp of the log-patterns) when already computed, else None.
-    """
-    real = mask.bool()
-    b, length = real.shape
-    lead = [1] * (max(ref_logp.dim(), logp.dim()) - 3)
-    n_real = real.sum(1).float().view(b, *lead)
-    pair = (real[:, :, None] & real[:, None, :]).view(b, *lead, length, length)
-    rows = real.view(b, *lead, length)
-    a = (ref_logp.exp() if ref_p is None else ref_p) * pair
-    a2 = (logp.exp() if p is None else p) * pair
-    frob = (a - a2).square().sum((-1, -2)).sqrt() / a.square().sum((-1, -2)).sqrt()
-    kl_rows = torch.where(a > 0, a * (ref_logp - logp), torch.zeros((), dtype=a.dtype, device=a.device)).sum(-1)
-    kl = (kl_rows * rows).sum(-1) / n_real
-    first = mask.argmax(1).view(b, *lead, 1, 1)
-
-    def alpha(pattern: Tensor) -> Tensor:
-        column = pattern.gather(-1, first.expand(*pattern.shape[:-1], 1)).squeeze(-1)
-        return (column * rows).sum(-1) / n_real
-
-    alpha0 = alpha(a)
-    return {"frob_rel": frob, "kl": kl, "alpha0": alpha0, "d_alpha0": alpha(a2) - alpha0}
-
-
-def _softmax_pair(scores: Tensor) -> tuple[Tensor, Tensor]:
-    """(log-pattern, pattern) of masked scores in fp32, with a single exp of the full tensor.
-
-    exp() of the masked entries' huge negative values takes a slow underflow path on CPU (several times
-    slower): the exponent is clamped at -80 (exp = 2e-35, a normal float) and masked entries set to 0.
-    The log-pattern is exact. Rows with no visible key (padding queries) get zeros.
-    """
-    scores = scores.float()
-    top = scores.amax(-1, keepdim=True)
-    shifted = scores - top
-    e = shifted.clamp(min=-80.0).exp_().masked_fill_(masked_like(scores), 0.0)
-    total = e.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-    return shifted - total.log(), e / total
-
 
 def _out_rel(ref: Tensor, new: Tensor, real: Tensor) -> Tensor:
     """||ref - new||_F / ||ref||_F over real positions; ref/new [b, n, pos, d]."""
@@ -200,49 +157,78 @@ def _prepare(model, tokens, attention_mask, heads):
     return info, batch, heads
 
 
-def _bos_source(model, batch: TokenBatch, dims_tokens, heads) -> MassiveActivations:
-    """What bos_top dims are measured on: ``dims_tokens`` (ids, a TokenBatch or a MassiveActivations already
-    measured), else ``batch``; measured once, through the same checks as :func:`apply_pruning`."""
-    if isinstance(dims_tokens, MassiveActivations):
-        return dims_tokens
-    source = batch if dims_tokens is None else as_batch(model, dims_tokens)
-    return bos_activations(model, source, sorted({l for l, _ in heads}))
+def _calibration_source(model, batch: TokenBatch, dims_tokens, specs: Sequence[PruneSpec]) -> tuple[object, str | None]:
+    """What the specs' kept dims, means and temperatures are fitted on, and whether that is the evaluated text.
+
+    ``dims_tokens`` (ids, a TokenBatch, a CalibrationSet, or for plain ``bos_top`` a MassiveActivations), else
+    ``batch`` itself; measured once for every spec, through the same checks as :func:`apply_pruning`.
+    Returns (source, fit): fit is ``"in_sample"`` (fitted on the evaluated prompts), ``"held_out"`` (on other
+    prompts), ``"unknown"`` (a MassiveActivations of unknown prompts), or None when nothing is fitted."""
+    fitted = [spec for spec in specs if spec.needs_calibration()]
+    if not fitted:
+        return None, None
+    layers = sorted({l for spec in fitted for l, _ in spec.heads})
+    plain_bos = all(spec.policy == "bos_top" and spec.fill == "zero" and spec.calibration == "none" for spec in fitted)
+    if isinstance(dims_tokens, MassiveActivations) and plain_bos:
+        return bos_activations(model, dims_tokens, layers), "unknown"
+    source = calibration_set(model, batch if dims_tokens is None else dims_tokens, argument="dims_tokens")
+    if plain_bos:
+        source.massive(layers)
+    else:
+        source.inputs(layers)  # one forward for every layer, before any plan
+    return source, "in_sample" if fingerprint(batch) == source.fingerprint else "held_out"
 
 
 # --- public API ---------------------------------------------------------------------------------
 
 def reconstruction_error(model, tokens, heads: Sequence[Head] | PruneSpec, k: int | None = None,
                          dims: DimsArg | None = None, *, basis: Basis | None = None, gqa: GQAPolicy | None = None,
-                         seed: int | None = None, force: bool | None = None, level: Level = "model",
+                         seed: int | None = None, force: bool | None = None, fill: Fill | None = None,
+                         calibration: Calibration | None = None, level: Level = "model",
                          attention_mask: Int[Tensor, "batch pos"] | None = None, dims_tokens=None, batch_size: int = 8,
                          show_progress: bool = True) -> pd.DataFrame:
     """Reconstruction error of every head in ``heads`` pruned at ``k`` (one row per head).
 
-    Columns: level, policy, k, seed, gqa, basis (the spec's fields), layer, head, alpha0 (dense), frob_rel,
-    kl, d_alpha0, out_rel, next_kl, loss, d_loss (model level only; NaN at level "layer"), n_prompts. See
-    the module docstring for the metrics and the levels.
+    Columns: level, policy, k, seed, gqa, basis, fill, calibration (the spec's fields), fit (what the kept dims,
+    means and temperatures were fitted on: ``"held_out"`` other prompts than ``tokens``, ``"in_sample"`` the same
+    prompts, ``"unknown"``, or None when nothing is fitted), layer, head, alpha0 (dense), frob_rel, kl, d_alpha0,
+    out_rel, next_kl, loss, d_loss (model level only; NaN at level "layer"), n_prompts. See the module docstring
+    for the metrics and the levels.
 
     Args:
         model: a bridge from :func:`sinklens.load_model`, without active edits (it is the dense reference).
         tokens: the prompts the patterns are compared on (ids, a TokenBatch, or strings).
         heads: ``(layer, head)`` pairs, or a :class:`~sinklens.spec.PruneSpec` (then leave k, dims, basis,
-            gqa, seed and force out).
-        k, dims, basis, gqa, seed, force: the pruning, as in :func:`sinklens.apply_pruning`.
+            gqa, seed, force, fill and calibration out).
+        k, dims, basis, gqa, seed, force, fill, calibration: the pruning, as in :func:`sinklens.apply_pruning`.
         level: ``"model"`` (the pruned model runs) or ``"layer"`` (each layer pruned alone on the dense stream).
         attention_mask: 0/1 mask of real tokens of ``tokens``.
-        dims_tokens: what ``bos_top`` dims are measured on (ids, a TokenBatch or a MassiveActivations; default:
-            ``tokens``).
+        dims_tokens: the calibration tokens the kept dims, fill means and temperatures are fitted on: BOS-prepended
+            ids, a TokenBatch or a :class:`~sinklens.calibration.CalibrationSet` (plain ``bos_top`` also takes a
+            MassiveActivations); default: ``tokens`` (in-sample). Pass other prompts than ``tokens`` (e.g. the
+            probe split, with ``tokens`` from the held-out split) to measure held-out errors.
         batch_size: prompts per forward.
         show_progress: show a progress bar.
     """
-    spec = as_spec(heads, k, dims, basis=basis, gqa=gqa, seed=seed, force=force)
+    spec = as_spec(heads, k, dims, basis=basis, gqa=gqa, seed=seed, force=force, fill=fill, calibration=calibration)
     info, batch, heads = _prepare(model, tokens, attention_mask, spec.heads)
     check_choice("level", level, LEVELS)
     batch_size = _check_batch_size(batch_size)
-    source = _bos_source(model, batch, dims_tokens, heads) if spec.policy == "bos_top" else None
+    source, fit = _calibration_source(model, batch, dims_tokens, [spec])
     plan = plan_pruning(model, spec, tokens=source)
     run = _model_level if level == "model" else _layer_level
-    return run(model, batch, heads, [_Config(spec.policy, plan)], spec.gqa, batch_size, show_progress)
+    return run(model, batch, heads, [_Config(spec.policy, plan, fit)], spec.gqa, batch_size, show_progress)
+
+
+def _choices(name: str, values, choices: Sequence[str]) -> list[str]:
+    values = [values] if isinstance(values, str) else list(values)
+    if not values:
+        raise InputError(f"{name} is empty: pass some of {tuple(choices)}.")
+    for value in values:
+        check_choice(name[:-1], value, choices)
+    if len(set(values)) != len(values):
+        raise InputError(f"{name} holds duplicates: {values}.")
+    return values
 
 
 def default_ks(d_model: int) -> list[int]:
@@ -255,30 +241,37 @@ def default_ks(d_model: int) -> list[int]:
 
 
 def k_sweep(model, tokens, heads: Sequence[Head] | None, *, ks: Sequence[int] | None = None,
-            policies: Sequence[SweepPolicy] = SWEEP_POLICIES, seeds: Sequence[int] = (0, 1, 2),
-            basis: Basis = "normalized", gqa: GQAPolicy = "exact", level: Level = "layer", force: bool = False,
+            policies: Sequence[SweepPolicy] = DEFAULT_SWEEP_POLICIES, seeds: Sequence[int] = (0, 1, 2),
+            basis: Basis = "normalized", gqa: GQAPolicy = "exact", fills: Sequence[Fill] = ("zero",),
+            calibrations: Sequence[Calibration] = ("none",), objective: Objective = "frob_rel",
+            pool: int = DEFAULT_POOL, level: Level = "layer", force: bool = False,
             attention_mask: Int[Tensor, "batch pos"] | None = None, dims_tokens=None, batch_size: int = 8,
             show_progress: bool = True) -> pd.DataFrame:
-    """Tidy reconstruction errors of ``heads`` for every k in ``ks`` and every policy, with one dense reference.
+    """Tidy reconstruction errors of ``heads`` for every k in ``ks``, every policy, fill and calibration, with one
+    dense reference.
 
     Every configuration is the :class:`~sinklens.spec.PruneSpec` ``(heads, k, policy, basis, gqa, seed,
-    force)``; its fields are the frame's columns, the same as :func:`reconstruction_error`'s (``seed`` is
-    set for random only, ``basis`` for bos_top only).
+    force, fill, calibration)``; its fields are the frame's columns, the same as :func:`reconstruction_error`'s
+    (``seed`` is set for random only, ``basis`` for bos_top only). The optimized search runs once per head and
+    fill, for the largest k (the smaller ks are its prefixes).
 
     Args:
         model: a bridge from :func:`sinklens.load_model`, without active edits.
         tokens: the prompts the patterns are compared on.
         heads: ``(layer, head)`` pairs, or None for every head of the model.
         ks: the k grid (None: :func:`default_ks`).
-        policies: any of ``"bos_top"``, ``"random"`` (one configuration per seed), ``"weight_norm"`` and
-            ``"whole_head"`` (head output zeroed; it does not depend on k: computed once, its rows repeated for
-            every k).
+        policies: any of ``"bos_top"``, ``"random"`` (one configuration per seed), ``"weight_norm"``,
+            ``"act_weight"``, ``"optimized"`` and ``"whole_head"`` (head output zeroed; it does not depend on k,
+            fill or calibration: computed once, its rows repeated for every k).
         seeds: the seeds of ``random``.
         basis, gqa, force: as in :func:`sinklens.apply_pruning`.
+        fills: the fills of dropped dims (``"zero"``, ``"mean"``).
+        calibrations: the score calibrations (``"none"``, ``"temperature"``).
+        objective, pool: the ``optimized`` search's (see :class:`~sinklens.spec.PruneSpec`).
         level: ``"layer"`` (default: every configuration from one forward) or ``"model"`` (each configuration
             through the pruned model).
         attention_mask: 0/1 mask of real tokens of ``tokens``.
-        dims_tokens: what ``bos_top`` dims are measured on (default: ``tokens``).
+        dims_tokens: the calibration tokens (see :func:`reconstruction_error`; default: ``tokens``).
         batch_size: prompts per forward.
         show_progress: show a progress bar.
     """
@@ -301,16 +294,16 @@ def k_sweep(model, tokens, heads: Sequence[Head] | None, *, ks: Sequence[int] | 
     check_choice("basis", basis, BASES)
     check_choice("gqa policy", gqa, GQA_POLICIES)
     batch_size = _check_batch_size(batch_size)
-    source = _bos_source(model, batch, dims_tokens, heads) if "bos_top" in policies else None
-    configs = []
-    for policy in policies:
-        if policy == "whole_head":
-            configs.append(_Config("whole_head", None))
-            continue
-        for k in ks:
-            for seed in (seeds if policy == "random" else [0]):
-                spec = PruneSpec(heads, k, policy, basis=basis, gqa=gqa, seed=seed, force=force)
-                configs.append(_Config(policy, plan_pruning(model, spec, tokens=source)))
+    fills, calibrations = _choices("fills", fills, FILLS), _choices("calibrations", calibrations, CALIBRATIONS)
+    specs = [PruneSpec(heads, k, policy, basis=basis, gqa=gqa, seed=seed, force=force, fill=fill,
+                       calibration=calibration, objective=objective, pool=pool)
+             for policy in policies if policy != "whole_head" for fill in fills for calibration in calibrations
+             for k in sorted(ks, reverse=policy == "optimized") for seed in (seeds if policy == "random" else [0])]
+    source, fit = _calibration_source(model, batch, dims_tokens, specs)
+    configs = [_Config(spec.policy, plan_pruning(model, spec, tokens=source if spec.needs_calibration() else None),
+                       fit if spec.needs_calibration() else None) for spec in specs]
+    if "whole_head" in policies:
+        configs.append(_Config("whole_head", None))
     run = _model_level if level == "model" else _layer_level
     frame = run(model, batch, heads, configs, gqa, batch_size, show_progress)
     if "whole_head" in policies:  # k-independent: repeat its rows at every k of the sweep
@@ -513,9 +506,9 @@ def _changes_layer(plan: PruningPlan, layer: int) -> bool:
 
 def _layer_plan(plan: PruningPlan, layer: int) -> PruningPlan:
     """The part of ``plan`` that edits ``layer`` (the same dims and edits, other layers left out)."""
-    return dataclasses.replace(plan, q_edits={p: d for p, d in plan.q_edits.items() if p[0] == layer},
-                               k_edits={p: d for p, d in plan.k_edits.items() if p[0] == layer},
-                               k_copies={p: d for p, d in plan.k_copies.items() if p[0] == layer})
+    edits = ("q_edits", "k_edits", "k_copies", "q_bias", "k_bias", "k_copy_bias", "q_scale")
+    return dataclasses.replace(plan, **{name: {p: v for p, v in getattr(plan, name).items() if p[0] == layer}
+                                        for name in edits})
 
 
 class _AttentionRerun:
@@ -593,7 +586,7 @@ def _layer_level(model, batch, heads, configs, gqa, batch_size, show_progress) -
                 device = scores.device
                 dense = scores[:, index.to(device)]
                 masked = masked_like(dense)
-                ref, ref_p = _softmax_pair(dense)
+                ref, ref_p = softmax_pair(dense)
                 v = seen["v"][:, :, kv.to(device)].float().transpose(1, 2)  # [b, n, pos, dh]
                 z = ref_p @ v
                 g = gram[layer].to(device)
@@ -616,7 +609,7 @@ def _layer_level(model, batch, heads, configs, gqa, batch_size, show_progress) -
                 ref, ref_p, masked, v, z, g, norm = seen.pop("dense")
                 for c in changed[layer]:
                     pruned = rerun.scores(configs[c].plan).masked_fill(masked, torch.finfo(ref.dtype).min)
-                    logp, p = _softmax_pair(pruned)
+                    logp, p = softmax_pair(pruned)
                     values = pattern_errors(ref, logp, mask, ref_p, p)
                     values["out_rel"] = _gram_norm(z - p @ v, g, real) / norm
                     acc.add(c, slots, values)
@@ -656,8 +649,10 @@ def _frame(acc: _Accumulator, heads, configs, gqa, level: str, batch: TokenBatch
         else:
             model_level = {"next_kl": float("nan"), "loss": float("nan"), "d_loss": float("nan")}
         spec = config.spec
-        fields = ({"k": None, "seed": None, "gqa": gqa, "basis": None} if spec is None else
-                  {"k": spec.k, "seed": spec.seed, "gqa": spec.gqa, "basis": spec.basis})
+        fields = ({"k": None, "seed": None, "gqa": gqa, "basis": None, "fill": None, "calibration": None}
+                  if spec is None else {"k": spec.k, "seed": spec.seed, "gqa": spec.gqa, "basis": spec.basis,
+                                        "fill": spec.fill, "calibration": spec.calibration})
+        fields["fit"] = config.fit
         for slot, (layer, head) in enumerate(heads):
             rows.append({"level": level, "policy": config.policy, **fields, "layer": layer, "head": head,
                          **{name: float(acc.sums[name][c, slot] / n) for name in ("alpha0",) + METRICS},

@@ -1,9 +1,11 @@
 """One description of a QK column pruning: :class:`PruneSpec`, and the head lists it prunes.
 
 A PruneSpec says *what* to prune (heads, k, the kept-dims policy and its basis or seed, the GQA
-handling), never *on what data*: the tokens a policy measures (``bos_top``'s BOS vectors) are passed
-beside it. Every function that prunes takes one (``apply_pruning``, ``prune_qk``, ``plan_pruning``,
-``select_dims``, ``reconstruction_error``, the layer-selection sweep), and every record of a pruning
+handling, the fill value of dropped dims, the score calibration), never *on what data*: the calibration
+tokens a policy or a fit measures (``bos_top``'s BOS vectors, ``act_weight``'s input norms, the
+``optimized`` search, ``fill="mean"``'s means, the temperature) are passed beside it
+(:class:`sinklens.calibration.CalibrationSet`). Every function that prunes takes one (``apply_pruning``,
+``prune_qk``, ``plan_pruning``, ``select_dims``, ``reconstruction_error``, the layer-selection sweep), and every record of a pruning
 (handles, checkpoint manifests, sweep results, reconstruction tables) writes its fields, so a record
 reads back into the spec that made it (:meth:`PruneSpec.from_dict`).
 
@@ -33,8 +35,16 @@ from .massive import BASES, Basis
 from .validate import as_int, check_choice, check_index, check_k
 
 Head = tuple[int, int]
-Policy = Literal["bos_top", "random", "weight_norm"]
+Policy = Literal["bos_top", "random", "weight_norm", "act_weight", "optimized"]
 POLICIES: tuple[str, ...] = get_args(Policy)
+Fill = Literal["zero", "mean"]  # the value a dropped input dim takes: 0, or its mean over calibration tokens
+FILLS: tuple[str, ...] = get_args(Fill)
+Calibration = Literal["none", "temperature"]  # "temperature": a per-head scale of the pruned scores, fitted
+CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
+Objective = Literal["frob_rel", "kl"]  # the pattern error the optimized search minimises
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+DATA_POLICIES = ("bos_top", "act_weight", "optimized")  # policies measured on calibration tokens
+DEFAULT_POOL = 64  # candidate dims of the optimized search (the best act_weight dims; see sinklens.search)
 EXPLICIT = "explicit"  # the policy name of dims given by the caller
 GQAPolicy = Literal["exact", "shared", "q_only"]
 GQA_POLICIES: tuple[str, ...] = get_args(GQAPolicy)
@@ -143,8 +153,10 @@ class PruneSpec:
         k: input dims kept per head.
         policy: how the kept dims are chosen: ``"bos_top"`` (the k largest |x_d| of the BOS vector at the
             head's layer, measured on tokens passed beside the spec), ``"random"`` (seeded control),
-            ``"weight_norm"`` (largest column norms of the head's stacked W_Q and W_K rows) or
-            ``"explicit"`` (the ``dims`` given).
+            ``"weight_norm"`` (largest column norms of the head's stacked W_Q and W_K rows), ``"act_weight"``
+            (||x_d||_2 over calibration tokens x the column norms of W_Q^h and W_K^h: the Wanda criterion),
+            ``"optimized"`` (greedy forward selection minimising the head's pattern error on calibration tokens,
+            :mod:`sinklens.search`) or ``"explicit"`` (the ``dims`` given).
         basis: where ``bos_top`` measures the BOS vector: ``"normalized"`` (attention input) or ``"resid"``;
             None for the other policies.
         gqa: ``"exact"`` (private pruned K per selected head; siblings untouched), ``"shared"`` (shared K rows
@@ -152,9 +164,18 @@ class PruneSpec:
         seed: the seed of ``random`` dims; None for the other policies.
         force: let ``gqa="shared"`` prune a partial group (its other heads change too).
         dims: ``policy="explicit"`` only: the kept dims of each head, aligned with ``heads``.
+        fill: the value of a dropped input dim: ``"zero"`` (the thesis) or ``"mean"`` (its mean over the non-BOS
+            calibration tokens: a constant bias on the head's q and k projections, exact in the model and in
+            saved checkpoints).
+        calibration: ``"none"`` or ``"temperature"`` (one scale per head on its pruned scores, fitted on the
+            calibration tokens to minimise the pattern KL, folded into the kept W_Q columns and q bias).
+        objective: ``policy="optimized"`` only: the pattern error the search minimises, ``"frob_rel"`` or
+            ``"kl"``.
+        pool: ``policy="optimized"`` only: how many candidate dims the search ranks (the pool's best act_weight
+            dims; k may not exceed it).
 
-    ``basis`` and ``seed`` are stored as None where the policy ignores them, so two specs describing the
-    same pruning are equal. (Issue 12 adds the fill value of dropped dims and calibration here.)
+    ``basis``, ``seed``, ``objective`` and ``pool`` are stored as None where the policy ignores them, so two
+    specs describing the same pruning are equal.
     """
 
     heads: tuple[Head, ...]
@@ -165,6 +186,10 @@ class PruneSpec:
     seed: int | None = 0
     force: bool = False
     dims: tuple[tuple[int, ...], ...] | None = None
+    fill: Fill = "zero"
+    calibration: Calibration = "none"
+    objective: Objective | None = "frob_rel"
+    pool: int | None = DEFAULT_POOL
 
     def __post_init__(self):
         def set_(name: str, value) -> None:  # the dataclass is frozen: normalize fields in place once
@@ -198,21 +223,42 @@ class PruneSpec:
             set_("dims", tuple(_dim_set(d, self.k, f"dims for head {p}") for p, d in zip(self.heads, self.dims)))
         elif self.dims is not None:
             raise InputError(f'dims are only given with policy="explicit", not with policy={self.policy!r}.')
+        check_choice("fill", self.fill, FILLS)
+        check_choice("calibration", self.calibration, CALIBRATIONS)
+        if self.policy == "optimized":
+            check_choice("objective", self.objective, OBJECTIVES)
+            pool = as_int(self.pool)
+            if pool is None or pool < 1:
+                raise InputError(f"pool must be a positive int (candidate dims of the optimized search), got "
+                                 f"{self.pool!r}.")
+            if pool < self.k:
+                raise InputError(f"k={self.k} exceeds pool={pool}: the optimized search ranks only pool candidate "
+                                 f"dims. Pass pool >= k (spec.replace(pool={self.k})).")
+            set_("pool", pool)
+        else:
+            set_("objective", None)
+            set_("pool", None)
+
+    def needs_calibration(self) -> bool:
+        """Whether this pruning is fitted on calibration tokens (a data-driven policy, mean fill or temperature)."""
+        return self.policy in DATA_POLICIES or self.fill != "zero" or self.calibration != "none"
 
     @classmethod
     def of(cls, heads, k: int, dims: DimsArg = "bos_top", *, basis: Basis = "normalized", gqa: GQAPolicy = "exact",
-           seed: int = 0, force: bool = False) -> PruneSpec:
+           seed: int = 0, force: bool = False, fill: Fill = "zero", calibration: Calibration = "none") -> PruneSpec:
         """The spec of the keyword call form (``dims`` a policy name or explicit dims).
 
         Args:
             heads: the ``(layer, head)`` pairs to prune.
             k: input dims kept per head.
-            dims: a policy name (``"bos_top"``, ``"random"``, ``"weight_norm"``), one 1-D set of k indices for
-                every head, or a mapping ``{(layer, head): indices}`` covering exactly ``heads``.
-            basis, gqa, seed, force: as the fields of :class:`PruneSpec`.
+            dims: a policy name (``"bos_top"``, ``"random"``, ``"weight_norm"``, ``"act_weight"``,
+                ``"optimized"``), one 1-D set of k indices for every head, or a mapping ``{(layer, head): indices}``
+                covering exactly ``heads``.
+            basis, gqa, seed, force, fill, calibration: as the fields of :class:`PruneSpec`.
         """
+        extra = dict(basis=basis, gqa=gqa, seed=seed, force=force, fill=fill, calibration=calibration)
         if isinstance(dims, str):
-            return cls(heads, k, dims, basis=basis, gqa=gqa, seed=seed, force=force)
+            return cls(heads, k, dims, **extra)
         pairs = head_pairs(heads)
         if isinstance(dims, Mapping):
             given = {}
@@ -228,7 +274,7 @@ class PruneSpec:
                 raise InputError(f"k must be an int, got {k!r} ({type(k).__name__}).")
             shared = _dim_set(dims, k, "dims")
             per_head = [shared] * len(pairs)
-        return cls(pairs, k, EXPLICIT, basis=basis, gqa=gqa, seed=seed, force=force, dims=per_head)
+        return cls(pairs, k, EXPLICIT, dims=per_head, **extra)
 
     def check(self, info: ModelInfo) -> PruneSpec:
         """This spec, after checking it fits the model (head and layer ranges, k and dims within d_model).
@@ -260,7 +306,8 @@ class PruneSpec:
         """JSON-ready fields (heads as ``[layer, head]`` lists, explicit dims as ``{"layer.head": [...]}``)."""
         dims = None if self.dims is None else {_head_key(p): list(d) for p, d in zip(self.heads, self.dims)}
         return {"heads": [list(p) for p in self.heads], "k": self.k, "policy": self.policy, "basis": self.basis,
-                "gqa": self.gqa, "seed": self.seed, "force": self.force, "dims": dims}
+                "gqa": self.gqa, "seed": self.seed, "force": self.force, "dims": dims, "fill": self.fill,
+                "calibration": self.calibration, "objective": self.objective, "pool": self.pool}
 
     @classmethod
     def from_dict(cls, record: Mapping) -> PruneSpec:
@@ -282,21 +329,24 @@ class PruneSpec:
             if any(d is None for d in dims):
                 raise InputError("The record's explicit policy lacks the dims of some heads.")
         return cls(heads, record["k"], record["policy"], basis=record.get("basis"), gqa=record.get("gqa", "exact"),
-                   seed=record.get("seed"), force=record.get("force", False), dims=dims)
+                   seed=record.get("seed"), force=record.get("force", False), dims=dims,
+                   fill=record.get("fill", "zero"), calibration=record.get("calibration", "none"),
+                   objective=record.get("objective") or "frob_rel", pool=record.get("pool") or DEFAULT_POOL)
 
 
 def as_spec(heads, k: int | None = None, dims: DimsArg | None = None, *, basis: Basis | None = None,
-            gqa: GQAPolicy | None = None, seed: int | None = None, force: bool | None = None) -> PruneSpec:
+            gqa: GQAPolicy | None = None, seed: int | None = None, force: bool | None = None,
+            fill: Fill | None = None, calibration: Calibration | None = None) -> PruneSpec:
     """The spec a pruning function was called with: ``heads`` when it is a :class:`PruneSpec` (the other
     arguments then left out), else :meth:`PruneSpec.of` with defaults dims ``"bos_top"``, basis
-    ``"normalized"``, gqa ``"exact"``, seed 0, force False.
+    ``"normalized"``, gqa ``"exact"``, seed 0, force False, fill ``"zero"``, calibration ``"none"``.
 
     Args:
         heads: ``(layer, head)`` pairs, or a PruneSpec.
-        k, dims, basis, gqa, seed, force: the keyword form's arguments (None: not given).
+        k, dims, basis, gqa, seed, force, fill, calibration: the keyword form's arguments (None: not given).
     """
-    given = {name: value for name, value in dict(k=k, dims=dims, basis=basis, gqa=gqa, seed=seed, force=force).items()
-             if value is not None}
+    given = {name: value for name, value in dict(k=k, dims=dims, basis=basis, gqa=gqa, seed=seed, force=force,
+                                                 fill=fill, calibration=calibration).items() if value is not None}
     if isinstance(heads, PruneSpec):
         if given:
             raise InputError(f"Pass either a PruneSpec or the pruning arguments, not both: got a PruneSpec and "
@@ -307,8 +357,10 @@ def as_spec(heads, k: int | None = None, dims: DimsArg | None = None, *, basis: 
                          "heads.")
     return PruneSpec.of(heads, k, "bos_top" if dims is None else dims, basis="normalized" if basis is None else basis,
                         gqa="exact" if gqa is None else gqa, seed=0 if seed is None else seed,
-                        force=False if force is None else force)
+                        force=False if force is None else force, fill="zero" if fill is None else fill,
+                        calibration="none" if calibration is None else calibration)
 
 
-__all__ = ["DimsArg", "EXPLICIT", "GQAPolicy", "GQA_POLICIES", "Head", "POLICIES", "Policy", "PruneSpec", "as_spec",
-           "check_heads", "head_pairs", "layer_heads"]
+__all__ = ["CALIBRATIONS", "Calibration", "DATA_POLICIES", "DEFAULT_POOL", "DimsArg", "EXPLICIT", "FILLS", "Fill",
+           "GQAPolicy", "GQA_POLICIES", "Head", "OBJECTIVES", "Objective", "POLICIES", "Policy", "PruneSpec",
+           "as_spec", "check_heads", "head_pairs", "layer_heads"]
