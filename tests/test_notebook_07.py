@@ -10,7 +10,8 @@ from conftest import execute_notebook
 
 pytestmark = [pytest.mark.notebook, pytest.mark.integration]
 
-CI = dict(n_prompts=4, n_heldout=4, seq_len=24, max_heads=3, ks=[2, 5], k=5, pool=8, model_prompts=2, batch_size=4)
+CI = dict(n_prompts=4, n_calibration=4, n_heldout=4, seq_len=24, max_heads=3, compare_ks=[2, 5], k=5, pool=8,
+          model_prompts=2, batch_size=4)
 
 
 def test_notebook_07_beyond_bos_dims(tmp_path):
