@@ -44,7 +44,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .errors import InputError, UnsupportedArchitectureError
-from .loading import model_info
+from .loading import input_device, model_info
 from .probes import probe_tokens
 from .progress import progress
 from .validate import check_choice, check_fraction
@@ -180,9 +180,9 @@ class EvalPlan:
         if not 0 <= start_layer < info.n_layers:
             raise InputError(f"start_layer={start_layer} is out of range: the model has {info.n_layers} layers.")
         n_units = len(self.units)
-        ll = torch.zeros(n_units, dtype=torch.float64)
-        correct = torch.zeros(n_units, dtype=torch.float64)
-        count = torch.zeros(n_units, dtype=torch.float64)
+        ll = torch.zeros(n_units, dtype=torch.float64, device="cpu")
+        correct = torch.zeros(n_units, dtype=torch.float64, device="cpu")
+        count = torch.zeros(n_units, dtype=torch.float64, device="cpu")
         captured: dict[int, list[Tensor]] = {layer: [] for layer in capture}
         for i, batch in enumerate(progress(self.batches, desc="evaluate", enabled=show_progress)):
             start = None if resid is None else resid[i]
@@ -263,7 +263,7 @@ def build_plan(model, suite: str = "default", limit: int | None = None, split: s
         if len(row.tokens) > info.n_ctx:
             raise InputError(f"A {row.part} request has {len(row.tokens)} tokens, longer than the model's context "
                              f"of {info.n_ctx}: use shorter items or lm_seq_len/copy_len.")
-    device = next(model.parameters()).device
+    device = input_device(model)
     return EvalPlan(batches=_batch_rows(rows, batch_tokens, device), units=pd.DataFrame(units), meta=meta)
 
 
@@ -350,7 +350,7 @@ def copy_vocabulary(model) -> Int[Tensor, " n"]:
     """Token ids the copying task draws from: the whole vocabulary except special tokens."""
     info = model_info(model)
     special = set(getattr(model.tokenizer, "all_special_ids", []) or [])
-    ids = torch.tensor([i for i in range(min(info.d_vocab, len(model.tokenizer))) if i not in special])
+    ids = torch.tensor([i for i in range(min(info.d_vocab, len(model.tokenizer))) if i not in special], device="cpu")
     if ids.numel() < 2:
         raise InputError("The tokenizer has fewer than 2 ordinary tokens: the copying task cannot run.")
     return ids
@@ -360,8 +360,8 @@ def _copy_rows(model, rows, units, picked: list[int], length: int, prepend_bos: 
     if not picked:
         return
     vocab = copy_vocabulary(model)
-    generator = torch.Generator().manual_seed(seed)
-    draws = vocab[torch.randint(0, vocab.numel(), (max(picked) + 1, length), generator=generator)]
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    draws = vocab[torch.randint(0, vocab.numel(), (max(picked) + 1, length), generator=generator, device="cpu")]
     prefix = [model.tokenizer.bos_token_id] if prepend_bos else []
     for i in picked:
         seq = draws[i].tolist()
@@ -390,20 +390,20 @@ def _batch_rows(rows: list[_Row], batch_tokens: int, device) -> list[_Batch]:
 def _make_batch(rows: list[_Row], device) -> _Batch:
     width = max(len(r.tokens) for r in rows)
     n = len(rows)
-    tokens = torch.zeros((n, width), dtype=torch.long)
-    positions = torch.zeros((n, width), dtype=torch.long)
-    segments = torch.full((n, width), -2, dtype=torch.long)  # -2: padding
+    tokens = torch.zeros((n, width), dtype=torch.long, device="cpu")
+    positions = torch.zeros((n, width), dtype=torch.long, device="cpu")
+    segments = torch.full((n, width), -2, dtype=torch.long, device="cpu")  # -2: padding
     for b, row in enumerate(rows):
         length = len(row.tokens)
-        tokens[b, :length] = torch.tensor(row.tokens)
-        positions[b, :length] = torch.tensor(row.positions)
-        positions[b, length:] = torch.arange(length, width)  # padded positions: never attended to
-        segments[b, :length] = torch.tensor(row.segments)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
+        tokens[b, :length] = torch.tensor(row.tokens, device="cpu")
+        positions[b, :length] = torch.tensor(row.positions, device="cpu")
+        positions[b, length:] = torch.arange(length, width, device="cpu")  # padded positions: never attended to
+        segments[b, :length] = torch.tensor(row.segments, device="cpu")
+    causal = torch.ones(width, width, dtype=torch.bool, device="cpu").tril()
     seg_q, seg_k = segments[:, :, None], segments[:, None, :]
     allowed = causal & (seg_k != -2) & ((seg_k == -1) | (seg_k == seg_q))
     # padded query rows attend to the first token only (never scored; keeps softmax finite)
-    allowed |= (seg_q == -2) & (torch.arange(width) == 0)[None, None, :]
+    allowed |= (seg_q == -2) & (torch.arange(width, device="cpu") == 0)[None, None, :]
     rows_i, cols, targets, units = [], [], [], []
     for b, row in enumerate(rows):
         for col, target, unit in row.targets:
@@ -411,7 +411,7 @@ def _make_batch(rows: list[_Row], device) -> _Batch:
             cols.append(col)
             targets.append(target)
             units.append(unit)
-    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+    as_long = lambda values: torch.tensor(values, dtype=torch.long, device="cpu")  # noqa: E731
     return _Batch(tokens.to(device), positions.to(device), allowed.to(device), as_long(rows_i).to(device),
                   as_long(cols).to(device), as_long(targets).to(device), as_long(units))
 
@@ -449,11 +449,12 @@ def forward_scores(model, batch: _Batch, start_layer: int = 0, resid: Float[Tens
                 store[layer] = hidden
             hidden = inner.layers[layer](hidden, attention_mask=mask, position_embeddings=rotary,
                                          position_ids=batch.positions)
-        picked = hidden[batch.rows, batch.cols].unsqueeze(0)
+        picked = hidden[batch.rows.to(hidden.device), batch.cols.to(hidden.device)].unsqueeze(0)
         logits = hf.lm_head(inner.norm(picked))[0].float()
         logp = logits.log_softmax(-1)
-        target_logp = logp.gather(1, batch.targets[:, None])[:, 0]
-        top = logits.argmax(-1) == batch.targets
+        targets = batch.targets.to(logits.device)  # the last layer's device under a device_map
+        target_logp = logp.gather(1, targets[:, None])[:, 0]
+        top = logits.argmax(-1) == targets
     return target_logp, top, store
 
 

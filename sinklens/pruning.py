@@ -115,7 +115,7 @@ def _check_dim_set(dims, k: int, d_model: int, where: str) -> Tensor:
         values = dims
     else:
         try:
-            values = torch.as_tensor(list(dims))
+            values = torch.as_tensor(list(dims), device="cpu")
         except (TypeError, ValueError, RuntimeError) as err:
             raise InputError(f"{where}: dims must be a 1-D list or tensor of ints, got {dims!r}.") from err
     if values.dim() != 1 or values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
@@ -136,8 +136,8 @@ def _random_dims(seed: int, layer: int, head: int, k: int, d_model: int) -> Tens
     # one generator per (seed, layer, head): a head's draw does not depend on the other heads, and the
     # dims at k are the first k of one permutation (nested across k)
     digest = hashlib.sha256(f"sinklens-random-dims:{seed}:{layer}:{head}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    return torch.randperm(d_model, generator=generator)[:k]
+    generator = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return torch.randperm(d_model, generator=generator, device="cpu")[:k]
 
 
 def _weight_norm_dims(model, info: ModelInfo, layer: int, head: int, k: int) -> Tensor:

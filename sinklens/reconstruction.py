@@ -105,10 +105,11 @@ def _softmax_pair(scores: Tensor) -> tuple[Tensor, Tensor]:
     slower): the exponent is clamped at -80 (exp = 2e-35, a normal float) and masked entries set to 0.
     The log-pattern is exact. Rows with no visible key (padding queries) get zeros.
     """
+    masked = masked_like(scores)  # in the model's dtype: fp16's minimum is not masked_like in fp32
     scores = scores.float()
     top = scores.amax(-1, keepdim=True)
     shifted = scores - top
-    e = shifted.clamp(min=-80.0).exp_().masked_fill_(masked_like(scores), 0.0)
+    e = shifted.clamp(min=-80.0).exp_().masked_fill_(masked, 0.0)
     total = e.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
     return shifted - total.log(), e / total
 
@@ -121,10 +122,10 @@ def _out_rel(ref: Tensor, new: Tensor, real: Tensor) -> Tensor:
 
 def _next_token_stats(ref_logp: Tensor, logp: Tensor, batch: TokenBatch) -> dict[str, Tensor]:
     """Sums over real positions: KL(P || P'), and the next-token losses of both (with their counts)."""
-    real = batch.attention_mask.bool()
+    real = batch.attention_mask.bool().to(ref_logp.device)  # logits sit on the last layer's device
     kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
     has_next = real[:, :-1] & real[:, 1:]
-    target = batch.tokens[:, 1:, None]
+    target = batch.tokens[:, 1:, None].to(ref_logp.device)
     nll_ref = -ref_logp[:, :-1].gather(-1, target).squeeze(-1)
     nll = -logp[:, :-1].gather(-1, target).squeeze(-1)
     return {"kl_sum": (kl * real).sum(), "n_pos": real.sum(), "loss_ref_sum": (nll_ref * has_next).sum(),
@@ -135,7 +136,8 @@ class _Accumulator:
     """Sums of per-prompt metrics for [config, head], and model-level sums per config."""
 
     def __init__(self, n_configs: int, n_heads: int):
-        self.sums = {name: torch.zeros(n_configs, n_heads, dtype=torch.float64) for name in METRICS + ("alpha0",)}
+        self.sums = {name: torch.zeros(n_configs, n_heads, dtype=torch.float64, device="cpu")
+                     for name in METRICS + ("alpha0",)}
         self.next = [dict() for _ in range(n_configs)]
         self.n_prompts = 0
 
@@ -397,7 +399,7 @@ def _run_full(model, batch: TokenBatch, hooks) -> Tensor:
 def _capture_hooks(by_layer, ref: dict, dense_wo: dict):
     hooks = []
     for layer, (_, hs) in by_layer.items():
-        index = torch.tensor(hs)
+        index = torch.tensor(hs, device="cpu")
 
         def scores_hook(scores, hook, layer=layer, index=index):
             ref[("logp", layer)] = torch.log_softmax(scores[:, index.to(scores.device)].float(), -1)
@@ -412,11 +414,11 @@ def _capture_hooks(by_layer, ref: dict, dense_wo: dict):
 def _compare_hooks(model, info, by_layer, ref, dense_wo, mask, acc: _Accumulator, config: int):
     hooks = []
     for layer, (slots, hs) in by_layer.items():
-        index = torch.tensor(hs)
+        index = torch.tensor(hs, device="cpu")
 
         def scores_hook(scores, hook, layer=layer, index=index, slots=slots):
             logp = torch.log_softmax(scores[:, index.to(scores.device)].float(), -1)
-            values = pattern_errors(ref[("logp", layer)], logp, mask)
+            values = pattern_errors(ref[("logp", layer)], logp, mask.to(scores.device))
             acc.add(config, slots, values)
 
         def z_hook(z, hook, layer=layer, index=index, slots=slots, hs=hs):
@@ -424,7 +426,7 @@ def _compare_hooks(model, info, by_layer, ref, dense_wo, mask, acc: _Accumulator
             wo = _o_columns(model, info, layer, hs).to(z.device)  # live: zero for removed heads
             c = torch.einsum("bnpe,nde->bnpd", z, wo)
             c_ref = torch.einsum("bnpe,nde->bnpd", ref[("z", layer)], dense_wo[layer].to(z.device))
-            acc.add(config, slots, {"out_rel": _out_rel(c_ref, c, mask.bool())})
+            acc.add(config, slots, {"out_rel": _out_rel(c_ref, c, mask.to(z.device).bool())})
 
         hooks += [(f"blocks.{layer}.attn.hook_attn_scores", scores_hook), (f"blocks.{layer}.attn.hook_z", z_hook)]
     return hooks
@@ -440,7 +442,7 @@ class _LayerGroup:
         self.members = members
         dh, gs, full = info.d_head, info.group_size, info.d_model
         wq, wk, _ = _weights(model, layer)
-        everything = torch.arange(full)
+        everything = torch.arange(full, device="cpu")
         plans = [configs[c].plan for c in members]
         q_sets = [p.dims[(layer, h)] for p in plans for h in hs]
         gqa = plans[0].gqa
@@ -486,7 +488,7 @@ def _gathered(weight: Tensor, rows: list[slice], sets: list[Tensor], bias: Tenso
     """(weight [n, d_head, width], index [n, width], bias) for :func:`project`; padded entries weigh zero."""
     width = max(s.numel() for s in sets)
     index = torch.stack([torch.cat([s, s.new_zeros(width - s.numel())]) for s in sets]).to(weight.device)
-    valid = torch.stack([torch.arange(width) < s.numel() for s in sets]).to(weight.device)
+    valid = torch.stack([torch.arange(width, device="cpu") < s.numel() for s in sets]).to(weight.device)
     stacked = torch.stack([weight[r] for r in rows])
     gathered = stacked.gather(2, index[:, None, :].expand(-1, stacked.shape[1], -1))
     gathered = gathered * valid[:, None, :].to(weight.dtype)
@@ -516,8 +518,8 @@ def _layer_level(model, batch, heads, configs, gqa, basis, batch_size, show_prog
         for layer in layers:
             slots, hs = by_layer[layer]
             seen: dict[str, Tensor] = {}
-            index = torch.tensor(hs)
-            kv = torch.tensor([h // gs for h in hs])
+            index = torch.tensor(hs, device="cpu")
+            kv = torch.tensor([h // gs for h in hs], device="cpu")
 
             def keep(name, seen=seen):
                 def capture(tensor, hook):
@@ -527,6 +529,7 @@ def _layer_level(model, batch, heads, configs, gqa, basis, batch_size, show_prog
             def scores_hook(scores, hook, layer=layer, slots=slots, seen=seen, index=index, kv=kv, mask=mask,
                             real=real):
                 device = scores.device
+                mask, real = mask.to(device), real.to(device)  # the layer's device under a device_map
                 dense = scores[:, index.to(device)]
                 masked = masked_like(dense)[:, None]  # [b, 1, n, q, k]
                 ref, ref_p = _softmax_pair(dense)

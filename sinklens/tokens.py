@@ -14,7 +14,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from .errors import InputError
-from .loading import model_info
+from .loading import input_device, model_info
 
 
 class TokenBatch(NamedTuple):
@@ -63,11 +63,11 @@ def pad_rows(model, rows: Sequence[Sequence[int]], prepend_bos: bool | None, pad
     width = max(len(row) for row in rows)
     pad_id = getattr(model.tokenizer, "pad_token_id", None)
     pad_id = 0 if pad_id is None else int(pad_id)
-    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
     for i, row in enumerate(rows):
         span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
-        tokens[i, span] = torch.tensor(list(row), dtype=torch.long)
+        tokens[i, span] = torch.tensor(list(row), dtype=torch.long, device="cpu")
         mask[i, span] = 1
     return TokenBatch(tokens, mask, prepend_bos)
 
@@ -111,9 +111,9 @@ def as_batch(model, tokens, attention_mask: Tensor | None = None) -> TokenBatch:
     if bool((lengths == 0).any()):
         raise InputError(f"Rows {torch.nonzero(lengths == 0).flatten().tolist()} have no real token: drop them.")
     starts = mask.argmax(1)
-    positions = torch.arange(mask.shape[1]).unsqueeze(0)
+    positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
     contiguous = ((positions >= starts[:, None]) & (positions < (starts + lengths)[:, None])).long()
     if not torch.equal(contiguous, mask):
         raise InputError("Each row's real tokens must be one contiguous block (left or right padding only).")
-    device = next(model.parameters()).device
+    device = input_device(model)  # a TokenBatch on another device is moved, not refused
     return TokenBatch(tokens.to(device), mask.to(device), prepend_bos)
