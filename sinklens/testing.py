@@ -75,7 +75,8 @@ def random_llama(folder: str | Path, shape: str = "llama-2-7b", n_layers: int | 
     if n_layers is None:
         n_layers = spec.n_layers
     if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
-        raise InputError(f"n_layers must be a positive int or None (the real model's {spec.n_layers}), got {n_layers!r}.")
+        raise InputError(f"n_layers must be a positive int or None (the real model's {spec.n_layers}), "
+                         f"got {n_layers!r}.")
     dtype = _weights_dtype(dtype)
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):

@@ -99,11 +99,13 @@ def as_batch(model, tokens, attention_mask: Tensor | None = None) -> TokenBatch:
                          "truncate them (tokenize(..., seq_len=N)).")
     low, high = int(tokens.min()), int(tokens.max())
     if low < 0 or high >= info.d_vocab:
-        raise InputError(f"Token ids must lie in [0, {info.d_vocab}), found {low}..{high}: were they made by another tokenizer?")
+        raise InputError(f"Token ids must lie in [0, {info.d_vocab}), found {low}..{high}: were they made by another "
+                         "tokenizer?")
     if attention_mask is None:
         attention_mask = torch.ones_like(tokens)
     if attention_mask.shape != tokens.shape:
-        raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} differs from tokens {tuple(tokens.shape)}.")
+        raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} differs from tokens "
+                         f"{tuple(tokens.shape)}.")
     mask = attention_mask.long()
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise InputError("attention_mask must hold only 0 and 1.")

@@ -85,16 +85,22 @@ def test_tiny_model_loads_and_runs_under_meta_default_once_loaded(tiny_dir, tmp_
     assert errors["frob_rel"].notna().all()
 
 
-def test_device_map_gives_the_same_numbers(tiny_dir):
-    """device_map={"": "cpu"} goes through transformers/accelerate and changes no number."""
+def test_device_map_gives_the_same_numbers(tiny_dir, monkeypatch):
+    """device_map={"": "cpu"} goes through to transformers/accelerate and changes no number."""
+    from transformers import AutoModelForCausalLM
+
     plain = sl.load_model(str(tiny_dir), device="cpu")
+    calls, original = [], AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **kw: calls.append(kw) or original(*a, **kw))
     mapped = sl.load_model(str(tiny_dir), device_map={"": "cpu"})
-    assert getattr(mapped.original_model, "hf_device_map", None) == {"": "cpu"}
+    assert calls and calls[0]["device_map"] == {"": "cpu"}
+    assert {p.device.type for p in mapped.parameters()} == {"cpu"}
     tokens = sl.tokenize(plain, ["w5 w6 w7 w8 w9 w3", "w10 w11 w12"], prepend_bos=True)
     a, b = (sl.run_census(m, tokens, show_progress=False) for m in (plain, mapped))
     assert torch.equal(a.alpha.nan_to_num(-7.0), b.alpha.nan_to_num(-7.0))
     heads = [(1, 0), (2, 1)]
-    ea, eb = (sl.reconstruction_error(m, tokens, heads, k=5, dims="random", show_progress=False) for m in (plain, mapped))
+    ea, eb = (sl.reconstruction_error(m, tokens, heads, k=5, dims="random", show_progress=False)
+              for m in (plain, mapped))
     pd.testing.assert_frame_equal(ea, eb, check_exact=True)
     ma, mb = (sl.massive_activations(m, tokens, show_progress=False).first for m in (plain, mapped))
     assert torch.equal(ma, mb)
