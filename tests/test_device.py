@@ -91,7 +91,8 @@ def test_device_map_gives_the_same_numbers(tiny_dir, monkeypatch):
 
     plain = sl.load_model(str(tiny_dir), device="cpu")
     calls, original = [], AutoModelForCausalLM.from_pretrained
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **kw: calls.append(kw) or original(*a, **kw))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **kw: calls.append(kw) or original(*a, **kw))
     mapped = sl.load_model(str(tiny_dir), device_map={"": "cpu"})
     assert calls and calls[0]["device_map"] == {"": "cpu"}
     assert {p.device.type for p in mapped.parameters()} == {"cpu"}
