@@ -26,7 +26,7 @@ def hf_model(folder, ungroup=False):
     gs = config.num_attention_heads // config.num_key_value_heads
     config.num_key_value_heads = config.num_attention_heads
     config._attn_implementation = "eager"
-    wide = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    wide = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval().requires_grad_(False)
     state = model.state_dict()
     for key in list(state):
         if key.endswith(("k_proj.weight", "v_proj.weight")):
