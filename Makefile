@@ -34,9 +34,12 @@ lab: $(STAMP)
 	JUPYTER_PREFER_ENV_PATH=1 .venv/bin/jupyter lab notebooks/ $(if $(DISPLAY),,--no-browser) \
 		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
+# census/forward and sweep costs on the embedded model, then every step's time and peak memory on a random-init
+# Llama-2-7B-shape model with 2 layers on the CPU (bench/scale.py; a GPU host runs all 32: bench/gpu_check.sh)
 bench: $(STAMP)
 	$(PY) bench/census.py
 	$(PY) bench/sweep.py
+	$(PY) bench/scale.py --shape llama-2-7b --layers 2 --device cpu --dtype fp32
 
 clean-venv:
 	rm -rf .venv

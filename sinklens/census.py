@@ -74,7 +74,7 @@ class Census:
         mean is mostly the query's attention to itself.
         """
         check_fraction("threshold", threshold)
-        n_queries = self.lengths[:, None] - torch.arange(self.alpha.shape[-1])[None, :]
+        n_queries = self.lengths[:, None] - torch.arange(self.alpha.shape[-1], device=self.lengths.device)[None, :]
         eligible = (n_queries >= min_queries)
         eligible[:, 0] = False
         hit = (self.alpha > threshold) & eligible[:, None, None, :]
@@ -87,9 +87,9 @@ class Census:
     def to_frame(self, eps: float = 0.3, threshold: float = 0.1, min_queries: int = 8) -> pd.DataFrame:
         """Tidy table: one row per (prompt, layer, head) with alpha_0, confidence, sink flag, non-first sinks."""
         alpha0 = self.sink_scores(0)
-        b, li, h = torch.meshgrid(*(torch.arange(n) for n in alpha0.shape), indexing="ij")
+        b, li, h = torch.meshgrid(*(torch.arange(n, device=alpha0.device) for n in alpha0.shape), indexing="ij")
         frame = pd.DataFrame({
-            "prompt": b.flatten().numpy(), "layer": torch.tensor(self.layers)[li.flatten()].numpy(),
+            "prompt": b.flatten().numpy(), "layer": torch.tensor(self.layers, device=li.device)[li.flatten()].numpy(),
             "head": h.flatten().numpy(), "alpha0": alpha0.flatten().numpy(),
             "confidence": self.confidence.flatten().numpy(),
         })
@@ -114,8 +114,8 @@ def run_census(model, tokens, attention_mask: Tensor | None = None, layers: Sequ
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}.")
     n, width = batch.tokens.shape
-    alpha = torch.full((n, len(layers), info.n_heads, width), float("nan"))
-    confidence = torch.empty((n, len(layers), info.n_heads))
+    alpha = torch.full((n, len(layers), info.n_heads, width), float("nan"), device="cpu")
+    confidence = torch.empty((n, len(layers), info.n_heads), device="cpu")
     for offset, sub in batches(batch, batch_size, desc="sink census", show_progress=show_progress):
         rows = slice(offset, offset + sub.tokens.shape[0])
         reducer = _PatternReducer(sub.attention_mask)
@@ -144,13 +144,17 @@ class _PatternReducer:
         def reduce(pattern: Tensor, hook) -> None:
             assert len(self.alpha) == slot, "pattern hooks fired out of order"
             pattern = pattern.float()
-            column_sum = torch.einsum("bhqk,bq->bhk", pattern, self.query)
-            column_mean = column_sum / self.seen_by[:, None, :]
-            index = self.absolute[:, None, :].expand_as(column_mean)
-            rel = column_mean.gather(2, index).masked_fill(~self.valid[:, None, :], float("nan"))
-            self.alpha.append(rel)
+            # under a device_map the layer may sit on another device than the mask: reduce on the layer's
+            query, seen_by, absolute, valid, lengths = (t.to(pattern.device) for t in (
+                self.query, self.seen_by, self.absolute, self.valid, self.lengths))
+            column_sum = torch.einsum("bhqk,bq->bhk", pattern, query)
+            column_mean = column_sum / seen_by[:, None, :]
+            index = absolute[:, None, :].expand_as(column_mean)
+            rel = column_mean.gather(2, index).masked_fill(~valid[:, None, :], float("nan"))
+            self.alpha.append(rel.to(self.query.device))
             top = pattern.amax(-1)  # [b, h, q]
-            self.confidence.append((top * self.query[:, None, :]).sum(-1) / self.lengths[:, None].float())
+            confidence = (top * query[:, None, :]).sum(-1) / lengths[:, None].float()
+            self.confidence.append(confidence.to(self.query.device))
         return reduce
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -25,7 +26,8 @@ def attn_input_hook(layer: int) -> str:
     return f"blocks.{layer}.ln1.hook_out"
 
 
-def batches(batch: TokenBatch, batch_size: int, desc: str, show_progress: bool = True) -> Iterator[tuple[int, TokenBatch]]:
+def batches(batch: TokenBatch, batch_size: int, desc: str,
+            show_progress: bool = True) -> Iterator[tuple[int, TokenBatch]]:
     """Yield ``(offset, sub_batch)`` slices of ``batch`` with a progress bar."""
     n = batch.tokens.shape[0]
     starts = range(0, n, batch_size)
@@ -34,13 +36,33 @@ def batches(batch: TokenBatch, batch_size: int, desc: str, show_progress: bool =
         yield start, TokenBatch(batch.tokens[sl], batch.attention_mask[sl], batch.prepend_bos)
 
 
+class _ReachedFinalNorm(Exception):
+    """Raised by the hook on the final norm's input: every layer's hooks have fired."""
+
+
+def _stop_before_unembedding(tensor, hook) -> None:
+    raise _ReachedFinalNorm
+
+
 def run_hooked(model, batch: TokenBatch, fwd_hooks: Sequence[tuple[str, Callable]], layers: Sequence[int]) -> None:
-    """One forward of ``batch`` with ``fwd_hooks``, stopping after the last layer of ``layers``."""
+    """One forward of ``batch`` with ``fwd_hooks``, stopping after the last layer of ``layers``.
+
+    The final norm and the unembedding never run: statistics need only the layers, and the logits
+    ([batch, pos, vocab] in fp32) would often be the largest tensor of the whole forward.
+
+    Args:
+        model: a bridge from :func:`sinklens.load_model`.
+        batch: the tokens (on the model's input device).
+        fwd_hooks: ``(hook name, function)`` pairs, as for ``run_with_hooks``.
+        layers: the layers the hooks read; the forward stops after the last of them.
+    """
     last = max(layers) + 1
+    hooks = list(fwd_hooks)
     stop = last if last < model.cfg.n_layers else None
-    with torch.inference_mode():
-        model.run_with_hooks(batch.tokens, attention_mask=batch.attention_mask, fwd_hooks=list(fwd_hooks),
-                             stop_at_layer=stop)
+    if stop is None:
+        hooks.append(("ln_final.hook_in", _stop_before_unembedding))
+    with torch.inference_mode(), contextlib.suppress(_ReachedFinalNorm):
+        model.run_with_hooks(batch.tokens, attention_mask=batch.attention_mask, fwd_hooks=hooks, stop_at_layer=stop)
 
 
 def relative_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

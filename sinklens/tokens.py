@@ -14,7 +14,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from .errors import InputError
-from .loading import model_info
+from .loading import input_device, model_info
 
 
 class TokenBatch(NamedTuple):
@@ -63,11 +63,11 @@ def pad_rows(model, rows: Sequence[Sequence[int]], prepend_bos: bool | None, pad
     width = max(len(row) for row in rows)
     pad_id = getattr(model.tokenizer, "pad_token_id", None)
     pad_id = 0 if pad_id is None else int(pad_id)
-    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
     for i, row in enumerate(rows):
         span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
-        tokens[i, span] = torch.tensor(list(row), dtype=torch.long)
+        tokens[i, span] = torch.tensor(list(row), dtype=torch.long, device="cpu")
         mask[i, span] = 1
     return TokenBatch(tokens, mask, prepend_bos)
 
@@ -99,11 +99,13 @@ def as_batch(model, tokens, attention_mask: Tensor | None = None) -> TokenBatch:
                          "truncate them (tokenize(..., seq_len=N)).")
     low, high = int(tokens.min()), int(tokens.max())
     if low < 0 or high >= info.d_vocab:
-        raise InputError(f"Token ids must lie in [0, {info.d_vocab}), found {low}..{high}: were they made by another tokenizer?")
+        raise InputError(f"Token ids must lie in [0, {info.d_vocab}), found {low}..{high}: were they made by another "
+                         "tokenizer?")
     if attention_mask is None:
         attention_mask = torch.ones_like(tokens)
     if attention_mask.shape != tokens.shape:
-        raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} differs from tokens {tuple(tokens.shape)}.")
+        raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} differs from tokens "
+                         f"{tuple(tokens.shape)}.")
     mask = attention_mask.long()
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise InputError("attention_mask must hold only 0 and 1.")
@@ -111,9 +113,9 @@ def as_batch(model, tokens, attention_mask: Tensor | None = None) -> TokenBatch:
     if bool((lengths == 0).any()):
         raise InputError(f"Rows {torch.nonzero(lengths == 0).flatten().tolist()} have no real token: drop them.")
     starts = mask.argmax(1)
-    positions = torch.arange(mask.shape[1]).unsqueeze(0)
+    positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
     contiguous = ((positions >= starts[:, None]) & (positions < (starts + lengths)[:, None])).long()
     if not torch.equal(contiguous, mask):
         raise InputError("Each row's real tokens must be one contiguous block (left or right padding only).")
-    device = next(model.parameters()).device
+    device = input_device(model)  # a TokenBatch on another device is moved, not refused
     return TokenBatch(tokens.to(device), mask.to(device), prepend_bos)

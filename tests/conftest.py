@@ -76,7 +76,7 @@ def hf_reference_factory():
         key = str(folder)
         if key not in cache:
             cache[key] = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32,
-                                                              attn_implementation="eager").eval()
+                                                              attn_implementation="eager").eval().requires_grad_(False)
         return cache[key]
     return load
 

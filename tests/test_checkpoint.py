@@ -13,7 +13,8 @@ from conftest import random_tokens
 
 
 def reload(folder):
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager")
+    return model.eval().requires_grad_(False)
 
 
 def max_diff(a, b):

@@ -16,7 +16,7 @@ def smollm_eager():
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(embedded_checkpoint("smollm2-135m"), dtype=torch.float32,
-                                                attn_implementation="eager").eval()
+                                                attn_implementation="eager").eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")

@@ -193,6 +193,7 @@ def test_mha_weight_edit_equals_exact(tiny, tiny_dir):
     if info.group_size != 1:
         pytest.skip("MHA only")
     ref = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32, attn_implementation="eager").eval()
+    ref.requires_grad_(False)
     tokens = random_tokens(2, 12)
     heads = [(0, 1), (2, 3)]
     dh = info.d_head
@@ -251,6 +252,7 @@ def test_q_only_leaves_k_alone(tiny, hf_reference):
 def test_remove_heads_zeroes_head_output(tiny, tiny_dir):
     info = sl.model_info(tiny)
     ref = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32, attn_implementation="eager").eval()
+    ref.requires_grad_(False)
     tokens = random_tokens(2, 10)
     saved = state_copy(tiny)
     dh = info.d_head

@@ -19,13 +19,14 @@ METRICS = ["alpha0", "frob_rel", "kl", "d_alpha0", "out_rel"]
 def hf_model(folder, ungroup=False):
     """A fresh HF eager model on the tiny weights; ``ungroup`` repeats k/v rows per query head (exact GQA copies)."""
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager").eval()
+    model.requires_grad_(False)
     if not ungroup or model.config.num_key_value_heads == model.config.num_attention_heads:
         return model
     config = AutoConfig.from_pretrained(str(folder))
     gs = config.num_attention_heads // config.num_key_value_heads
     config.num_key_value_heads = config.num_attention_heads
     config._attn_implementation = "eager"
-    wide = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    wide = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval().requires_grad_(False)
     state = model.state_dict()
     for key in list(state):
         if key.endswith(("k_proj.weight", "v_proj.weight")):

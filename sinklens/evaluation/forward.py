@@ -62,9 +62,10 @@ def forward_scores(model, batch: Batch, *, start_layer: int = 0,
                 store[layer] = hidden
             hidden = inner.layers[layer](hidden, attention_mask=mask, position_embeddings=rotary,
                                          position_ids=batch.positions)
-        picked = hidden[batch.rows, batch.cols].unsqueeze(0)
+        picked = hidden[batch.rows.to(hidden.device), batch.cols.to(hidden.device)].unsqueeze(0)
         logits = hf.lm_head(inner.norm(picked))[0].float()
         logp = logits.log_softmax(-1)
-        target_logp = logp.gather(1, batch.targets[:, None])[:, 0]
-        top = logits.argmax(-1) == batch.targets
+        targets = batch.targets.to(logits.device)  # the last layer's device under a device_map
+        target_logp = logp.gather(1, targets[:, None])[:, 0]
+        top = logits.argmax(-1) == targets
     return target_logp, top, store

@@ -20,7 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import InputError
-from ..loading import model_info
+from ..loading import input_device, model_info
 from ..progress import progress
 from ..validate import check_choice, check_int
 from .forward import forward_scores
@@ -168,7 +168,7 @@ def build_plan(model, suite: Suite = "default", limit: int | None = None, *, spl
         if len(row.tokens) > info.n_ctx:
             raise InputError(f"A {row.part} request has {len(row.tokens)} tokens, longer than the model's context "
                              f"of {info.n_ctx}: use shorter items or lm_seq_len/copy_len.")
-    device = next(model.parameters()).device
+    device = input_device(model)
     return EvalPlan(batches=batch_rows(rows, batch_tokens, device), units=pd.DataFrame(units), meta=meta)
 
 
