@@ -81,8 +81,8 @@ def bos_activations(model, tokens, layers: Sequence[int],
 
 def _random_dims(seed: int, layer: int, head: int, k: int, d_model: int) -> Tensor:
     digest = hashlib.sha256(f"sinklens-random-dims:{seed}:{layer}:{head}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    return torch.randperm(d_model, generator=generator)[:k]
+    generator = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return torch.randperm(d_model, generator=generator, device="cpu")[:k]
 
 
 def _weight_norm_dims(model, info: ModelInfo, layer: int, head: int, k: int) -> Tensor:
@@ -135,7 +135,7 @@ def dims_of(model, spec: PruneSpec, tokens=None, *,
     spec.check(info)
     k, heads = spec.k, spec.heads
     if spec.policy == "explicit":
-        return {pair: torch.tensor(d, dtype=torch.long) for pair, d in zip(heads, spec.dims)}
+        return {pair: torch.tensor(d, dtype=torch.long, device="cpu") for pair, d in zip(heads, spec.dims)}
     if spec.policy == "random":
         return {(l, h): _random_dims(spec.seed, l, h, k, info.d_model).sort().values for l, h in heads}
     if spec.policy == "weight_norm":

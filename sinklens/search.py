@@ -159,7 +159,7 @@ def optimized_dims(model, info: ModelInfo, calibration: CalibrationSet, pair: He
         cost["seconds"] += time.perf_counter() - start
         cost["candidates"] += evaluated
         cost["ranked"] = len(ranking)
-    return torch.tensor(ranking[:k], dtype=torch.long)
+    return torch.tensor(ranking[:k], dtype=torch.long, device="cpu")
 
 
 def _extend(model, info, calibration, pair, ranking: list[int], k: int, fill, mode, objective, pool) -> int:
@@ -179,7 +179,7 @@ def _extend(model, info, calibration, pair, ranking: list[int], k: int, fill, mo
     dk = None if mode == "q" else problem.rotate(xs * problem.wk[:, index].T[:, None, None, :])
     n, length = x.shape[:2]
     chunk = max(1, CHUNK_ELEMENTS // (n * length * length))
-    alive = torch.ones(len(candidates), dtype=torch.bool)
+    alive = torch.ones(len(candidates), dtype=torch.bool, device="cpu")
     evaluated = 0
     with torch.inference_mode():
         while len(ranking) < k:

@@ -126,7 +126,7 @@ def _dim_set(dims, k: int, where: str) -> tuple[int, ...]:
         values = dims
     else:
         try:
-            values = torch.as_tensor(list(dims))
+            values = torch.as_tensor(list(dims), device="cpu")
         except (TypeError, ValueError, RuntimeError) as err:
             raise InputError(f"{where}: dims must be a 1-D list or tensor of ints, got {dims!r}.") from err
     if values.dim() != 1 or values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:

@@ -45,7 +45,7 @@ def layer_head_heatmap(values: Float[Tensor, "layer head"], layers: Sequence[int
         colorbar: the colour bar's title.
         zmax: the top of the colour scale (None: automatic).
     """
-    values = torch.as_tensor(values, dtype=torch.float32)
+    values = torch.as_tensor(values, dtype=torch.float32, device="cpu")
     if values.dim() != 2 or values.shape[0] != len(layers):
         raise InputError(f"values must be [layer, head] with {len(layers)} layers, got shape {tuple(values.shape)}.")
     fig = go.Figure(go.Heatmap(
@@ -240,7 +240,7 @@ def specialization_heatmap(table: pd.DataFrame) -> go.Figure:
     """
     table = check_frame(table, ["layer", "head", "frac_above_eps"], "table", "sinklens.specialization_table")
     grid = table.pivot(index="layer", columns="head", values="frac_above_eps").sort_index()
-    return layer_head_heatmap(torch.tensor(grid.to_numpy(), dtype=torch.float32), list(grid.index),
+    return layer_head_heatmap(torch.tensor(grid.to_numpy(), dtype=torch.float32, device="cpu"), list(grid.index),
                               "Fraction of prompts with alpha_0 > eps", "fraction")
 
 
@@ -255,8 +255,9 @@ def confidence_vs_alpha(census: Census, table: pd.DataFrame | None = None) -> go
     check_type(census, Census, "census")
     alpha = census.sink_scores(0).mean(0)
     confidence = census.confidence.mean(0)
-    layer_idx, head_idx = torch.meshgrid(torch.arange(alpha.shape[0]), torch.arange(alpha.shape[1]), indexing="ij")
-    frame = pd.DataFrame({"layer": torch.tensor(census.layers)[layer_idx.flatten()].numpy(),
+    layer_idx, head_idx = torch.meshgrid(torch.arange(alpha.shape[0], device="cpu"), torch.arange(alpha.shape[1], device="cpu"),
+                                        indexing="ij")
+    frame = pd.DataFrame({"layer": torch.tensor(census.layers, device="cpu")[layer_idx.flatten()].numpy(),
                           "head": head_idx.flatten().numpy(), "alpha0": alpha.flatten().numpy(),
                           "confidence": confidence.flatten().numpy()})
     frame["specialized"] = False

@@ -71,7 +71,7 @@ def pattern_pairs(dense: Float[Tensor, "head query key"], pruned: Float[Tensor, 
         tokens: the token strings of the axes (None: positions).
         title: the figure title (default: layer and what is shown).
     """
-    dense, pruned = torch.as_tensor(dense).float(), torch.as_tensor(pruned).float()
+    dense, pruned = torch.as_tensor(dense, device="cpu").float(), torch.as_tensor(pruned, device="cpu").float()
     heads = list(heads)
     if dense.shape != pruned.shape or dense.dim() != 3 or dense.shape[0] != len(heads):
         raise InputError(f"dense and pruned must both be [head, query, key] with {len(heads)} heads, got "
@@ -195,7 +195,7 @@ def sweep_heatmap(sweep: pd.DataFrame, k: int, metric: str = "frob_rel", *, poli
     values = part.groupby(["layer", "head"])[metric].median()
     layers = list(range(int(values.index.get_level_values(0).min()), int(values.index.get_level_values(0).max()) + 1))
     width = n_heads or int(values.index.get_level_values(1).max()) + 1
-    grid = torch.full((len(layers), width), float("nan"))
+    grid = torch.full((len(layers), width), float("nan"), device="cpu")
     for (layer, head), value in values.items():
         grid[layers.index(int(layer)), int(head)] = float(value)
     return layer_head_heatmap(grid, layers, f"{METRIC_TITLES.get(metric, metric)} at k = {k} ({policy} dims)", metric,
