@@ -349,9 +349,11 @@ def check_weights(folder: Path) -> None:
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         expected = {name: tuple(t.shape) for name, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    # a name transformers renames on save (e.g. GPT-NeoX's lm_head is stored as embed_out) is matched by shape
+    renamed = [shape for name, (shape, _) in found.items() if name not in expected]
     for tensor, shape in expected.items():
         if tensor not in found:
-            if tensor == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+            if tensor == "lm_head.weight" and getattr(config, "tie_word_embeddings", False) or shape in renamed:
                 continue
             raise InputError(f"{folder}: tensor {tensor} of shape {list(shape)} is missing from the weights: is the "
                              "checkpoint complete, and written for this config.json?")
