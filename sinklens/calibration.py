@@ -38,6 +38,7 @@ from .loading import model_info
 from .massive import MassiveActivations, massive_activations
 from .qk import layout
 from .tokens import TokenBatch, as_batch
+from .validate import check_int
 
 
 @dataclass
@@ -80,7 +81,7 @@ class CalibrationSet:
                              f"; found first tokens {sorted(set(first.tolist()))[:5]}. Use "
                              "sinklens.probe_tokens(model, ..., prepend_bos=True) or tokenize(..., prepend_bos=True).")
         self.model, self.info, self.batch, self.argument = model, info, batch, argument
-        self.batch_size = int(batch_size)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1, meaning="prompts per forward")
         self._inputs: dict[int, LayerInputs] = {}
         self._massive: MassiveActivations | None = None
         self.rankings: dict[tuple, list[int]] = {}  # the optimized search's per-head rankings (sinklens.search)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .errors import InputError
 from .loading import input_device, model_info
+from .validate import check_int
 
 
 class TokenBatch(NamedTuple):
@@ -39,8 +40,7 @@ def tokenize(model, texts: str | Sequence[str], prepend_bos: bool = True, seq_le
         raise InputError("The prompt set is empty: pass at least one text.")
     if padding_side not in ("left", "right"):
         raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
-    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
-        raise InputError(f"seq_len must be a positive int or None, got {seq_len!r}.")
+    seq_len = check_int("seq_len", seq_len, minimum=1, allow_none=True, meaning="tokens per prompt, BOS included")
     info = model_info(model)
     if prepend_bos and info.bos_id is None:
         raise InputError(f"{info.name} has no BOS token: call with prepend_bos=False.")
