@@ -112,6 +112,11 @@ def run_census(model, tokens, attention_mask: Tensor | None = None, layers: Sequ
     info = model_info(model)
     layers = check_layers(layers, info.n_layers)
     batch = as_batch(model, tokens, attention_mask)
+    short = torch.nonzero(batch.attention_mask.sum(1) < 2).flatten().tolist()
+    if short:
+        raise InputError(f"Prompts {short[:10]} have fewer than two real tokens: a one-token (e.g. BOS-only) prompt "
+                         "can attend only to itself, so alpha_0 = 1 in every head and it would inflate the sink rate. "
+                         "Drop them or use longer prompts.")
     batch_size = check_int("batch_size", batch_size, minimum=1, meaning="prompts per forward")
     n, width = batch.tokens.shape
     alpha = torch.full((n, len(layers), info.n_heads, width), float("nan"), device="cpu")
