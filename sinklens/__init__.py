@@ -6,7 +6,9 @@ from .census import Census, first_token_comparison, run_census, sink_scores
 from .checkpoint import read_manifest, save_pruned
 from .dims import select_dims
 from .edits import active_edits
-from .errors import HubUnreachableError, InputError, SinklensError, UnknownModelError, UnsupportedArchitectureError
+from .errors import (
+    HubUnreachableError, InputError, SinklensError, UnknownModelError, UnsupportedArchitectureError, WriteError,
+)
 from .evaluation import EvalResult, evaluate, retention
 from .lm_eval_bridge import evaluate_lm_eval
 from .loading import ModelInfo, load_model, model_info
@@ -27,7 +29,8 @@ __all__ = [
     "__version__",
     # model, tokens, probe set
     "HubUnreachableError", "InputError", "ModelInfo", "SinklensError", "TokenBatch", "UnknownModelError",
-    "UnsupportedArchitectureError", "load_model", "model_info", "probe_provenance", "probe_tokens", "tokenize",
+    "UnsupportedArchitectureError", "WriteError", "load_model", "model_info", "probe_provenance", "probe_tokens",
+    "tokenize",
     # sinks and massive activations
     "Census", "MassiveActivations", "bos_top_dims", "first_token_comparison", "massive_activations", "run_census",
     "sink_scores", "sink_specialized_heads", "specialization_table",

@@ -15,6 +15,7 @@ from torch import Tensor
 from .calibration import CalibrationSet
 from .errors import InputError
 from .spec import Head
+from .validate import check_int
 
 VARIANT = ["policy", "fill", "calibration"]
 
@@ -83,8 +84,7 @@ def spread_heads(heads: Sequence[Head], n: int) -> list[Head]:
         n: how many to keep (0: all).
     """
     heads = sorted((int(l), int(h)) for l, h in heads)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise InputError(f"n must be an int >= 0 (0: every head), got {n!r}.")
+    n = check_int("n", n, minimum=0, meaning="0: every head")
     if n == 0 or n >= len(heads):
         return heads
     return [heads[round(i * (len(heads) - 1) / max(n - 1, 1))] for i in range(n)]

@@ -37,7 +37,8 @@ from .hooks import batches, run_hooked
 from .loading import model_info
 from .massive import MassiveActivations, massive_activations
 from .qk import layout
-from .tokens import TokenBatch, as_batch
+from .tokens import TokenBatch, as_batch, require_bos
+from .validate import check_int
 
 
 @dataclass
@@ -74,13 +75,9 @@ class CalibrationSet:
                  argument: str = "tokens", batch_size: int = 8):
         info = model_info(model)
         batch = as_batch(model, tokens, attention_mask)
-        first = batch.tokens.gather(1, batch.attention_mask.argmax(1, keepdim=True)).flatten()
-        if info.bos_id is None or bool((first != info.bos_id).any()):
-            raise InputError(f"The calibration tokens ({argument}=) must start every prompt with BOS (id {info.bos_id})"
-                             f"; found first tokens {sorted(set(first.tolist()))[:5]}. Use "
-                             "sinklens.probe_tokens(model, ..., prepend_bos=True) or tokenize(..., prepend_bos=True).")
+        require_bos(model, batch, f"The calibration set ({argument}=)")
         self.model, self.info, self.batch, self.argument = model, info, batch, argument
-        self.batch_size = int(batch_size)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1, meaning="prompts per forward")
         self._inputs: dict[int, LayerInputs] = {}
         self._massive: MassiveActivations | None = None
         self.rankings: dict[tuple, list[int]] = {}  # the optimized search's per-head rankings (sinklens.search)

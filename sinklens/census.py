@@ -24,7 +24,7 @@ from .errors import InputError
 from .hooks import batches, pattern_hook, relative_index, run_hooked
 from .loading import model_info
 from .tokens import as_batch
-from .validate import check_fraction, check_layers
+from .validate import check_fraction, check_int, check_layers
 
 
 # the three cases of first_token_comparison
@@ -54,7 +54,7 @@ class Census:
 
     def sink_scores(self, key_pos: int = 0) -> Float[Tensor, "batch layer head"]:
         """alpha_{key_pos} of every head on every prompt."""
-        _check_key_pos(key_pos, int(self.lengths.min()))
+        key_pos = _check_key_pos(key_pos, int(self.lengths.min()))
         return self.alpha[..., key_pos]
 
     def sink_rate(self, eps: float = 0.3, key_pos: int = 0) -> float:
@@ -74,6 +74,7 @@ class Census:
         mean is mostly the query's attention to itself.
         """
         check_fraction("threshold", threshold)
+        min_queries = check_int("min_queries", min_queries, minimum=1)
         n_queries = self.lengths[:, None] - torch.arange(self.alpha.shape[-1], device=self.lengths.device)[None, :]
         eligible = (n_queries >= min_queries)
         eligible[:, 0] = False
@@ -111,8 +112,12 @@ def run_census(model, tokens, attention_mask: Tensor | None = None, layers: Sequ
     info = model_info(model)
     layers = check_layers(layers, info.n_layers)
     batch = as_batch(model, tokens, attention_mask)
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}.")
+    short = torch.nonzero(batch.attention_mask.sum(1) < 2).flatten().tolist()
+    if short:
+        raise InputError(f"Prompts {short[:10]} have fewer than two real tokens: a one-token (e.g. BOS-only) prompt "
+                         "can attend only to itself, so alpha_0 = 1 in every head and it would inflate the sink rate. "
+                         "Drop them or use longer prompts.")
+    batch_size = check_int("batch_size", batch_size, minimum=1, meaning="prompts per forward")
     n, width = batch.tokens.shape
     alpha = torch.full((n, len(layers), info.n_heads, width), float("nan"), device="cpu")
     confidence = torch.empty((n, len(layers), info.n_heads), device="cpu")
@@ -162,14 +167,16 @@ def sink_scores(model, tokens, key_pos: int = 0, attention_mask: Tensor | None =
                 batch_size: int = 8) -> Float[Tensor, "batch layer head"]:
     """alpha_{key_pos} of every head (all layers) on every prompt, padding-aware."""
     batch = as_batch(model, tokens, attention_mask)
-    _check_key_pos(key_pos, int(batch.attention_mask.sum(1).min()))
+    key_pos = _check_key_pos(key_pos, int(batch.attention_mask.sum(1).min()))
     return run_census(model, batch, batch_size=batch_size, show_progress=False).sink_scores(key_pos)
 
 
-def _check_key_pos(key_pos: int, shortest: int) -> None:
-    if isinstance(key_pos, bool) or not isinstance(key_pos, int) or not 0 <= key_pos < shortest:
+def _check_key_pos(key_pos: int, shortest: int) -> int:
+    key_pos = check_int("key_pos", key_pos, meaning="a key position counted from the first real token")
+    if not 0 <= key_pos < shortest:
         raise InputError(f"key_pos={key_pos!r} is outside the sequence: the shortest prompt has {shortest} tokens "
                          f"(valid: 0..{shortest - 1}, counted from the first real token).")
+    return key_pos
 
 
 def first_token_comparison(with_bos: Census, without_bos: Census, eps: float = 0.3) -> pd.DataFrame:

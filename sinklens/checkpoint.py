@@ -23,6 +23,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +33,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from .edits import active_edits, count_parameters
-from .errors import InputError
+from .errors import InputError, WriteError
 from .loading import model_info
 from .pruning import PruneHandle
 from .qk import drop_mask, head_rows, layout
@@ -119,21 +121,80 @@ def save_pruned(model, folder: str | os.PathLike, *, overwrite: bool = False) ->
     """Write the model with its active edits (apply_pruning / apply_head_removal) as an HF checkpoint.
 
     Refuses a model without active edits, and a non-empty folder unless ``overwrite``. Returns the folder.
+    The checkpoint is written into a temporary folder beside ``folder`` and renamed into place, so a read-only
+    or full destination raises :class:`~sinklens.errors.WriteError` and leaves nothing half-written (an earlier
+    checkpoint there stays as it was); ``overwrite=True`` replaces the folder's whole content, so no file of an
+    older checkpoint (e.g. a stale shard index) survives next to the new one.
     The manifest lists every edit's record (for a pruning: the fields of its
     :class:`~sinklens.spec.PruneSpec`, which ``PruneSpec.from_dict`` reads back, and its kept dims).
 
     Args:
         model: a bridge from :func:`sinklens.load_model` with active edits.
         folder: where to write (created; must be empty unless ``overwrite``).
-        overwrite: write into a non-empty folder.
+        overwrite: replace a non-empty folder (one without subfolders: a checkpoint folder) and all its files.
     """
     edits = active_edits(model)
     if not edits:
         raise InputError("The model has no active pruning or head removal: apply one first "
                          "(handle = sinklens.apply_pruning(...)), then save_pruned(model, folder).")
-    folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
+    folder = Path(folder).expanduser().absolute()
+    _check_destination(folder, overwrite)
+    staging = _staging_folder(folder)
+    try:
+        _write(model, edits, staging)
+    except OSError as err:
+        raise WriteError(f"Writing the checkpoint for {folder} failed ({err}): nothing was written there (the partial "
+                         "files were removed). Free disk space or pick another folder.") from err
+    finally:
+        if staging.exists() and not (staging / MANIFEST).is_file():
+            shutil.rmtree(staging, ignore_errors=True)
+    _publish(staging, folder)
+    return folder
+
+
+def _check_destination(folder: Path, overwrite: bool) -> None:
+    """Refuse a file, a non-empty folder without ``overwrite``, and (even with it) a folder holding subfolders."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder} is a file, not a folder: pick a folder path for the checkpoint.")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    if not overwrite:
         raise InputError(f"{folder} exists and is not an empty folder: pick a new folder or pass overwrite=True.")
+    subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if subfolders:
+        raise InputError(f"{folder} holds folders ({', '.join(subfolders[:5])}), which no checkpoint does: "
+                         "overwrite=True replaces a checkpoint folder and every file in it. Pick another folder.")
+
+
+def _staging_folder(folder: Path) -> Path:
+    """A new empty folder beside ``folder`` to write into (same file system, so the final rename is atomic)."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    except OSError as err:
+        raise WriteError(f"Cannot write a checkpoint into {folder.parent} ({err.strerror or err}): the folder is "
+                         "read-only or cannot be created. Pick a writable folder.") from err
+
+
+def _publish(staging: Path, folder: Path) -> None:
+    """Rename the finished ``staging`` folder to ``folder``; an earlier folder there is moved aside, then deleted."""
+    old = None
+    try:
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, old)
+        os.replace(staging, folder)
+    except OSError as err:
+        if old is not None and not folder.exists():
+            os.replace(old, folder)  # put the earlier checkpoint back
+        shutil.rmtree(staging, ignore_errors=True)
+        raise WriteError(f"Cannot move the new checkpoint into {folder} ({err}): nothing was changed there.") from err
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write(model, edits: list, folder: Path) -> None:
+    """The checkpoint of ``edits`` written into the existing empty ``folder`` (manifest last)."""
     info = model_info(model)
     counts = checkpoint_params_zeroed(model)
     state = {name: t.detach() for name, t in standard_state_dict(model).items()}
@@ -176,7 +237,6 @@ def save_pruned(model, folder: str | os.PathLike, *, overwrite: bool = False) ->
                 raise RuntimeError(f"No live buffer for {name}.")
             fresh.get_submodule(module_name)._buffers[attr] = source.detach().clone()
     fresh.tie_weights()
-    folder.mkdir(parents=True, exist_ok=True)
     fresh.save_pretrained(folder)
     model.tokenizer.save_pretrained(folder)
     manifest = {
@@ -196,7 +256,6 @@ def save_pruned(model, folder: str | os.PathLike, *, overwrite: bool = False) ->
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    return folder
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:

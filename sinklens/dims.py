@@ -33,7 +33,7 @@ from .massive import Basis, MassiveActivations, massive_activations
 from .qk import head_rows, kv_rows, weights
 from .search import act_weight_scores, optimized_dims
 from .spec import Calibration, DimsArg, Fill, GQAPolicy, Head, PruneSpec, as_spec
-from .tokens import as_batch
+from .tokens import as_batch, require_bos
 
 
 def bos_activations(model, tokens, layers: Sequence[int],
@@ -65,13 +65,8 @@ def bos_activations(model, tokens, layers: Sequence[int],
             raise InputError('dims="bos_top" needs BOS vectors, but these activations were measured without BOS: '
                              "measure them on tokens with prepend_bos=True.")
         return tokens
-    info = model_info(model)
     batch = as_batch(model, tokens, attention_mask)
-    first = batch.tokens.gather(1, batch.attention_mask.argmax(1, keepdim=True)).flatten()
-    if info.bos_id is None or bool((first != info.bos_id).any()):
-        raise InputError('dims="bos_top" needs every prompt to start with BOS (id '
-                         f"{info.bos_id}); found first tokens {sorted(set(first.tolist()))[:5]}. "
-                         "Use sinklens.probe_tokens(..., prepend_bos=True) or tokenize(..., prepend_bos=True).")
+    require_bos(model, batch, 'dims="bos_top"')
     if active_edits(model):
         raise InputError('dims="bos_top" would measure the BOS vectors on a model with active edits '
                          f"({len(active_edits(model))}): restore them, or measure once on the dense model with "

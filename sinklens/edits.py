@@ -2,7 +2,8 @@
 
 QK column pruning (:mod:`sinklens.pruning`) and whole-head removal (:mod:`sinklens.removal`) are edits.
 An edit writes its weights in place and adds permanent hooks (which survive ``run_with_hooks``,
-``run_with_cache`` and ``reset_hooks()``), so every forward sees it: plain calls, hooked runs,
+``run_with_cache`` and ``reset_hooks()``; a forward after ``reset_hooks(including_permanent=True)`` removed one
+raises instead of silently computing another model), so every forward sees it: plain calls, hooked runs,
 ``generate``. ``restore()`` writes the saved slices back (bitwise) and removes the hooks. The active
 edits are listed on the model; an edit that overlaps an active one is refused.
 """
@@ -14,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .errors import InputError
+from .errors import InputError, SinklensError
 
 Unit = tuple  # ("q" | "k" | "kread" | "o", layer, head or kv head): what an edit writes or reads
 
@@ -45,28 +46,58 @@ def _conflicts(a: set, b: set) -> set:
     return clash
 
 
-def attach(model, name: str, fn: Callable, prepend: bool = False):
-    """Add ``fn`` to hook point ``name`` as a permanent hook; returns what :func:`detach` needs.
+def attach(model, name: str, fn: Callable, prepend: bool = False, owner: str = "edit") -> PermanentHook:
+    """Add ``fn`` to hook point ``name`` as a guarded permanent hook; its ``remove()`` takes it off.
 
     Args:
         model: a bridge from :func:`sinklens.load_model`.
         name: the hook point.
         fn: the hook ``fn(tensor, hook)``.
         prepend: run it before the point's other hooks.
+        owner: what the hook belongs to, for the message when it goes missing (e.g. "QK pruning").
     """
-    point = model.hook_dict[name]
-    handle = point.add_hook(fn, dir="fwd", is_permanent=True, prepend=prepend)
-    return point, handle
+    return PermanentHook(model.hook_dict[name], name, fn, prepend, owner)
 
 
-def detach(point, handle) -> None:
-    """Remove a hook added by :func:`attach`.
+class PermanentHook:
+    """A permanent TransformerLens hook that cannot disappear silently.
+
+    ``reset_hooks(including_permanent=True)`` (or a point's ``remove_hooks``) drops every permanent hook,
+    also those an active edit relies on, while the edit's handle still says active. A plain torch forward
+    pre-hook on the same point, which TransformerLens' resets do not touch, checks before the point runs
+    that the hook is still attached and raises :class:`~sinklens.errors.SinklensError` otherwise: the model
+    never silently computes another edit than the one its handle describes.
 
     Args:
-        point, handle: what :func:`attach` returned.
+        point: the HookPoint.
+        name: its name (for the message).
+        fn: the hook ``fn(tensor, hook)``.
+        prepend: run it before the point's other hooks.
+        owner: what the hook belongs to (for the message).
     """
-    handle.hook.remove()
-    point.fwd_hooks[:] = [h for h in point.fwd_hooks if h is not handle]
+
+    def __init__(self, point, name: str, fn: Callable, prepend: bool = False, owner: str = "edit"):
+        self.point, self.name, self.owner = point, name, owner
+        self.handle = point.add_hook(fn, dir="fwd", is_permanent=True, prepend=prepend)
+        self._guard = point.register_forward_pre_hook(self._check_present)
+
+    def present(self) -> bool:
+        """Whether the hook is still attached to its point."""
+        return any(h is self.handle for h in self.point.fwd_hooks)
+
+    def _check_present(self, module, args) -> None:
+        if not self.present():
+            raise SinklensError(
+                f"A hook of the active {self.owner} at {self.name} was removed (reset_hooks(including_permanent=True) "
+                "or remove_hooks): this forward would compute another model than the edit's handle describes. Call "
+                "the handle's restore() and apply the edit again; while sinklens edits are active, clear your own "
+                "hooks with reset_hooks() (without including_permanent).")
+
+    def remove(self) -> None:
+        """Take the hook and its guard off the point (idempotent)."""
+        self._guard.remove()
+        self.handle.hook.remove()
+        self.point.fwd_hooks[:] = [h for h in self.point.fwd_hooks if h is not self.handle]
 
 
 class Edit:
@@ -128,7 +159,7 @@ class Edit:
             fn: the hook ``fn(tensor, hook)``.
             prepend: run it before the point's other hooks.
         """
-        self._hooks.append(attach(self.model, name, fn, prepend))
+        self._hooks.append(attach(self.model, name, fn, prepend, owner=self.kind))
 
     def register(self) -> None:
         """List this edit among the model's active edits."""
@@ -142,12 +173,12 @@ class Edit:
         with torch.no_grad():
             for weight, index, original in reversed(self._saved):
                 weight[index] = original
-        for point, handle in self._hooks:
-            detach(point, handle)
+        for hook in self._hooks:
+            hook.remove()
         self._saved, self._hooks = [], []
         edits = self.model.__dict__.get("_sinklens_edits", [])
         edits[:] = [e for e in edits if e is not self]
         self.active = False
 
 
-__all__ = ["Edit", "active_edits", "attach", "count_parameters", "detach"]
+__all__ = ["Edit", "PermanentHook", "active_edits", "attach", "count_parameters"]

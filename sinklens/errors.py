@@ -24,3 +24,7 @@ class UnsupportedArchitectureError(SinklensError, ValueError):
 
 class InputError(SinklensError, ValueError):
     """A argument is out of range, empty, of the wrong type or shape."""
+
+
+class WriteError(SinklensError, OSError):
+    """A file or folder could not be written (read-only destination, full disk); nothing half-written is left."""

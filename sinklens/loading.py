@@ -24,6 +24,7 @@ import socket
 import tempfile
 import time
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -285,15 +286,23 @@ def read_config(folder: Path) -> dict:
     Args:
         folder: a checkpoint folder.
     """
-    path = Path(folder) / "config.json"
+    return _read_json_object(Path(folder) / "config.json", "restore it from the original checkpoint")
+
+
+def _read_json_object(path: Path, fix: str) -> dict:
+    """The JSON object in ``path``; an InputError naming the file and ``fix`` when it is not one.
+
+    Args:
+        path: a JSON file of a checkpoint.
+        fix: what to do about a broken file (ends the message).
+    """
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise InputError(f"{path} is not valid JSON ({err}): restore it from the original checkpoint.") from err
-    if not isinstance(config, dict):
-        raise InputError(f"{path} holds a {type(config).__name__}, not a JSON object: restore it from the original "
-                         "checkpoint.")
-    return config
+        raise InputError(f"{path} is not valid JSON ({err}): {fix}.") from err
+    if not isinstance(value, dict):
+        raise InputError(f"{path} holds a {type(value).__name__}, not a JSON object: {fix}.")
+    return value
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -340,13 +349,24 @@ def check_weights(folder: Path) -> None:
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         raise InputError(f"{folder} holds no tokenizer (one of {', '.join(_TOKENIZER_FILES)}): copy the tokenizer "
                          "files of the checkpoint next to its config.json.")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            _read_json_object(folder / name, "copy the checkpoint's tokenizer files again")
+    for path in sorted(folder.glob("pytorch_model*.bin")):
+        if not zipfile.is_zipfile(path):  # torch.save files are zip archives whose directory is at the end
+            raise InputError(f"{path} is truncated or not a PyTorch weights file: copy it again (or convert the "
+                             "checkpoint to safetensors).")
     if not files:
         return
     found: dict[str, tuple[tuple[int, ...], Path]] = {}
     for path in files:
         for tensor, shape in safetensors_shapes(path).items():
             found[tensor] = (shape, path)
-    config = AutoConfig.from_pretrained(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as err:  # noqa: BLE001 - transformers raises many kinds (validation, type, key) for one cause
+        raise InputError(f"{folder / 'config.json'} is not a configuration transformers can read ({err}): restore it "
+                         "from the original checkpoint.") from err
     with torch.device("meta"):
         expected = {name: tuple(t.shape) for name, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
     # a name transformers renames on save (e.g. GPT-NeoX's lm_head is stored as embed_out) is matched by shape
@@ -433,7 +453,8 @@ def embedded_checkpoint(alias: str) -> Path:
 
     The folder is written in a temporary directory and renamed into place, with a manifest of
     file hashes written last; a folder whose manifest is missing or whose hashes differ is
-    rebuilt. Nothing is ever unpickled.
+    rebuilt, and the temporary folder of a build killed mid-way is removed by the next call.
+    Nothing is ever unpickled.
     """
     from filelock import FileLock
 
@@ -441,6 +462,9 @@ def embedded_checkpoint(alias: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"{alias}-{_CACHE_FORMAT}"
     with FileLock(str(root / f".{alias}.lock")):
+        for orphan in root.glob(f".{alias}-*"):  # a build killed mid-way (the lock is ours: none is running)
+            if orphan.is_dir():
+                shutil.rmtree(orphan, ignore_errors=True)
         if _cache_valid(target):
             return target
         if target.exists():

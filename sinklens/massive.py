@@ -27,8 +27,8 @@ from .errors import InputError
 from .hooks import batches, relative_index, resid_pre_hook, run_hooked
 from .loading import model_info
 from .qk import layout
-from .tokens import as_batch
-from .validate import check_choice, check_index, check_k, check_layers
+from .tokens import as_batch, require_bos
+from .validate import check_choice, check_index, check_int, check_k, check_layers
 
 Basis = Literal["resid", "normalized"]
 BASES: tuple[str, ...] = get_args(Basis)
@@ -82,7 +82,7 @@ class MassiveActivations:
             basis: ``"normalized"`` or ``"resid"``.
         """
         values = self.layer_values(layer, basis)
-        check_k(k, values.shape[-1])
+        k = check_k(k, values.shape[-1])
         return values.abs().mean(0).topk(k).indices
 
     def norm_share(self, k: int, basis: Basis = "normalized") -> Float[Tensor, " layer"]:
@@ -93,7 +93,7 @@ class MassiveActivations:
             basis: ``"normalized"`` or ``"resid"``.
         """
         values = self.values(basis)
-        check_k(k, values.shape[-1])
+        k = check_k(k, values.shape[-1])
         squares = values.double().square()
         top = values.abs().mean(0).topk(k, dim=-1).indices  # [layer, k]
         held = squares.gather(2, top.unsqueeze(0).expand(values.shape[0], -1, -1)).sum(-1)
@@ -107,7 +107,7 @@ class MassiveActivations:
             basis: ``"normalized"`` or ``"resid"``.
         """
         values = self.values(basis).abs()
-        check_k(k, values.shape[-1])
+        k = check_k(k, values.shape[-1])
         d = values.shape[-1]
         own = torch.zeros_like(values, dtype=torch.bool).scatter_(2, values.topk(k, dim=-1).indices, True)
         agg = torch.zeros((values.shape[1], d), dtype=torch.bool, device=values.device)
@@ -184,7 +184,7 @@ def massive_activations(model, tokens, attention_mask: Int[Tensor, "batch pos"] 
 
     Args:
         model: a bridge from :func:`sinklens.load_model`.
-        tokens: token ids [batch, pos], a TokenBatch, or a string / list of strings.
+        tokens: token ids [batch, pos] or a TokenBatch (sinklens.tokenize for strings).
         attention_mask: 0/1 mask of real tokens (None: every token is real, or the TokenBatch's own).
         layers: the layers to measure (None: all); only layers up to the last are run.
         batch_size: prompts per forward.
@@ -192,6 +192,7 @@ def massive_activations(model, tokens, attention_mask: Int[Tensor, "batch pos"] 
     """
     info = model_info(model)
     layers = check_layers(layers, info.n_layers)
+    batch_size = check_int("batch_size", batch_size, minimum=1, meaning="prompts per forward")
     batch = as_batch(model, tokens, attention_mask)
     n = batch.tokens.shape[0]
     shape = (len(BASES), n, len(layers))
@@ -235,19 +236,22 @@ def bos_top_dims(model, tokens, layer: int, k: int, basis: Basis = "normalized",
                  attention_mask: Int[Tensor, "batch pos"] | None = None) -> Int[Tensor, " k"]:
     """The k dims where the first token's vector at ``layer`` is largest (mean |x| over prompts).
 
-    Only layers up to ``layer`` are run. Use BOS-prepended tokens to get BOS dims.
+    Only layers up to ``layer`` are run. Every prompt must start with BOS (refused otherwise: the first
+    token of a prompt without BOS is a text token, whose dims are not BOS dims).
 
     Args:
         model: a bridge from :func:`sinklens.load_model`.
-        tokens: token ids, a TokenBatch, or strings.
+        tokens: BOS-prepended token ids or a TokenBatch (sinklens.tokenize for strings).
         layer: the layer whose input is measured.
         k: how many dims.
         basis: ``"normalized"`` (attention input) or ``"resid"``.
         attention_mask: 0/1 mask of real tokens (None: all real).
     """
     info = model_info(model)
-    check_index("layer", layer, info.n_layers, "layers")
-    check_k(k, info.d_model)
+    layer = check_index("layer", layer, info.n_layers, "layers")
+    k = check_k(k, info.d_model)
     _basis_index(basis)
-    stats = massive_activations(model, tokens, attention_mask, layers=[layer], show_progress=False)
+    batch = as_batch(model, tokens, attention_mask)
+    require_bos(model, batch, "bos_top_dims")
+    stats = massive_activations(model, batch, layers=[layer], show_progress=False)
     return stats.top_dims(layer, k, basis)

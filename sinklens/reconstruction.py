@@ -57,7 +57,7 @@ from .spec import (
     PruneSpec, as_spec, check_heads,
 )
 from .tokens import TokenBatch, as_batch
-from .validate import as_int, check_choice, check_fraction
+from .validate import check_choice, check_fraction, check_int
 
 SweepPolicy = Literal["bos_top", "random", "weight_norm", "act_weight", "optimized", "whole_head"]
 SWEEP_POLICIES: tuple[str, ...] = get_args(SweepPolicy)  # the kept-dims policies and whole-head removal
@@ -129,9 +129,9 @@ def _check_ints(name: str, values, low: int, high: int | None = None) -> list[in
     if isinstance(values, (int, str)) or not hasattr(values, "__iter__"):
         raise InputError(f"{name} must be a list of ints, got {values!r}.")
     values = list(values)
-    out = [as_int(v) for v in values]
-    if not out or any(v is None for v in out):
+    if not values:
         raise InputError(f"{name} must be a non-empty list of ints, got {values!r}.")
+    out = [check_int(f"{name}[{i}]", v) for i, v in enumerate(values)]
     bad = [v for v in out if v < low or (high is not None and v > high)]
     if bad:
         span = f"[{low}, {high}]" if high is not None else f">= {low}"
@@ -139,12 +139,6 @@ def _check_ints(name: str, values, low: int, high: int | None = None) -> list[in
     if len(set(out)) != len(out):
         raise InputError(f"{name} holds duplicates: {values!r}.")
     return sorted(out)
-
-
-def _check_batch_size(batch_size) -> int:
-    if as_int(batch_size) is None or batch_size < 1:
-        raise InputError(f"batch_size must be a positive int, got {batch_size!r}.")
-    return int(batch_size)
 
 
 def _prepare(model, tokens, attention_mask, heads):
@@ -214,7 +208,7 @@ def reconstruction_error(model, tokens, heads: Sequence[Head] | PruneSpec, k: in
     spec = as_spec(heads, k, dims, basis=basis, gqa=gqa, seed=seed, force=force, fill=fill, calibration=calibration)
     info, batch, heads = _prepare(model, tokens, attention_mask, spec.heads)
     check_choice("level", level, LEVELS)
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_int("batch_size", batch_size, minimum=1, meaning="prompts per forward")
     source, fit = _calibration_source(model, batch, dims_tokens, [spec])
     plan = plan_pruning(model, spec, tokens=source)
     run = _model_level if level == "model" else _layer_level
@@ -294,7 +288,7 @@ def k_sweep(model, tokens, heads: Sequence[Head] | None, *, ks: Sequence[int] | 
     check_choice("level", level, LEVELS)
     check_choice("basis", basis, BASES)
     check_choice("gqa policy", gqa, GQA_POLICIES)
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_int("batch_size", batch_size, minimum=1, meaning="prompts per forward")
     fills, calibrations = _choices("fills", fills, FILLS), _choices("calibrations", calibrations, CALIBRATIONS)
     specs = [PruneSpec(heads, k, policy, basis=basis, gqa=gqa, seed=seed, force=force, fill=fill,
                        calibration=calibration, objective=objective, pool=pool)

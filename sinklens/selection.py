@@ -40,7 +40,7 @@ from .progress import progress
 from .spec import GQA_POLICIES, GQAPolicy, PruneSpec, check_heads
 from .specialization import sink_specialized_heads
 from .sweep import Record, Sweep, open_results
-from .validate import check_choice, check_fraction, check_k, check_layers
+from .validate import check_choice, check_fraction, check_int, check_k, check_layers
 
 Strategy = Literal["single_layer_rank", "greedy", "exhaustive", "random"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
@@ -199,14 +199,6 @@ def _check_strategies(strategy) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _check_optional_int(name: str, value, minimum: int = 1) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InputError(f"{name} must be an int >= {minimum} or None, got {value!r}.")
-    return value
-
-
 def _check_metric(metric: str, suite: str, items) -> None:
     parts = check_suite(suite)
     names = []
@@ -285,14 +277,14 @@ def layer_selection(model, k: int = 10, target_retention: float = 0.91,
     candidates = check_layers(layers, info.n_layers)
     if heads is not None:  # a run's head list (notebook 02): no census here
         heads = check_heads(heads, info)
-    max_layers = _check_optional_int("max_layers", max_layers)
-    greedy_pool = _check_optional_int("greedy_pool", greedy_pool)
-    exhaustive_pool = _check_optional_int("exhaustive_pool", exhaustive_pool)
-    exhaustive_size = _check_optional_int("exhaustive_size", exhaustive_size)
-    n_random = _check_optional_int("n_random", n_random)
-    patience = _check_optional_int("patience", patience)
+    max_layers = check_int("max_layers", max_layers, minimum=1, allow_none=True)
+    greedy_pool = check_int("greedy_pool", greedy_pool, minimum=1, allow_none=True)
+    exhaustive_pool = check_int("exhaustive_pool", exhaustive_pool, minimum=1, allow_none=True)
+    exhaustive_size = check_int("exhaustive_size", exhaustive_size, minimum=1, allow_none=True)
+    n_random = check_int("n_random", n_random, minimum=1, allow_none=True)
+    patience = check_int("patience", patience, minimum=1, allow_none=True)
     check_choice("removal", removal, REMOVAL)
-    n_boot = _check_optional_int("n_boot", n_boot)
+    n_boot = check_int("n_boot", n_boot, minimum=1, allow_none=True)
     check_choice("basis", basis, BASES)
     check_choice("gqa policy", gqa, GQA_POLICIES)
     check_fraction("eps", eps)

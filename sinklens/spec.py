@@ -32,7 +32,7 @@ from torch import Tensor
 from .errors import InputError
 from .loading import ModelInfo
 from .massive import BASES, Basis
-from .validate import as_int, check_choice, check_index, check_k
+from .validate import as_int, check_choice, check_index, check_int, check_k
 
 Head = tuple[int, int]
 Policy = Literal["bos_top", "random", "weight_norm", "act_weight", "optimized"]
@@ -103,8 +103,7 @@ def layer_heads(heads: Sequence[Head], layer: int = -1) -> tuple[int, list[Head]
         heads: ``(layer, head)`` pairs, e.g. the sink-specialized heads.
         layer: the layer to pick, or -1 for the layer holding most of ``heads`` (the lowest such layer on ties).
     """
-    if as_int(layer) is None or layer < -1:
-        raise InputError(f"layer must be an int >= 0, or -1 for the layer with most heads; got {layer!r}.")
+    layer = check_int("layer", layer, minimum=-1, meaning="-1: the layer with most heads")
     pairs = sorted((int(l), int(h)) for l, h in heads)
     if not pairs:
         raise InputError("No heads to choose a layer from: lower eps or q, or pass other heads.")
@@ -196,9 +195,7 @@ class PruneSpec:
             object.__setattr__(self, name, value)
 
         set_("heads", tuple(head_pairs(self.heads)))
-        if isinstance(self.k, bool) or as_int(self.k) is None:
-            raise InputError(f"k must be an int, got {self.k!r} ({type(self.k).__name__}).")
-        set_("k", int(self.k))
+        set_("k", check_int("k", self.k, meaning="input dims kept per head"))
         if self.k < 1:
             raise InputError(f"k={self.k} is out of range: choose 1 <= k <= d_model.")
         check_choice("gqa policy", self.gqa, GQA_POLICIES)
@@ -211,10 +208,7 @@ class PruneSpec:
             check_choice("basis", self.basis, BASES)
             set_("basis", None)
         if self.policy == "random":
-            seed = as_int(self.seed)
-            if seed is None or seed < 0:
-                raise InputError(f"seed must be a non-negative int, got {self.seed!r}.")
-            set_("seed", seed)
+            set_("seed", check_int("seed", self.seed, minimum=0))
         else:
             set_("seed", None)
         if self.policy == EXPLICIT:
@@ -227,10 +221,7 @@ class PruneSpec:
         check_choice("calibration", self.calibration, CALIBRATIONS)
         if self.policy == "optimized":
             check_choice("objective", self.objective, OBJECTIVES)
-            pool = as_int(self.pool)
-            if pool is None or pool < 1:
-                raise InputError(f"pool must be a positive int (candidate dims of the optimized search), got "
-                                 f"{self.pool!r}.")
+            pool = check_int("pool", self.pool, minimum=1, meaning="candidate dims of the optimized search")
             if pool < self.k:
                 raise InputError(f"k={self.k} exceeds pool={pool}: the optimized search ranks only pool candidate "
                                  f"dims. Pass pool >= k (spec.replace(pool={self.k})).")
@@ -270,8 +261,7 @@ class PruneSpec:
                                  f"extra {extra}.")
             per_head = [given[p] for p in pairs]
         else:
-            if isinstance(k, bool) or as_int(k) is None:
-                raise InputError(f"k must be an int, got {k!r} ({type(k).__name__}).")
+            k = check_int("k", k, meaning="input dims kept per head")
             shared = _dim_set(dims, k, "dims")
             per_head = [shared] * len(pairs)
         return cls(pairs, k, EXPLICIT, dims=per_head, **extra)

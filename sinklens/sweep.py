@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -50,7 +49,7 @@ from .progress import progress
 from .pruning import prune_qk
 from .removal import remove_heads
 from .spec import Head, PruneSpec
-from .validate import check_choice, check_index
+from .validate import check_choice, check_index, check_int
 from .version import __version__
 
 SCHEMA = 2  # 2: configurations keyed and recorded by their PruneSpec
@@ -287,10 +286,7 @@ class Sweep:
         check_choice("method", method, METHODS)
         if split not in self.plans:
             raise InputError(f"Unknown split {split!r}: this sweep has plans {sorted(self.plans)}.")
-        layers = list(layers)
-        if any(isinstance(l, bool) or not isinstance(l, (int, np.integer)) for l in layers):
-            raise InputError(f"Layers must be ints, got {layers!r}.")
-        layers = tuple(sorted({int(l) for l in layers}))
+        layers = tuple(sorted({check_int("layer", l) for l in layers}))
         if method == "dense" and layers:
             raise InputError("A dense configuration has no layers.")
         if method != "dense" and not layers:

@@ -16,7 +16,7 @@ import torch
 
 from .errors import InputError
 from .loading import EMBEDDED_MODELS, embedded_checkpoint, resolve_dtype
-from .validate import check_choice
+from .validate import check_choice, check_int
 
 
 @dataclass(frozen=True)
@@ -74,9 +74,7 @@ def random_llama(folder: str | Path, shape: str = "llama-2-7b", n_layers: int | 
     spec = SHAPES[shape]
     if n_layers is None:
         n_layers = spec.n_layers
-    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
-        raise InputError(f"n_layers must be a positive int or None (the real model's {spec.n_layers}), "
-                         f"got {n_layers!r}.")
+    n_layers = check_int("n_layers", n_layers, minimum=1, meaning=f"None: the real model's {spec.n_layers}")
     dtype = _weights_dtype(dtype)
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):

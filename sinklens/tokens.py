@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .errors import InputError
 from .loading import input_device, model_info
+from .validate import check_int
 
 
 class TokenBatch(NamedTuple):
@@ -34,13 +35,20 @@ def tokenize(model, texts: str | Sequence[str], prepend_bos: bool = True, seq_le
     """
     if isinstance(texts, str):
         texts = [texts]
+    if isinstance(texts, (Tensor, TokenBatch)) or not hasattr(texts, "__iter__"):
+        raise InputError(f"texts must be a string or a list of strings, got {type(texts).__name__}: token ids need "
+                         "no tokenize, pass them (a [batch, pos] tensor or a TokenBatch) to the measuring function.")
     texts = list(texts)
     if not texts:
         raise InputError("The prompt set is empty: pass at least one text.")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InputError(f"texts[{i}] is a {type(text).__name__}, not a string: tokenize takes text. Token ids "
+                             "need no tokenize: pass them as a tensor, torch.tensor(ids), to the measuring function "
+                             "(padded rows with an attention_mask=, or sinklens.tokens.pad_rows(model, rows, ...)).")
     if padding_side not in ("left", "right"):
         raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
-    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
-        raise InputError(f"seq_len must be a positive int or None, got {seq_len!r}.")
+    seq_len = check_int("seq_len", seq_len, minimum=1, allow_none=True, meaning="tokens per prompt, BOS included")
     info = model_info(model)
     if prepend_bos and info.bos_id is None:
         raise InputError(f"{info.name} has no BOS token: call with prepend_bos=False.")
@@ -72,6 +80,23 @@ def pad_rows(model, rows: Sequence[Sequence[int]], prepend_bos: bool | None, pad
     return TokenBatch(tokens, mask, prepend_bos)
 
 
+def require_bos(model, batch: TokenBatch, purpose: str) -> None:
+    """Refuse prompts that do not all start with the model's BOS token: BOS vectors and BOS dims are measured on
+    the first real token, which is only the BOS when one was prepended (the check ``apply_pruning`` makes).
+
+    Args:
+        model: the bridge.
+        batch: the checked tokens (from :func:`as_batch`).
+        purpose: what needs BOS, for the message (e.g. ``'dims="bos_top"'``).
+    """
+    info = model_info(model)
+    first = batch.tokens.gather(1, batch.attention_mask.argmax(1, keepdim=True)).flatten()
+    if info.bos_id is None or bool((first != info.bos_id).any()):
+        raise InputError(f"{purpose} needs every prompt to start with BOS (id {info.bos_id}); found first tokens "
+                         f"{sorted(set(first.tolist()))[:5]}. Use sinklens.probe_tokens(model, ..., prepend_bos=True) "
+                         "or tokenize(..., prepend_bos=True).")
+
+
 def as_batch(model, tokens, attention_mask: Tensor | None = None) -> TokenBatch:
     """Validate user tokens (a TokenBatch, or ids with an optional mask) and return a TokenBatch.
 
@@ -84,8 +109,13 @@ def as_batch(model, tokens, attention_mask: Tensor | None = None) -> TokenBatch:
             attention_mask = tokens.attention_mask
         tokens, prepend_bos = tokens.tokens, tokens.prepend_bos
     if not isinstance(tokens, Tensor):
-        raise InputError(f"tokens must be a torch.Tensor of token ids or a TokenBatch, got {type(tokens).__name__}; "
-                         "use sinklens.tokenize(model, texts) for strings.")
+        hint = "use sinklens.tokenize(model, texts) for strings"
+        if not isinstance(tokens, (str, bytes)) and isinstance(tokens, Sequence) and tokens:
+            hint = ("token ids go in as a tensor: torch.tensor(ids) for one prompt or equal-length rows, "
+                    "sinklens.tokens.pad_rows(model, rows, prepend_bos=...) for rows of different lengths; "
+                    "use sinklens.tokenize(model, texts) for strings")
+        raise InputError(f"tokens must be a torch.Tensor of token ids or a TokenBatch, got {type(tokens).__name__}: "
+                         f"{hint}.")
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise InputError(f"tokens must hold integer ids, got dtype {tokens.dtype}: use sinklens.tokenize or .long().")
     if tokens.dim() == 1:

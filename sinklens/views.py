@@ -76,7 +76,7 @@ def layer_pattern(model, ids: Int[Tensor, " pos"], layer: int) -> Float[Tensor, 
         layer: the layer index.
     """
     info = model_info(model)
-    check_index("layer", layer, info.n_layers, "layers")
+    layer = check_index("layer", layer, info.n_layers, "layers")
     batch = as_batch(model, ids)
     name = pattern_hook(layer)
     stop = layer + 1 if layer + 1 < info.n_layers else None
@@ -138,12 +138,15 @@ def attention_view(model, prompt: str | Tensor | TokenBatch, layer: int, heads: 
         title: the view's title (default: model, layer and heads).
     """
     info = model_info(model)
-    check_index("layer", layer, info.n_layers, "layers")
-    heads = list(range(info.n_heads)) if heads is None else [heads] if isinstance(heads, int) else list(heads)
+    layer = check_index("layer", layer, info.n_layers, "layers")
+    if heads is None:
+        heads = list(range(info.n_heads))
+    elif isinstance(heads, (str, bytes)) or not hasattr(heads, "__iter__"):
+        heads = [heads]  # one head (checked below)
+    heads = list(heads)
     if not heads:
         raise InputError("heads is empty: pass a head index, a list of heads, or None for all heads of the layer.")
-    for head in heads:
-        check_index("head", head, info.n_heads, "query heads per layer")
+    heads = [check_index("head", head, info.n_heads, "query heads per layer") for head in heads]
     ids = prompt_ids(model, prompt, prepend_bos=prepend_bos, row=row)
     pattern = layer_pattern(model, ids, layer)[heads]
     names = ", ".join(f"H{h}" for h in heads) if len(heads) <= 4 else f"{len(heads)} heads"
