@@ -7,6 +7,7 @@ from .evaluation import EvalResult, evaluate, retention
 from .lm_eval_bridge import evaluate_lm_eval
 from .loading import ModelInfo, load_model, model_info
 from .massive import MassiveActivations, bos_top_dims, massive_activations
+from .massive_tokens import MassiveTokens, massive_tokens
 from .probes import probe_provenance, probe_tokens
 from .pruning import (
     HeadRemovalHandle, PruneHandle, active_edits, apply_head_removal, apply_pruning, layer_heads, prune_qk,
@@ -26,8 +27,8 @@ __all__ = [
     "HubUnreachableError", "InputError", "ModelInfo", "SinklensError", "TokenBatch", "UnknownModelError",
     "UnsupportedArchitectureError", "load_model", "model_info", "probe_provenance", "probe_tokens", "tokenize",
     # sinks and massive activations
-    "Census", "MassiveActivations", "bos_top_dims", "first_token_comparison", "massive_activations", "run_census",
-    "sink_scores", "sink_specialized_heads", "specialization_table",
+    "Census", "MassiveActivations", "MassiveTokens", "bos_top_dims", "first_token_comparison", "massive_activations",
+    "massive_tokens", "run_census", "sink_scores", "sink_specialized_heads", "specialization_table",
     # QK column pruning, reconstruction error, pruned checkpoints
     "HeadRemovalHandle", "PruneHandle", "active_edits", "apply_head_removal", "apply_pruning", "error_quantiles",
     "k_sweep", "k_sweep_headline", "layer_heads", "prune_qk", "read_manifest", "reconstruction_error",

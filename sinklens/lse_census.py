@@ -42,6 +42,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .errors import InputError
 from .hooks import batches, gather_relative, relative_index
 from .tokens import TokenBatch
+from .validate import check_index
 
 ATTENTION_NAME = "sinklens_lse"
 BACKENDS = ("cpu_flash", "cuda_flash", "cuda_efficient", "blocked")
@@ -49,7 +50,7 @@ BACKENDS = ("cpu_flash", "cuda_flash", "cuda_efficient", "blocked")
 BLOCK_SHARE = 0.04
 MIN_BLOCK = 16
 
-_OBSERVER: contextvars.ContextVar[LseCensus | None] = contextvars.ContextVar("sinklens_lse_observer", default=None)
+_OBSERVER: contextvars.ContextVar[LseCensus | FirstKeyWeights | None] = contextvars.ContextVar("sinklens_lse_observer", default=None)
 
 
 # --- attention with its log-sum-exp ---------------------------------------------------------------
@@ -199,7 +200,7 @@ def check_fused_support(model) -> None:
 
 
 @contextlib.contextmanager
-def fused_attention(model, observer: LseCensus | None = None) -> Iterator[None]:
+def fused_attention(model, observer: LseCensus | FirstKeyWeights | None = None) -> Iterator[None]:
     """Inside, every forward of the bridge runs each layer's HF attention module with :func:`lse_attention`
     (no [T, T] tensor); ``observer`` receives each layer's (q, k, LSE). Restored on exit, also on error.
 
@@ -352,3 +353,56 @@ def lse_statistics(model, batch: TokenBatch, layers: Sequence[int], first_keys: 
         confidence[rows] = sub_conf
         used |= census.backends
     return alpha, confidence, "+".join(sorted(used))
+
+
+class FirstKeyWeights:
+    """Observer keeping one head's attention weights to the first ``n_keys`` keys for every query row.
+
+    Args:
+        layer, head: the head.
+        n_keys: key positions 0..n_keys-1 (absolute; pass unpadded prompts).
+    """
+
+    def __init__(self, layer: int, head: int, n_keys: int):
+        self.layer, self.head, self.n_keys = layer, head, n_keys
+        self.weights: Tensor | None = None
+        self.backend: str | None = None
+
+    def observe(self, layer: int, query: Tensor, key: Tensor, lse: Tensor, mask: Tensor | None, scaling: float,
+                backend: str) -> None:
+        """Keep [batch, query, n_keys] weights of the head (called by :func:`lse_attention`)."""
+        if layer != self.layer:
+            return
+        group = query.shape[1] // key.shape[1]
+        q = query[:, self.head:self.head + 1]
+        k = key[:, self.head // group:self.head // group + 1, :self.n_keys]
+        scores = group_scores(q, k, scaling)[:, 0]  # [b, T, n_keys]
+        allowed = allowed_block(mask, 0, query.shape[2], query.device)[:, 0, :, :self.n_keys]
+        weights = scores.sub_(lse[:, self.head, :, None]).exp_().masked_fill_(~allowed, 0.0)
+        self.weights = weights.cpu()
+
+
+def first_key_weights(model, tokens: TokenBatch, layer: int, head: int,
+                      n_keys: int = 16) -> Float[Tensor, "batch query key"]:
+    """Attention weights of head (``layer``, ``head``) from every query to keys 0..n_keys-1, from one fused
+    forward stopped after ``layer`` (O(T x n_keys) memory). Prompts must be unpadded.
+
+    Args:
+        model: a bridge from :func:`sinklens.load_model`.
+        tokens: an unpadded :class:`TokenBatch` (e.g. from :func:`sinklens.probe_tokens`).
+        layer, head: the head to read.
+        n_keys: number of first key positions.
+    """
+    info_heads, info_layers = model.cfg.n_heads, model.cfg.n_layers
+    if not isinstance(tokens, TokenBatch) or not bool(tokens.attention_mask.bool().all()):
+        raise InputError("first_key_weights needs an unpadded TokenBatch (e.g. sinklens.probe_tokens).")
+    check_index("layer", layer, info_layers, "layers")
+    check_index("head", head, info_heads, "heads")
+    width = tokens.tokens.shape[1]
+    if isinstance(n_keys, bool) or not isinstance(n_keys, int) or not 1 <= n_keys <= width:
+        raise InputError(f"n_keys must be an int in 1..{width} (the prompt length), got {n_keys!r}.")
+    observer = FirstKeyWeights(layer, head, n_keys)
+    stop = layer + 1 if layer + 1 < info_layers else None
+    with fused_attention(model, observer), torch.inference_mode():
+        model(tokens.tokens, attention_mask=tokens.attention_mask, stop_at_layer=stop)
+    return observer.weights
