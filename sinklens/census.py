@@ -159,8 +159,9 @@ def run_census(model, tokens, attention_mask: Tensor | None = None, layers: Sequ
         raise InputError(f"full must be True or False, got {full!r}.")
     shortest = int(batch.attention_mask.sum(1).min())
     if as_int(first_keys) is None or not 1 <= first_keys <= shortest:
-        raise InputError(f"first_keys={first_keys!r} must be an int in 1..{shortest}: the shortest prompt has {shortest} "
-                         "tokens (counted from its first real token). Lower first_keys or drop the short prompts.")
+        raise InputError(f"first_keys={first_keys!r} must be an int in 1..{shortest}: the shortest prompt has "
+                         f"{shortest} tokens (counted from its first real token). Lower first_keys or drop the short "
+                         "prompts.")
     n, width = batch.tokens.shape
     fits, needed, free = eager_fits(min(batch_size, n), info.n_heads, width, info.device)
     if engine == "auto":

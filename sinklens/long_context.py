@@ -71,7 +71,8 @@ def census_frame(census: Census) -> pd.DataFrame:
 
 
 def sink_rate_by_length(sweep: pd.DataFrame, eps: float = 0.3) -> pd.DataFrame:
-    """Sink^eps in % per length and layer (share of heads with alpha_0 > eps, mean over prompts), and over all layers."""
+    """Sink^eps in % per length and layer (share of heads with alpha_0 > eps, mean over prompts), and over all
+    layers (``layer == -1``)."""
     check_fraction("eps", eps)
     _check_sweep(sweep)
     flagged = sweep.assign(sink=(sweep["alpha_0"] > eps) * 100.0)
@@ -104,8 +105,10 @@ def long_context_headline(sweep: pd.DataFrame, eps: float = 0.3, detail: Census 
     short, long = int(sweep["length"].min()), int(sweep["length"].max())
     at = {length: followed[followed["length"] == length] for length in (short, long)}
     head = {"lengths": f"{short}..{long}", "eps": eps, "n_sink_heads_at_shortest": len(at[short]),
-            "sink_rate_pct_shortest": round(float(overall[short]), 2), "sink_rate_pct_longest": round(float(overall[long]), 2),
-            "sink_heads_alpha0_shortest": _mean(at[short]["alpha_0"]), "sink_heads_alpha0_longest": _mean(at[long]["alpha_0"]),
+            "sink_rate_pct_shortest": round(float(overall[short]), 2),
+            "sink_rate_pct_longest": round(float(overall[long]), 2),
+            "sink_heads_alpha0_shortest": _mean(at[short]["alpha_0"]),
+            "sink_heads_alpha0_longest": _mean(at[long]["alpha_0"]),
             "sink_heads_still_above_eps_pct": _pct((at[long]["alpha_0"] > eps).mean()) if len(at[long]) else None}
     if detail is not None:
         hits = detail.non_first_sinks(threshold, min_queries)

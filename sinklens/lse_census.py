@@ -50,7 +50,9 @@ BACKENDS = ("cpu_flash", "cuda_flash", "cuda_efficient", "blocked")
 BLOCK_SHARE = 0.04
 MIN_BLOCK = 16
 
-_OBSERVER: contextvars.ContextVar[LseCensus | FirstKeyWeights | None] = contextvars.ContextVar("sinklens_lse_observer", default=None)
+# the census (or other observer) that lse_attention hands each layer's (q, k, LSE) to
+_OBSERVER: contextvars.ContextVar[LseCensus | FirstKeyWeights | None] = contextvars.ContextVar(
+    "sinklens_lse_observer", default=None)
 
 
 # --- attention with its log-sum-exp ---------------------------------------------------------------
@@ -182,8 +184,8 @@ def check_fused_support(model) -> None:
     config = getattr(hf, "config", None)
     blocks = getattr(model, "blocks", None)
     if config is None or blocks is None:
-        raise InputError(f"engine='sdpa' needs a TransformerBridge over a Hugging Face model, got {type(model).__name__}: "
-                         "use engine='eager'.")
+        raise InputError(f"engine='sdpa' needs a TransformerBridge over a Hugging Face model, got "
+                         f"{type(model).__name__}: use engine='eager'.")
     if getattr(config, "attn_logit_softcapping", None):
         raise InputError(f"engine='sdpa' cannot drive soft-capped attention scores (attn_logit_softcapping="
                          f"{config.attn_logit_softcapping} in {config.model_type}): use engine='eager'.")
@@ -305,7 +307,8 @@ class LseCensus:
         """``(alpha [batch, layer, head, key], confidence [batch, layer, head])`` on the CPU."""
         missing = [layer for layer in self.slots if layer not in self.alpha]
         if missing:
-            raise RuntimeError(f"The fused forward did not reach layers {missing}: the attention dispatch was bypassed.")
+            raise RuntimeError(f"The fused forward did not reach layers {missing}: the attention dispatch was "
+                               "bypassed.")
         order = sorted(self.slots, key=self.slots.get)
         return (torch.stack([self.alpha[layer] for layer in order], 1).cpu(),
                 torch.stack([self.confidence[layer] for layer in order], 1).cpu())

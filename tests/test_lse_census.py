@@ -187,7 +187,8 @@ def test_bad_input_is_refused_before_any_forward(tiny, monkeypatch):
     with pytest.raises(sl.InputError, match="block_size"):
         sl.run_census(tiny, tokens, engine="sdpa", full=True, block_size=0)
     monkeypatch.setattr(sinklens.memory, "free_bytes", lambda device: 10_000)
-    with pytest.raises(sl.InputError, match=r"engine='eager' on 2 prompts x 20 tokens needs about .* GiB.*engine='sdpa'"):
+    refusal = r"engine='eager' on 2 prompts x 20 tokens needs about .* GiB.*engine='sdpa'"
+    with pytest.raises(sl.InputError, match=refusal):
         sl.run_census(tiny, tokens, engine="eager")
 
 

@@ -70,7 +70,8 @@ def sinks_and_massive_vs_position(non_first: pd.DataFrame, carriers: pd.DataFram
         fig.add_trace(go.Scatter(x=non_first["position"], y=non_first["layer"], mode="markers", name="non-first sink",
                                  marker={"size": 4 + 14 * non_first["score"].clip(0, 1), "color": "#9467bd",
                                          "opacity": 0.6},
-                                 text=[f"head {h}, score {s:.2f}" for h, s in zip(non_first["head"], non_first["score"])],
+                                 text=[f"head {h}, score {s:.2f}"
+                                       for h, s in zip(non_first["head"], non_first["score"])],
                                  hovertemplate="position %{x}, layer %{y}<br>%{text}<extra></extra>"), row=1, col=1)
     for kind in KINDS:
         part = carriers[carriers["kind"] == kind] if "kind" in carriers else carriers.iloc[0:0]
@@ -104,7 +105,8 @@ def first_keys_view(weights: Float[Tensor, "query key"], layer: int, head: int) 
                                colorscale="Viridis", colorbar={"title": "weight"},
                                hovertemplate="queries %{y}+, key %{x}: %{z:.3f}<extra></extra>"))
     binning = f", rows averaged over {bin_size} queries" if bin_size > 1 else ""
-    fig.update_layout(title=f"L{layer}H{head}: attention to the first {n_keys} positions over {n_rows} queries{binning}",
+    fig.update_layout(title=f"L{layer}H{head}: attention to the first {n_keys} positions over {n_rows} queries"
+                            f"{binning}",
                       xaxis_title="key position", yaxis_title="query position", yaxis_autorange="reversed",
                       height=600, width=700)
     return fig
