@@ -213,9 +213,9 @@ def test_attention_the_engine_cannot_drive(tiny, monkeypatch):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("side", ["none", "left"])
-def test_sdpa_matches_eager_on_the_embedded_model(smollm, side):
-    probe = sl.probe_tokens(smollm, n_prompts=3, seq_len=48)
+@pytest.mark.parametrize("side, n_prompts, width", [("none", 3, 48), ("left", 3, 48), ("none", 1, 600)])
+def test_sdpa_matches_eager_on_the_embedded_model(smollm, side, n_prompts, width):
+    probe = sl.probe_tokens(smollm, n_prompts=n_prompts, seq_len=width)
     tokens, mask = probe.tokens.clone(), probe.attention_mask.clone()
     if side == "left":  # shift prompt 1 right by 10 tokens: left padding
         tokens[1, 10:], mask[1, :10] = probe.tokens[1, :-10].clone(), 0
