@@ -92,13 +92,36 @@ def sink_heads_over_length(sweep: pd.DataFrame, eps: float = 0.3) -> pd.DataFram
     return mean.merge(heads, on=["layer", "head"])
 
 
-def long_context_headline(sweep: pd.DataFrame, eps: float = 0.3, detail: Census | None = None,
-                          massive: MassiveTokens | None = None, model=None, threshold: float = 0.1,
-                          min_queries: int = 8) -> dict:
+HEADLINE_DETAILS = ("non_first_sinks", "non_first_sink_heads", "massive_positions", "massive_position_kinds")
+
+
+def long_context_details(detail: Census, massive: MassiveTokens, model, view: tuple[int, int, object] | None = None,
+                         threshold: float = 0.1, min_queries: int = 8) -> dict:
+    """What the full census ``detail`` and the massive-token scan ``massive`` (same prompt) found: the non-first
+    sinks (count, heads, median position), the massive (position, dim) pairs, their positions and carrier kinds,
+    the saturated positions; with ``view = (layer, head, weights)`` (weights from
+    :func:`sinklens.lse_census.first_key_weights`, one prompt) that head's mean weight on the first keys."""
+    if not isinstance(detail, Census) or not isinstance(massive, MassiveTokens):
+        raise InputError("long_context_details needs a full Census (run_census(..., full=True)) and a MassiveTokens.")
+    hits = detail.non_first_sinks(threshold, min_queries)
+    pairs = massive.carriers(model)
+    positions = pairs.drop_duplicates(["prompt", "position"])
+    found = {"detail_length": int(detail.tokens.shape[1]), "non_first_sinks": len(hits),
+             "non_first_sink_heads": int(hits.groupby(["layer", "head"]).ngroups) if len(hits) else 0,
+             "non_first_sink_median_position": float(hits["position"].median()) if len(hits) else None,
+             "massive_pairs": len(pairs), "massive_positions": len(positions),
+             "massive_position_kinds": ",".join(f"{k}:{v}" for k, v in positions["kind"].value_counts().items()),
+             "massive_saturated_positions": massive.saturated()}
+    if view is not None:
+        layer, head, weights = view
+        found |= {"view_head": f"L{layer}H{head}", "view_first_keys_share": round(first_keys_share(weights), 4)}
+    return found
+
+
+def long_context_headline(sweep: pd.DataFrame, eps: float = 0.3, details: dict | None = None) -> dict:
     """Notebook 06's headline numbers: Sink^eps and the mean alpha_0 of the sink heads (alpha_0 > eps at the
     shortest length) at the shortest and longest length, the share of those heads still above eps at the
-    longest; with a full census ``detail``: the non-first sinks (count, how many heads, the median position);
-    with ``massive`` (and ``model`` for token kinds): the massive (position, dim) pairs and their carriers."""
+    longest, and from ``details`` (:func:`long_context_details`) the non-first sinks and massive positions."""
     followed = sink_heads_over_length(sweep, eps)
     rates = sink_rate_by_length(sweep, eps)
     overall = rates[rates["layer"] == -1].set_index("length")["sink_rate"]
@@ -110,18 +133,8 @@ def long_context_headline(sweep: pd.DataFrame, eps: float = 0.3, detail: Census 
             "sink_heads_alpha0_shortest": _mean(at[short]["alpha_0"]),
             "sink_heads_alpha0_longest": _mean(at[long]["alpha_0"]),
             "sink_heads_still_above_eps_pct": _pct((at[long]["alpha_0"] > eps).mean()) if len(at[long]) else None}
-    if detail is not None:
-        hits = detail.non_first_sinks(threshold, min_queries)
-        head |= {"detail_length": int(detail.tokens.shape[1]), "non_first_sinks": len(hits),
-                 "non_first_sink_heads": int(hits.groupby(["layer", "head"]).ngroups) if len(hits) else 0,
-                 "non_first_sink_median_position": float(hits["position"].median()) if len(hits) else None}
-    if massive is not None:
-        pairs = massive.carriers(model) if model is not None else massive.hits()
-        head |= {"massive_pairs": len(pairs), "massive_positions": int(pairs.groupby(["prompt", "position"]).ngroups)
-                 if len(pairs) else 0, "massive_saturated_positions": massive.saturated()}
-        if model is not None and len(pairs):
-            positions = pairs.drop_duplicates(["prompt", "position"])
-            head["massive_position_kinds"] = ",".join(f"{k}:{v}" for k, v in positions["kind"].value_counts().items())
+    if details is not None:
+        head |= {key: details[key] for key in HEADLINE_DETAILS}
     return head
 
 
@@ -140,8 +153,7 @@ def _check_sweep(sweep) -> None:
                          "(columns length, prompt, layer, head, alpha_0, ...).")
 
 
-def first_keys_share(weights: np.ndarray | None) -> float | None:
-    """Mean over query rows of the weight on the first keys, from :func:`sinklens.lse_census.first_key_weights`."""
-    if weights is None:
-        return None
-    return float(np.asarray(weights).sum(-1).mean())
+def first_keys_share(weights) -> float:
+    """Mean over query rows of the weight on the first keys ([query, key], one prompt of
+    :func:`sinklens.lse_census.first_key_weights`)."""
+    return float(np.asarray(weights, dtype=np.float64).sum(-1).mean())
