@@ -13,6 +13,7 @@ from .evaluation import EvalResult, evaluate, retention
 from .lm_eval_bridge import evaluate_lm_eval
 from .loading import ModelInfo, load_model, model_info
 from .massive import MassiveActivations, bos_top_dims, massive_activations
+from .massive_tokens import MassiveTokens, massive_tokens
 from .probes import probe_provenance, probe_tokens
 from .pruning import PruneHandle, PruningPlan, apply_pruning, plan_pruning, prune_qk
 from .reconstruction import (
@@ -32,8 +33,8 @@ __all__ = [
     "UnsupportedArchitectureError", "WriteError", "load_model", "model_info", "probe_provenance", "probe_tokens",
     "tokenize",
     # sinks and massive activations
-    "Census", "MassiveActivations", "bos_top_dims", "first_token_comparison", "massive_activations", "run_census",
-    "sink_scores", "sink_specialized_heads", "specialization_table",
+    "Census", "MassiveActivations", "MassiveTokens", "bos_top_dims", "first_token_comparison", "massive_activations",
+    "massive_tokens", "run_census", "sink_scores", "sink_specialized_heads", "specialization_table",
     # QK column pruning, reconstruction error, pruned checkpoints
     "CalibrationSet", "HeadRemovalHandle", "PruneHandle", "PruneSpec", "PruningPlan", "active_edits", "apply_head_removal",
     "apply_pruning", "error_quantiles", "k_sweep", "k_sweep_headline", "layer_heads", "plan_pruning", "prune_qk",

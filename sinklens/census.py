@@ -6,12 +6,17 @@ Definitions (RESEARCH.md), with positions counted from the first real token of e
 - sink rate Sink^eps = % of all heads with alpha_0 > eps, averaged over prompts;
 - head confidence = mean over query positions of the maximum attention weight (Voita et al.);
 - non-first sinks: key positions j > 0 whose column mean exceeds 0.1 (ACT).
-Each hook turns one layer's [batch, head, query, key] pattern into [batch, head, key] column
-means and [batch, head] confidences in float32, so no more than one layer's pattern is alive.
+Two engines give the same :class:`Census`. ``engine="eager"`` (the reference): each pattern hook turns
+one layer's [batch, head, query, key] pattern into [batch, head, key] column means and [batch, head]
+confidences in float32, so no more than one layer's pattern is alive (but that one is T x T, in
+several copies). ``engine="sdpa"`` (:mod:`sinklens.lse_census`): attention runs in a fused kernel and
+the scores come from each row's log-sum-exp, never T x T; by default only the first ``first_keys``
+keys are measured (``full=True``: every key and the confidences, over blocks of query rows).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,10 +26,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .errors import InputError
-from .hooks import batches, pattern_hook, relative_index, run_hooked
+from .hooks import batches, gather_relative, pattern_hook, relative_index, run_hooked
 from .loading import model_info
+from .lse_census import lse_statistics
+from .memory import eager_fits, gib
 from .tokens import as_batch
-from .validate import check_fraction, check_int, check_layers
+from .validate import check_choice, check_fraction, check_int, check_layers
+
+ENGINES = ("eager", "sdpa", "auto")
 
 
 # the three cases of first_token_comparison
@@ -38,7 +47,8 @@ class Census:
     """Attention statistics of every head of ``layers`` on a prompt set.
 
     ``alpha[b, i, h, r]`` is the sink score of key r (relative to prompt b's first real token)
-    in head h of layer ``layers[i]``; NaN where r is past the prompt's end.
+    in head h of layer ``layers[i]``; NaN where r is past the prompt's end. A census of the first
+    keys only (``engine="sdpa"`` without ``full``) holds r < m and NaN confidences.
     """
 
     alpha: Float[Tensor, "batch layer head key"]
@@ -47,14 +57,23 @@ class Census:
     lengths: Int[Tensor, " batch"]
     layers: list[int]
     prepend_bos: bool | None
+    engine: str = "eager"  # "eager", or "sdpa (<LSE kernel>)"
 
     @property
     def n_prompts(self) -> int:
         return self.alpha.shape[0]
 
+    @property
+    def complete(self) -> bool:
+        """Whether every key position (and the confidence) was measured, not only the first keys."""
+        return self.alpha.shape[-1] == self.tokens.shape[1]
+
     def sink_scores(self, key_pos: int = 0) -> Float[Tensor, "batch layer head"]:
         """alpha_{key_pos} of every head on every prompt."""
         key_pos = _check_key_pos(key_pos, int(self.lengths.min()))
+        if key_pos >= self.alpha.shape[-1]:
+            raise InputError(f"key_pos={key_pos} was not measured: this census holds the first {self.alpha.shape[-1]} "
+                             "keys only. Rerun run_census with first_keys > key_pos or full=True.")
         return self.alpha[..., key_pos]
 
     def sink_rate(self, eps: float = 0.3, key_pos: int = 0) -> float:
@@ -75,6 +94,9 @@ class Census:
         """
         check_fraction("threshold", threshold)
         min_queries = check_int("min_queries", min_queries, minimum=1)
+        if not self.complete:
+            raise InputError("Non-first sinks need every key's column mean: this census measured the first "
+                             f"{self.alpha.shape[-1]} keys only. Rerun run_census(..., full=True).")
         n_queries = self.lengths[:, None] - torch.arange(self.alpha.shape[-1], device=self.lengths.device)[None, :]
         eligible = (n_queries >= min_queries)
         eligible[:, 0] = False
@@ -95,22 +117,42 @@ class Census:
             "confidence": self.confidence.flatten().numpy(),
         })
         frame["sink"] = frame["alpha0"] > check_fraction("eps", eps)
-        others = self.non_first_sinks(threshold, min_queries).groupby(["prompt", "layer", "head"]).size()
-        frame["n_other_sinks"] = others.reindex(pd.MultiIndex.from_frame(frame[["prompt", "layer", "head"]]),
-                                                fill_value=0).to_numpy()
+        if self.complete:
+            others = self.non_first_sinks(threshold, min_queries).groupby(["prompt", "layer", "head"]).size()
+            frame["n_other_sinks"] = others.reindex(pd.MultiIndex.from_frame(frame[["prompt", "layer", "head"]]),
+                                                    fill_value=0).to_numpy()
+        else:  # first keys only: not measured
+            frame["n_other_sinks"] = pd.NA
         frame["prepend_bos"] = self.prepend_bos
         return frame
 
 
 def run_census(model, tokens, attention_mask: Tensor | None = None, layers: Sequence[int] | None = None,
-               batch_size: int = 8, show_progress: bool = True) -> Census:
+               batch_size: int = 8, show_progress: bool = True, engine: str = "eager", first_keys: int = 4,
+               full: bool = False, block_size: int | None = None) -> Census:
     """Attention statistics of every head in ``layers`` (default all) on ``tokens``.
 
-    ``tokens`` is a :class:`TokenBatch` or a [batch, pos] id tensor with an optional 0/1 mask
-    (left or right padding). Patterns are reduced in the hooks; nothing [query, key]-sized is kept.
+    Args:
+        model: a bridge from :func:`sinklens.load_model`.
+        tokens: a :class:`TokenBatch` or a [batch, pos] id tensor (left or right padding allowed).
+        attention_mask: optional 0/1 mask for an id tensor.
+        layers: layer indices (None: all).
+        batch_size: prompts per forward.
+        show_progress: progress bar over sub-batches.
+        engine: ``"eager"`` reduces the bridge's attention patterns in hooks (the reference; every
+            key and the confidences; one layer's T x T patterns alive at a time, refused when they would
+            not fit in memory); ``"sdpa"`` uses a fused kernel's log-sum-exp and never holds T x T
+            (:mod:`sinklens.lse_census`); ``"auto"`` is eager while its patterns fit in memory, else sdpa
+            (with a warning saying so and why).
+        first_keys: m, the key positions the sdpa engine measures without ``full`` (alpha_0..alpha_{m-1}).
+        full: sdpa engine: every key's column mean and the confidences, over blocks of query rows.
+        block_size: sdpa engine with ``full``: query rows per block (None: about 4% of the width).
+    Returns:
+        A :class:`Census`; ``census.engine`` says which engine (and LSE kernel) produced it.
     """
     info = model_info(model)
     layers = check_layers(layers, info.n_layers)
+    check_choice("engine", engine, ENGINES)
     batch = as_batch(model, tokens, attention_mask)
     short = torch.nonzero(batch.attention_mask.sum(1) < 2).flatten().tolist()
     if short:
@@ -118,7 +160,32 @@ def run_census(model, tokens, attention_mask: Tensor | None = None, layers: Sequ
                          "can attend only to itself, so alpha_0 = 1 in every head and it would inflate the sink rate. "
                          "Drop them or use longer prompts.")
     batch_size = check_int("batch_size", batch_size, minimum=1, meaning="prompts per forward")
+    if not isinstance(full, bool):
+        raise InputError(f"full must be True or False, got {full!r}.")
+    shortest = int(batch.attention_mask.sum(1).min())
+    first_keys = check_int("first_keys", first_keys, minimum=1)
+    if first_keys > shortest:
+        raise InputError(f"first_keys={first_keys} must be in 1..{shortest}: the shortest prompt has "
+                         f"{shortest} tokens (counted from its first real token). Lower first_keys or drop the short "
+                         "prompts.")
     n, width = batch.tokens.shape
+    fits, needed, free = eager_fits(min(batch_size, n), info.n_heads, width, info.device)
+    if engine == "auto":
+        engine = "eager" if fits else "sdpa"
+        if not fits:
+            warnings.warn(f"run_census(engine='auto') uses the sdpa engine: eager patterns of {min(batch_size, n)} x "
+                          f"{width} tokens would need about {gib(needed)} per layer, {gib(free)} is free.",
+                          UserWarning, stacklevel=2)
+    elif engine == "eager" and not fits:
+        raise InputError(f"engine='eager' on {min(batch_size, n)} prompts x {width} tokens needs about {gib(needed)} "
+                         f"of attention patterns per layer, more than half of the {gib(free)} free on {info.device}. "
+                         "Use engine='sdpa' (full=True for every key), or a smaller batch_size.")
+    absolute, valid, lengths = relative_index(batch.attention_mask.cpu())
+    rel_tokens = torch.where(valid, batch.tokens.cpu().gather(1, absolute), torch.full_like(absolute, -1))
+    if engine == "sdpa":
+        alpha, confidence, kernel = lse_statistics(model, batch, layers, first_keys, full, batch_size, block_size,
+                                                   show_progress=show_progress)
+        return Census(alpha, confidence, rel_tokens, lengths, layers, batch.prepend_bos, engine=f"sdpa ({kernel})")
     alpha = torch.full((n, len(layers), info.n_heads, width), float("nan"), device="cpu")
     confidence = torch.empty((n, len(layers), info.n_heads), device="cpu")
     for offset, sub in batches(batch, batch_size, desc="sink census", show_progress=show_progress):
@@ -128,8 +195,6 @@ def run_census(model, tokens, attention_mask: Tensor | None = None, layers: Sequ
         run_hooked(model, sub, hooks, layers)
         alpha[rows] = torch.stack(reducer.alpha, 1).cpu()
         confidence[rows] = torch.stack(reducer.confidence, 1).cpu()
-    absolute, valid, lengths = relative_index(batch.attention_mask.cpu())
-    rel_tokens = torch.where(valid, batch.tokens.cpu().gather(1, absolute), torch.full_like(absolute, -1))
     return Census(alpha, confidence, rel_tokens, lengths, layers, batch.prepend_bos)
 
 
@@ -150,13 +215,11 @@ class _PatternReducer:
             assert len(self.alpha) == slot, "pattern hooks fired out of order"
             pattern = pattern.float()
             # under a device_map the layer may sit on another device than the mask: reduce on the layer's
-            query, seen_by, absolute, valid, lengths = (t.to(pattern.device) for t in (
-                self.query, self.seen_by, self.absolute, self.valid, self.lengths))
+            query, seen_by, absolute, valid = (t.to(pattern.device) for t in (
+                self.query, self.seen_by, self.absolute, self.valid))
             column_sum = torch.einsum("bhqk,bq->bhk", pattern, query)
             column_mean = column_sum / seen_by[:, None, :]
-            index = absolute[:, None, :].expand_as(column_mean)
-            rel = column_mean.gather(2, index).masked_fill(~valid[:, None, :], float("nan"))
-            self.alpha.append(rel.to(self.query.device))
+            self.alpha.append(gather_relative(column_mean, absolute, valid).to(self.query.device))
             top = pattern.amax(-1)  # [b, h, q]
             confidence = (top * query[:, None, :]).sum(-1) / lengths[:, None].float()
             self.confidence.append(confidence.to(self.query.device))

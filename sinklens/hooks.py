@@ -74,3 +74,10 @@ def relative_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     absolute = (starts[:, None] + rel).clamp(max=mask.shape[1] - 1)
     valid = rel < lengths[:, None]
     return absolute, valid, lengths
+
+
+def gather_relative(values: torch.Tensor, absolute: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-key values [batch, head, pos] at absolute positions, re-indexed by relative position (from
+    :func:`relative_index`), NaN past each prompt's end."""
+    index = absolute[:, None, :].expand_as(values)
+    return values.gather(2, index).masked_fill(~valid[:, None, :], float("nan"))
