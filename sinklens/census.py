@@ -162,12 +162,7 @@ def run_census(model, tokens, attention_mask: Tensor | None = None, layers: Sequ
     batch_size = check_int("batch_size", batch_size, minimum=1, meaning="prompts per forward")
     if not isinstance(full, bool):
         raise InputError(f"full must be True or False, got {full!r}.")
-    shortest = int(batch.attention_mask.sum(1).min())
     first_keys = check_int("first_keys", first_keys, minimum=1)
-    if first_keys > shortest:
-        raise InputError(f"first_keys={first_keys} must be in 1..{shortest}: the shortest prompt has "
-                         f"{shortest} tokens (counted from its first real token). Lower first_keys or drop the short "
-                         "prompts.")
     n, width = batch.tokens.shape
     fits, needed, free = eager_fits(min(batch_size, n), info.n_heads, width, info.device)
     if engine == "auto":
@@ -180,6 +175,11 @@ def run_census(model, tokens, attention_mask: Tensor | None = None, layers: Sequ
         raise InputError(f"engine='eager' on {min(batch_size, n)} prompts x {width} tokens needs about {gib(needed)} "
                          f"of attention patterns per layer, more than half of the {gib(free)} free on {info.device}. "
                          "Use engine='sdpa' (full=True for every key), or a smaller batch_size.")
+    shortest = int(batch.attention_mask.sum(1).min())
+    if engine == "sdpa" and not full and first_keys > shortest:
+        raise InputError(f"first_keys={first_keys} must be in 1..{shortest}: the shortest prompt has "
+                         f"{shortest} tokens (counted from its first real token). Lower first_keys or drop the short "
+                         "prompts.")
     absolute, valid, lengths = relative_index(batch.attention_mask.cpu())
     rel_tokens = torch.where(valid, batch.tokens.cpu().gather(1, absolute), torch.full_like(absolute, -1))
     if engine == "sdpa":
@@ -215,8 +215,8 @@ class _PatternReducer:
             assert len(self.alpha) == slot, "pattern hooks fired out of order"
             pattern = pattern.float()
             # under a device_map the layer may sit on another device than the mask: reduce on the layer's
-            query, seen_by, absolute, valid = (t.to(pattern.device) for t in (
-                self.query, self.seen_by, self.absolute, self.valid))
+            query, seen_by, absolute, valid, lengths = (t.to(pattern.device) for t in (
+                self.query, self.seen_by, self.absolute, self.valid, self.lengths))
             column_sum = torch.einsum("bhqk,bq->bhk", pattern, query)
             column_mean = column_sum / seen_by[:, None, :]
             self.alpha.append(gather_relative(column_mean, absolute, valid).to(self.query.device))
