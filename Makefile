@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.sinklens-installed
 
-.PHONY: run test headline lab bench clean-venv
+.PHONY: run test test-fast headline lab bench clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -20,6 +20,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The edit loop: everything but the notebook and browser tests.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not notebook and not browser" $(PYTEST_ARGS)
 
 # Rewrite README.md's headline block from runs/latest, when that is a successful default `make run` of the embedded
 # model (a run itself never writes into the checkout).

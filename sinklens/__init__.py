@@ -7,7 +7,12 @@ from .checkpoint import read_manifest, save_pruned
 from .dims import select_dims
 from .edits import active_edits
 from .errors import (
-    HubUnreachableError, InputError, SinklensError, UnknownModelError, UnsupportedArchitectureError, WriteError,
+    HubUnreachableError,
+    InputError,
+    SinklensError,
+    UnknownModelError,
+    UnsupportedArchitectureError,
+    WriteError,
 )
 from .evaluation import EvalResult, evaluate, retention
 from .lm_eval_bridge import evaluate_lm_eval
@@ -17,7 +22,12 @@ from .massive_tokens import MassiveTokens, massive_tokens
 from .probes import probe_provenance, probe_tokens
 from .pruning import PruneHandle, PruningPlan, apply_pruning, plan_pruning, prune_qk
 from .reconstruction import (
-    error_quantiles, k_sweep, k_sweep_headline, reconstruction_error, reconstruction_headline, smallest_k,
+    error_quantiles,
+    k_sweep,
+    k_sweep_headline,
+    reconstruction_error,
+    reconstruction_headline,
+    smallest_k,
 )
 from .removal import HeadRemovalHandle, apply_head_removal, remove_heads
 from .selection import LayerSelection, layer_selection
@@ -36,10 +46,10 @@ __all__ = [
     "Census", "MassiveActivations", "MassiveTokens", "bos_top_dims", "first_token_comparison", "massive_activations",
     "massive_tokens", "run_census", "sink_scores", "sink_specialized_heads", "specialization_table",
     # QK column pruning, reconstruction error, pruned checkpoints
-    "CalibrationSet", "HeadRemovalHandle", "PruneHandle", "PruneSpec", "PruningPlan", "active_edits", "apply_head_removal",
-    "apply_pruning", "error_quantiles", "k_sweep", "k_sweep_headline", "layer_heads", "plan_pruning", "prune_qk",
-    "read_manifest", "reconstruction_error", "reconstruction_headline", "remove_heads", "save_pruned", "select_dims",
-    "smallest_k",
+    "CalibrationSet", "HeadRemovalHandle", "PruneHandle", "PruneSpec", "PruningPlan", "active_edits",
+    "apply_head_removal", "apply_pruning", "error_quantiles", "k_sweep", "k_sweep_headline", "layer_heads",
+    "plan_pruning", "prune_qk", "read_manifest", "reconstruction_error", "reconstruction_headline", "remove_heads",
+    "save_pruned", "select_dims", "smallest_k",
     # evaluation and layer selection
     "EvalResult", "LayerSelection", "evaluate", "evaluate_lm_eval", "layer_selection", "retention",
 ]

@@ -53,8 +53,20 @@ from .pruning import PruningPlan, apply_pruning, plan_pruning
 from .qk import check_editable, head_rows, layout, masked_like, weights
 from .removal import apply_head_removal
 from .spec import (
-    CALIBRATIONS, DEFAULT_POOL, FILLS, GQA_POLICIES, POLICIES, Calibration, DimsArg, Fill, GQAPolicy, Head, Objective,
-    PruneSpec, as_spec, check_heads,
+    CALIBRATIONS,
+    DEFAULT_POOL,
+    FILLS,
+    GQA_POLICIES,
+    POLICIES,
+    Calibration,
+    DimsArg,
+    Fill,
+    GQAPolicy,
+    Head,
+    Objective,
+    PruneSpec,
+    as_spec,
+    check_heads,
 )
 from .tokens import TokenBatch, as_batch
 from .validate import check_choice, check_fraction, check_int

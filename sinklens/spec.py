@@ -5,7 +5,8 @@ handling, the fill value of dropped dims, the score calibration), never *on what
 tokens a policy or a fit measures (``bos_top``'s BOS vectors, ``act_weight``'s input norms, the
 ``optimized`` search, ``fill="mean"``'s means, the temperature) are passed beside it
 (:class:`sinklens.calibration.CalibrationSet`). Every function that prunes takes one (``apply_pruning``,
-``prune_qk``, ``plan_pruning``, ``select_dims``, ``reconstruction_error``, the layer-selection sweep), and every record of a pruning
+``prune_qk``, ``plan_pruning``, ``select_dims``, ``reconstruction_error``, the layer-selection sweep), and every
+record of a pruning
 (handles, checkpoint manifests, sweep results, reconstruction tables) writes its fields, so a record
 reads back into the spec that made it (:meth:`PruneSpec.from_dict`).
 

@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sinklens as sl
-from conftest import random_tokens
+
+from helpers import random_tokens
 
 K = 6
 

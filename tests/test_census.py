@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import sinklens as sl
-from conftest import padded_mask, random_tokens
+
+from helpers import padded_mask, random_tokens
 
 TOL = 1e-5
 

@@ -8,8 +8,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import sinklens as sl
-from conftest import random_tokens
 
+from helpers import random_tokens
 
 
 def reload(folder):

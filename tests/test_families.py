@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_families import FAMILIES, MODEL_TYPE, build_family_checkpoint
 
 import sinklens as sl
 from sinklens.qk import LAYOUTS
+
+from tiny_families import FAMILIES, MODEL_TYPE, build_family_checkpoint
 
 TOL = 1e-5
 PROJECTIONS = ("q_proj", "qkv_proj", "c_attn", "query_key_value")  # the module that multiplies the attention input

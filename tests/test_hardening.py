@@ -10,13 +10,14 @@ import shutil
 import pytest
 import torch
 import transformers
-from conftest import random_tokens
 
 import sinklens as sl
 from sinklens import checkpoint, loading
 from sinklens.beyond_bos import spread_heads
 from sinklens.errors import SinklensError
 from sinklens.views import attention_view
+
+from helpers import random_tokens
 
 # --- silent failure: hook resets under an active edit ---------------------------------------------------------
 

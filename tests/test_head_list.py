@@ -5,11 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import random_tokens
 
 import sinklens as sl
 from sinklens.errors import InputError
 from sinklens.series import head_list
+
+from helpers import random_tokens
 
 EPS, Q = 0.15, 0.5
 

@@ -7,8 +7,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import sinklens as sl
 import sinklens.memory
-from conftest import padded_mask, random_tokens
 from sinklens.lse_census import attention_with_lse, fused_attention, lse_statistics
+
+from helpers import padded_mask, random_tokens
 
 TOL = 1e-5
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import sinklens as sl
-from conftest import padded_mask, random_tokens
 from sinklens.lse_census import first_key_weights
 from sinklens.massive_tokens import carrier_summary, token_kind
+
+from helpers import padded_mask, random_tokens
 
 
 def numpy_hits(resid, mask, min_abs, min_ratio):

@@ -8,7 +8,8 @@ import re
 import nbformat
 import pandas as pd
 import pytest
-from conftest import build_tiny_checkpoint, execute_notebook
+
+from helpers import build_tiny_checkpoint, execute_notebook
 
 pytestmark = pytest.mark.notebook
 
@@ -65,7 +66,8 @@ def test_saved_tables_are_consistent(run_dir):
         assert summary["best"]["n_heads"] == meeting["n_heads"].max()
         assert summary["best"]["retention"] >= TARGET
         head = summary["headline"]
-        assert head["best_retention"] == summary["best"]["retention"] and head["best_layers"] == str(summary["best"]["layers"])
+        assert head["best_retention"] == summary["best"]["retention"]
+        assert head["best_layers"] == str(summary["best"]["layers"])
         same = removal_rows[removal_rows["layers"] == head["best_layers"]]["retention"]
         assert head["removal_retention_same_heads"] == (pytest.approx(same.iloc[0]) if len(same) else None)
     assert summary["parameters"]["k"] == 4 and summary["settings"]["k"] == 4

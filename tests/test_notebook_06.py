@@ -5,10 +5,11 @@ import json
 
 import pandas as pd
 import pytest
+from sinklens.runner import CI_PARAMS
 
 import sinklens as sl
-from conftest import execute_notebook
-from sinklens.runner import CI_PARAMS
+
+from helpers import execute_notebook
 
 pytestmark = [pytest.mark.notebook, pytest.mark.integration]
 

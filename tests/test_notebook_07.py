@@ -6,7 +6,7 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import execute_notebook
+from helpers import execute_notebook
 
 pytestmark = [pytest.mark.notebook, pytest.mark.integration]
 

@@ -10,7 +10,8 @@ import re
 import nbformat
 import pandas as pd
 import pytest
-from conftest import execute_notebook
+
+from helpers import execute_notebook
 
 pytestmark = pytest.mark.notebook
 

@@ -7,7 +7,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from conftest import execute_notebook
+from helpers import execute_notebook
 
 pytestmark = [pytest.mark.notebook, pytest.mark.integration]
 
@@ -40,7 +40,8 @@ def test_notebook_03_topk_pruning(tmp_path):
     assert (errors["alpha0"] > 0.3 * 0.9).all()  # sink-specialized: above eps on >= 90% of the prompts
     assert (errors["alpha0"] + errors["d_alpha0"]).between(0, 1).all()
     head = summary["headline"]
-    assert head["n_heads_pruned"] == len(heads) and head["frob_rel_median"] == pytest.approx(errors["frob_rel"].median())
+    assert head["n_heads_pruned"] == len(heads)
+    assert head["frob_rel_median"] == pytest.approx(errors["frob_rel"].median())
     assert head["alpha0_pruned_mean"] == pytest.approx((errors["alpha0"] + errors["d_alpha0"]).mean())
     assert errors["next_kl"].nunique() == 1 and errors["next_kl"].iloc[0] > 0
     figures = {p.name for p in (out / "figures").iterdir()}

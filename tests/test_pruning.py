@@ -8,10 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sinklens as sl
-from conftest import padded_mask, random_tokens
 from sinklens.hooks import pattern_hook
 
-
+from helpers import padded_mask, random_tokens
 
 # --- an independent implementation (numpy, float64, from the HF weights) ------------------------
 

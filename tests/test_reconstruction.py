@@ -7,7 +7,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import sinklens as sl
-from conftest import padded_mask, random_tokens
+
+from helpers import padded_mask, random_tokens
 
 METRICS = ["alpha0", "frob_rel", "kl", "d_alpha0", "out_rel"]
 

@@ -406,8 +406,9 @@ def test_findings_are_written_from_the_summaries(tmp_path):
             "80.6 %.") in text
     assert "different lists" not in text  # one count of sink-specialized heads: 140 everywhere
     smallest = SUMMARIES["reconstruction_error.json"]["headline"]["smallest_k_median_below_0.2"]
-    never = {"reconstruction_error.json": {"parameters": {"ks": [1, 10, 50]}, "headline": dict(
-        SUMMARIES["reconstruction_error.json"]["headline"], **{"smallest_k_median_below_0.2": dict.fromkeys(smallest)})}}
+    never_headline = dict(SUMMARIES["reconstruction_error.json"]["headline"],
+                          **{"smallest_k_median_below_0.2": dict.fromkeys(smallest)})
+    never = {"reconstruction_error.json": {"parameters": {"ks": [1, 10, 50]}, "headline": never_headline}}
     assert ("No kept-dims policy brings the median error below 0.2 at the k tried (k up to 50)."
             in findings.findings(headline.summaries_of(make_series_run(tmp_path / "never", never))))
     # 3 + 1 + 1 + 3 + 1 sentences; the unknown long_context.json gives none: its numbers are in the tables

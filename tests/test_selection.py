@@ -171,7 +171,7 @@ def test_bad_input_is_refused_before_any_forward(setup, monkeypatch, override, f
 
 
 def test_results_of_another_model_are_refused_before_any_forward(setup, tmp_path, monkeypatch):
-    from conftest import build_tiny_checkpoint
+    from helpers import build_tiny_checkpoint
 
     model, kwargs, _ = setup
     other = sl.load_model(str(build_tiny_checkpoint(tmp_path / "other", 4, 4, seed=3)), device="cpu")

@@ -1,5 +1,6 @@
 import sinklens as sl
-from conftest import random_tokens
+
+from helpers import random_tokens
 
 
 def test_tiny_loads_and_runs(tiny):

@@ -12,11 +12,12 @@ import textwrap
 
 import pandas as pd
 import pytest
-from conftest import build_tiny_checkpoint
 
 import sinklens as sl
 from sinklens.evaluation import build_plan
 from sinklens.sweep import Sweep
+
+from helpers import build_tiny_checkpoint
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ITEMS = [

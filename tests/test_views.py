@@ -8,12 +8,13 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
-from conftest import padded_mask, random_tokens
 
 import sinklens as sl
 from sinklens import summaries, views
 from sinklens.hooks import pattern_hook
 from sinklens.plots import census as plots
+
+from helpers import padded_mask, random_tokens
 
 
 def _captured_pattern(model, ids, layer):

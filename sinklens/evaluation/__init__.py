@@ -31,7 +31,14 @@ Modules, one concept each:
 from .forward import additive_mask, forward_scores
 from .items import ITEMS_FILE, bundled_items_path, items_digest, load_items
 from .metrics import (
-    ITEM_COLUMNS, MEAN_ACC, EvalResult, compute_metrics, lower_is_better, per_item_table, retention, retention_value,
+    ITEM_COLUMNS,
+    MEAN_ACC,
+    EvalResult,
+    compute_metrics,
+    lower_is_better,
+    per_item_table,
+    retention,
+    retention_value,
 )
 from .plan import PARTS, SUITES, EvalPlan, Suite, build_plan, check_suite, evaluate, plan_fingerprint
 from .requests import SPLITS, Batch, Split, copy_vocabulary, encode_pair

@@ -255,8 +255,8 @@ def confidence_vs_alpha(census: Census, table: pd.DataFrame | None = None) -> go
     check_type(census, Census, "census")
     alpha = census.sink_scores(0).mean(0)
     confidence = census.confidence.mean(0)
-    layer_idx, head_idx = torch.meshgrid(torch.arange(alpha.shape[0], device="cpu"), torch.arange(alpha.shape[1], device="cpu"),
-                                        indexing="ij")
+    layer_idx, head_idx = torch.meshgrid(torch.arange(alpha.shape[0], device="cpu"),
+                                         torch.arange(alpha.shape[1], device="cpu"), indexing="ij")
     frame = pd.DataFrame({"layer": torch.tensor(census.layers, device="cpu")[layer_idx.flatten()].numpy(),
                           "head": head_idx.flatten().numpy(), "alpha0": alpha.flatten().numpy(),
                           "confidence": confidence.flatten().numpy()})
