@@ -43,7 +43,7 @@ lab: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/census.py
 	$(PY) bench/sweep.py
-	$(PY) bench/scale.py --shape llama-2-7b --layers 2 --device cpu --dtype fp32
+	$(PY) bench/scale.py --shape llama-2-7b --layers 2 --device cpu --dtype fp32 --prompts 16 --long-prompts 2
 
 clean-venv:
 	rm -rf .venv

@@ -1,6 +1,7 @@
 """Time and peak memory of every sinklens step on a random-init model of a real model's shape.
 
-    python bench/scale.py --shape llama-2-7b --layers 2 --device cpu --dtype fp32     # `make bench`
+    python bench/scale.py --shape llama-2-7b --layers 2 --device cpu --dtype fp32     # the issue's sizes
+    python bench/scale.py --layers 2 --prompts 16 --long-prompts 2                     # `make bench` (2 CPU cores)
     python bench/scale.py --shape llama-2-7b --layers 32 --device cuda --dtype bf16   # bench/gpu_check.sh
 
 The checkpoint is written once by ``sinklens.testing.random_llama`` (bf16 weights, the embedded model's
@@ -89,6 +90,8 @@ def main(argv=None) -> dict:
                         help="model dtype (default: fp32 on the CPU, bf16 on CUDA)")
     parser.add_argument("--folder", default=None, help="checkpoint folder (built there when missing)")
     parser.add_argument("--eval-limit", type=int, default=50)
+    parser.add_argument("--prompts", type=int, default=128, help="prompts of 64 tokens (default 128)")
+    parser.add_argument("--long-prompts", type=int, default=8, help="prompts of 1,024 tokens (default 8)")
     parser.add_argument("--json", default=None, help="also write the table as JSON to this file")
     args = parser.parse_args(argv)
 
@@ -107,17 +110,18 @@ def main(argv=None) -> dict:
     print(f"model: d_model {info.d_model}, {info.n_heads} heads / {info.n_kv_heads} KV, d_head {info.d_head}, "
           f"{info.n_layers} layers, vocab {info.d_vocab}, {info.dtype} on {info.device}")
 
-    probes = {"128x64": sl.probe_tokens(model, n_prompts=128, seq_len=64),
-              "8x1024": sl.probe_tokens(model, n_prompts=8, seq_len=1024)}
-    warm_up = probes["128x64"]
+    short, long = f"{args.prompts}x64", f"{args.long_prompts}x1024"
+    probes = {short: sl.probe_tokens(model, n_prompts=args.prompts, seq_len=64),
+              long: sl.probe_tokens(model, n_prompts=args.long_prompts, seq_len=1024)}
+    warm_up = probes[short]
     bare_forward(model, sl.TokenBatch(warm_up.tokens[:2, :16], warm_up.attention_mask[:2, :16], True), 2)
     for shape, batch in probes.items():
         with meter.step(f"bare forward {shape}"):
             bare_forward(model, batch, CENSUS_BATCH)
         with meter.step(f"run_census {shape}"):
             sl.run_census(model, batch, batch_size=CENSUS_BATCH, show_progress=False)
-    probe = probes["128x64"]
-    with meter.step("massive_activations 128x64"):
+    probe = probes[short]
+    with meter.step(f"massive_activations {short}"):
         stats = sl.massive_activations(model, probe, batch_size=CENSUS_BATCH, show_progress=False)
     layer = info.n_layers // 2
     heads = [(layer, h) for h in range(info.n_heads)]
@@ -126,7 +130,7 @@ def main(argv=None) -> dict:
     with meter.step(f"prune_qk all {info.n_heads} heads of layer {layer}, k=10", "apply + restore"):
         with sl.prune_qk(model, heads, k=10, dims="bos_top", tokens=stats):
             pass
-    with meter.step(f"reconstruction_error k=10, {len(heads)} heads", "model level, 128x64"):
+    with meter.step(f"reconstruction_error k=10, {len(heads)} heads", f"model level, {short}"):
         sl.reconstruction_error(model, probe, heads, k=10, dims_tokens=stats, batch_size=CENSUS_BATCH,
                                 show_progress=False)
     with meter.step(f"evaluate(limit={args.eval_limit})"):
