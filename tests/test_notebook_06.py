@@ -5,7 +5,7 @@ import json
 
 import pandas as pd
 import pytest
-from sinklens.runner import CI_PARAMS
+from sinklens.series.runner import CI_PARAMS
 
 import sinklens as sl
 

@@ -263,7 +263,7 @@ def report_html(run_dir: str | os.PathLike, manifest: dict | None = None, notes:
     parts += [_notebook_html(run_dir, nb, a) for a, nb in zip(anchors, notebooks, strict=True)]
     if unclaimed:
         parts.append('<h2 id="other">Other files</h2>' + _files_html(run_dir, [run_dir / rel for rel in unclaimed]))
-    parts.append(f'<p class="meta">Written by sinklens.report at {time.strftime("%Y-%m-%d %H:%M:%S")} | '
+    parts.append(f'<p class="meta">Written by sinklens.series.report at {time.strftime("%Y-%m-%d %H:%M:%S")} | '
                  f'<a href="{MANIFEST}">manifest.json</a></p>')
     body = "\n".join(p for p in parts if p)
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
