@@ -5,9 +5,9 @@ import json
 
 import pandas as pd
 import pytest
-from sinklens.series.runner import CI_PARAMS
 
 import sinklens as sl
+from sinklens.series.runner import CI_PARAMS
 
 from helpers import execute_notebook
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from ..errors import InputError
 from ..long_context import sink_heads_over_length, sink_rate_by_length
 from ..massive_tokens import KINDS
-from .census import _check_frame
+from .checks import check_frame
 
 _KIND_COLORS = dict(zip(KINDS, ("#d62728", "#ff7f0e", "#2ca02c", "#1f77b4", "#7f7f7f")))
 MAX_ROWS = 1024  # query rows drawn in the first-keys view (longer prompts are averaged over bins)
@@ -22,7 +22,7 @@ MAX_ROWS = 1024  # query rows drawn in the first-keys view (longer prompts are a
 def alpha0_vs_length(sweep: pd.DataFrame, eps: float = 0.3) -> go.Figure:
     """Mean alpha_0 of the sink heads (alpha_0 > eps at the shortest length; band: their 10-90% range) and
     Sink^eps over all heads, against the prompt length (log axis)."""
-    _check_frame(sweep, ["length", "layer", "head", "alpha_0"], "sweep", "sinklens.long_context.length_sweep")
+    check_frame(sweep, ["length", "layer", "head", "alpha_0"], "sweep", "sinklens.long_context.length_sweep")
     followed = sink_heads_over_length(sweep, eps).groupby("length")["alpha_0"]
     stats = pd.DataFrame({"mean": followed.mean(), "low": followed.quantile(0.1), "high": followed.quantile(0.9)})
     rates = sink_rate_by_length(sweep, eps)
@@ -46,7 +46,7 @@ def alpha0_vs_length(sweep: pd.DataFrame, eps: float = 0.3) -> go.Figure:
 
 def sink_rate_by_layer_and_length(sweep: pd.DataFrame, eps: float = 0.3) -> go.Figure:
     """Heatmap of Sink^eps (% of the layer's heads with alpha_0 > eps) per layer (rows) and length (columns)."""
-    _check_frame(sweep, ["length", "layer", "head", "alpha_0"], "sweep", "sinklens.long_context.length_sweep")
+    check_frame(sweep, ["length", "layer", "head", "alpha_0"], "sweep", "sinklens.long_context.length_sweep")
     rates = sink_rate_by_length(sweep, eps)
     grid = rates[rates["layer"] >= 0].pivot(index="layer", columns="length", values="sink_rate")
     fig = go.Figure(go.Heatmap(z=grid.to_numpy(), x=[str(c) for c in grid.columns], y=grid.index, zmin=0, zmax=100,

@@ -52,7 +52,7 @@ DEFAULT_MODEL = next(iter(EMBEDDED_MODELS))
 # The probe of the series, set once for the run and passed to every notebook that declares these parameters: every
 # notebook measures on the same prompts with the same definition of a sink-specialized head. -p/--params set them
 # for the whole run the same way.
-SERIES_PARAMS: dict[str, Any] = {"n_prompts": 128, "seq_len": 64, "eps": 0.3, "q": 0.9}
+SERIES_PARAMS: dict[str, Any] = {"n_prompts": 64, "seq_len": 64, "eps": 0.3, "q": 0.9}
 # Small parameters for --ci: the whole series in well under a minute per notebook on 2 CPU cores.
 # Applied to the notebooks that declare them; -p and --params still override them.
 CI_PARAMS: dict[str, Any] = {
