@@ -261,3 +261,31 @@ def test_layer_selection_on_a_non_llama_family(tmp_path, item_file):
                 sl.evaluation.retention_value(dense, pruned, metric), abs=1e-6, nan_ok=True)
         checked += 1
     assert checked >= 1
+
+
+def test_optimized_dims_search_per_family(family):
+    """dims="optimized" picks, at each greedy step, the pool dim whose addition gives the lowest layer-level frob_rel
+    (the model's own attention recomputes it); families whose score path the search does not reproduce (q/k norms,
+    softcaps) are refused."""
+    name, folder = family
+    model = sl.load_model(str(folder), device="cpu")
+    cal = _tokens(4, 12, seed=10)
+    head, pool = (1, 1), 8
+    calibration = sl.CalibrationSet(model, cal)
+    spec = sl.PruneSpec([head], 2, "optimized", pool=pool, gqa="q_only")
+    family_layout = LAYOUTS[MODEL_TYPE.get(name, name)]
+    if family_layout.qk_norm or family_layout.softcap:
+        with pytest.raises(sl.InputError, match=f'dims="optimized".*{family_layout.name}'):
+            sl.select_dims(model, spec, tokens=calibration)
+        return
+    sl.select_dims(model, spec, tokens=calibration)
+    (order,) = [list(ranking) for ranking in calibration.rankings.values()]
+    candidates = sl.select_dims(model, [head], pool, dims="act_weight", tokens=calibration)[head].tolist()
+    for step in range(2):
+        errors = {}
+        for d in candidates:
+            if d not in order[:step]:
+                frame = sl.reconstruction_error(model, cal, [head], step + 1, dims=order[:step] + [d], gqa="q_only",
+                                                level="layer", show_progress=False)
+                errors[d] = float(frame["frob_rel"].iloc[0])
+        assert errors[order[step]] == pytest.approx(min(errors.values()), abs=1e-6), (name, step)
