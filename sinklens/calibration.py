@@ -43,11 +43,12 @@ from .validate import check_int
 
 @dataclass
 class LayerInputs:
-    """The attention input of one layer on every calibration prompt, with its rotary tables (fp32)."""
+    """The attention input of one layer on every calibration prompt, with its rotary tables (fp32; None for a
+    family without rotary, e.g. GPT-2's learned positions)."""
 
     x: Float[Tensor, "batch pos d_model"]
-    cos: Float[Tensor, "batch pos d_head"]
-    sin: Float[Tensor, "batch pos d_head"]
+    cos: Float[Tensor, "batch pos d_head"] | None
+    sin: Float[Tensor, "batch pos d_head"] | None
 
 
 def fingerprint(batch: TokenBatch) -> str:
@@ -137,10 +138,13 @@ class CalibrationSet:
                         parts[layer][slot].append(value.expand(n, *value.shape[1:]).clone())
                     return capture
 
-                hooks += [(hook_names.input, keep("x")), (hook_names.cos, keep("cos")), (hook_names.sin, keep("sin"))]
+                hooks.append((hook_names.input, keep("x")))
+                if names.rotary is not None:
+                    hooks += [(hook_names.cos, keep("cos")), (hook_names.sin, keep("sin"))]
             run_hooked(self.model, sub, hooks, layers)
         for layer in layers:
-            self._inputs[layer] = LayerInputs(*(torch.cat(parts[layer][slot]) for slot in ("x", "cos", "sin")))
+            self._inputs[layer] = LayerInputs(*(torch.cat(parts[layer][slot]) if parts[layer][slot] else None
+                                                for slot in ("x", "cos", "sin")))
 
     def mean(self, layer: int) -> Float[Tensor, " d_model"]:
         """Mean of each attention-input dim over the real non-BOS calibration positions (fp32).

@@ -329,6 +329,23 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def model_names(skeleton, names: list[str]) -> dict[str, str]:
+    """The model's name of each checkpoint tensor name: transformers renames some legacy names on load (GPT-NeoX's
+    ``embed_out`` is the model's ``lm_head``), so a checkpoint is checked under the names the model will use.
+
+    Args:
+        skeleton: the model built from the checkpoint's config (on the meta device).
+        names: tensor names in the checkpoint's files.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(skeleton) or []
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    return {name: rename_source_key(name, renamings, converters)[0] if transforms else name for name in names}
+
+
 def check_weights(folder: Path) -> None:
     """Weights and tokenizer present, safetensors files complete, every tensor of the shape config.json implies.
 
@@ -368,12 +385,13 @@ def check_weights(folder: Path) -> None:
         raise InputError(f"{folder / 'config.json'} is not a configuration transformers can read ({err}): restore it "
                          "from the original checkpoint.") from err
     with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
-    # a name transformers renames on save (e.g. GPT-NeoX's lm_head is stored as embed_out) is matched by shape
-    renamed = [shape for name, (shape, _) in found.items() if name not in expected]
+        skeleton = AutoModelForCausalLM.from_config(config)
+    expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    renamed = model_names(skeleton, list(found))
+    found = {renamed[name]: value for name, value in found.items()}
     for tensor, shape in expected.items():
         if tensor not in found:
-            if tensor == "lm_head.weight" and getattr(config, "tie_word_embeddings", False) or shape in renamed:
+            if tensor == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
                 continue
             raise InputError(f"{folder}: tensor {tensor} of shape {list(shape)} is missing from the weights: is the "
                              "checkpoint complete, and written for this config.json?")

@@ -45,9 +45,14 @@ class HeadProblem:
     """
 
     def __init__(self, model, info: ModelInfo, calibration: CalibrationSet, layer: int, head: int):
+        self.layer, self.head, self.layout = layer, head, layout(model)
+        if self.layout.qk_norm or self.layout.softcap:
+            raise InputError(f'dims="optimized" scores candidate dims with the Llama score path (projection, bias, '
+                             f"rotary, scaling); {self.layout.name} ({self.layout.describe()}) has another one, so the "
+                             'search would rank dims by an approximate pattern. Use dims="bos_top", "act_weight" or '
+                             '"random" on this family.')
         inputs = calibration.inputs([layer])[layer]
         self.x, self.cos, self.sin = inputs.x, inputs.cos, inputs.sin
-        self.layer, self.head, self.layout = layer, head, layout(model)
         device = self.x.device
         w = weights(model, layer)
         self.wq = w.q[head_rows(info, head)].detach().float().to(device)  # [d_head, d_model]
@@ -68,11 +73,13 @@ class HeadProblem:
         self.ref_logp, self.ref_p = softmax_pair(self.scores(q[:, None], k[:, None]))  # [batch, 1, query, key]
 
     def rotate(self, x: Float[Tensor, "*lead batch pos d_head"]) -> Float[Tensor, "*lead batch pos d_head"]:
-        """Rotary embedding of pre-rotary queries or keys at the calibration positions.
+        """Rotary embedding of pre-rotary queries or keys at the calibration positions (none without rotary).
 
         Args:
             x: per-position vectors (any leading dims before batch).
         """
+        if self.cos is None:  # no rotary (learned positions)
+            return x
         lead = x.shape[:-3]
         flat = x.reshape(-1, *x.shape[-3:]).transpose(0, 1)  # [batch, lead, pos, d_head]
         rotated = self.layout.rotate(flat, self.cos, self.sin)

@@ -5,16 +5,23 @@ For each family (tests/tiny_families.py): the census and massive activations equ
 a pruned head's pattern equals that of the checkpoint written by ``save_pruned`` and reloaded with plain
 transformers, with sibling heads untouched; the layer-level reconstruction error equals the model-level
 one when a single layer is pruned. Refusals are checked where a family's structure makes a pruning
-inexact.
+inexact. ``evaluate`` scores every target as a plain HF forward of the sequence the target sees (block
+mask, position ids, sliding windows and final softcaps included), also when it resumes from a stored
+residual; the attention view and the specialization table read the model's own patterns.
 """
 
 from __future__ import annotations
+
+import json
+import sqlite3
 
 import pytest
 import torch
 
 import sinklens as sl
+from sinklens.evaluation import build_plan, evaluate, forward_scores
 from sinklens.qk import LAYOUTS
+from sinklens.views import attention_view
 
 from tiny_families import FAMILIES, MODEL_TYPE, build_family_checkpoint
 
@@ -154,3 +161,132 @@ def test_unsupported_model_type_lists_the_supported_ones(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(sl.UnsupportedArchitectureError, match="gpt2, gpt_neox"):
         sl.load_model(str(tmp_path))  # refused from config.json alone: there are no weights to read
+
+
+# contexts and choices long enough that a block-packed choice crosses Gemma 2's sliding window (6)
+EVAL_ITEMS = [
+    {"id": f"i{i}", "task": "t" + str(i % 2), "context": " ".join(f"w{5 + 7 * i + j}" for j in range(3 + i)),
+     "choices": [f" w{60 + i}", f" w{70 + i} w{71 + i} w{72 + i}", f" w{90 + i} w{3 + i}"], "gold": i % 3}
+    for i in range(5)
+]
+
+
+@pytest.fixture(scope="module")
+def item_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("items") / "items.jsonl"
+    path.write_text("".join(json.dumps(item) + "\n" for item in EVAL_ITEMS))
+    return path
+
+
+def test_evaluate_scores_equal_plain_hf_forward(family, item_file):
+    """Every target of every batch against a plain HF eager forward of the tokens its query may see."""
+    name, folder = family
+    model = sl.load_model(str(folder), device="cpu")
+    reference = _reference(folder)
+    plan = build_plan(model, "default", items=item_file, n_lm_prompts=2, lm_seq_len=12, n_copy=2, copy_len=6)
+    n_layers = sl.model_info(model).n_layers
+    seen_logp: dict[tuple[int, ...], torch.Tensor] = {}
+    worst, n_checked = 0.0, 0
+    for batch in plan.batches:
+        logp, top, store = forward_scores(model, batch, capture=range(n_layers))
+        for i in range(len(batch.targets)):
+            row, col, target = int(batch.rows[i]), int(batch.cols[i]), int(batch.targets[i])
+            keys = batch.allowed[row, col].nonzero()[:, 0]
+            assert torch.equal(batch.positions[row, keys], torch.arange(len(keys)))  # the sequence it sees
+            ids = tuple(batch.tokens[row, keys].tolist())
+            if ids not in seen_logp:
+                with torch.no_grad():
+                    seen_logp[ids] = reference(torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
+            expected = seen_logp[ids]
+            worst = max(worst, abs(float(logp[i]) - float(expected[target])))
+            assert bool(top[i]) == (int(expected.argmax()) == target)
+            n_checked += 1
+        for start in range(1, n_layers):  # resuming from the captured residual gives the full forward's scores
+            resumed, _, _ = forward_scores(model, batch, start_layer=start, resid=store[start])
+            assert (resumed - logp).abs().max() <= 1e-6, (name, start)
+    assert worst <= TOL, (name, worst)
+    assert n_checked > 60
+    # evaluate's per-item log-likelihoods: the gold choice's nll against the same reference
+    table = evaluate(model, "mc", items=item_file, show_progress=False).per_item.set_index("item")
+    for item in EVAL_ITEMS:
+        ctx = model.tokenizer(item["context"], add_special_tokens=False)["input_ids"]
+        gold = model.tokenizer(item["choices"][item["gold"]], add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = reference(torch.tensor([[1] + ctx + gold])).logits[0].float().log_softmax(-1)
+        ll = sum(float(logits[len(ctx) + j, t]) for j, t in enumerate(gold))
+        assert abs(table.loc[item["id"], "nll"] + ll) <= TOL * len(gold), (name, item["id"])
+
+
+def test_attention_view_and_specialization_table(family):
+    name, folder = family
+    model = sl.load_model(str(folder), device="cpu")
+    tokens = _tokens(4, 10, seed=4)
+    with torch.no_grad():
+        attentions = _reference(folder)(tokens, output_attentions=True).attentions
+    view = attention_view(model, tokens[0], layer=1, heads=[0, 2])
+    assert view.token_ids == tokens[0].tolist()
+    assert (view.pattern - attentions[1][0, [0, 2]]).abs().max() <= TOL
+    scores = sl.sink_scores(model, tokens)
+    table = sl.specialization_table(scores, eps=0.1, q=0.5, n_boot=20)
+    alpha0 = torch.stack([a[:, :, :, 0].double().mean(-1) for a in attentions], dim=1)  # [batch, layer, head]
+    for row in table.itertuples():
+        assert abs(row.mean - float(alpha0[:, row.layer, row.head].mean())) <= TOL, (name, row)
+        assert row.frac_above_eps == pytest.approx(float((alpha0[:, row.layer, row.head] > 0.1).double().mean()))
+
+
+def test_layer_selection_on_a_non_llama_family(tmp_path, item_file):
+    """GPT-NeoX (fused per-head qkv split into copies, partial rotary, parallel attention/MLP): the sweep resumes
+    from stored residuals, and its retentions equal full forwards of the same pruning."""
+    folder = build_family_checkpoint(tmp_path / "neox", "gpt_neox")
+    model = sl.load_model(str(folder), device="cpu")
+    heads = [(0, 1), (1, 0), (1, 2), (2, 3)]
+    eval_kwargs = dict(items=str(item_file), n_lm_prompts=2, lm_seq_len=12, n_copy=2, copy_len=6)
+    sel = sl.layer_selection(model, k=4, target_retention=0.5, strategy=["single_layer_rank", "greedy"], heads=heads,
+                             n_prompts=4, seq_len=16, eval_kwargs=eval_kwargs, n_boot=20,
+                             results=tmp_path / "sweep.sqlite", show_progress=False)
+    with sqlite3.connect(tmp_path / "sweep.sqlite") as conn:
+        starts = [json.loads(extra)["start_layer"] for (extra,) in
+                  conn.execute("SELECT extra FROM results WHERE config LIKE '%qk%'")]
+    assert max(starts) > 0  # configurations resumed from stored residuals
+    assert not sl.active_edits(model)
+    probe = sl.probe_tokens(model, 4, 16)
+    dense = evaluate(model, **eval_kwargs, split="heldout", show_progress=False)
+    checked = 0
+    for row in sel.confirmed().to_dict("records"):
+        layers = tuple(int(x) for x in row["layers"].split(","))
+        chosen = [(l, h) for l, h in heads if l in layers]
+        with sl.prune_qk(model, chosen, 4, dims="bos_top", tokens=probe):
+            pruned = evaluate(model, **eval_kwargs, split="heldout", show_progress=False)
+        for metric in ("lm/ppl", "copy/acc", "mc/acc"):
+            assert row[f"retention:{metric}"] == pytest.approx(
+                sl.evaluation.retention_value(dense, pruned, metric), abs=1e-6, nan_ok=True)
+        checked += 1
+    assert checked >= 1
+
+
+def test_optimized_dims_search_per_family(family):
+    """dims="optimized" picks, at each greedy step, the pool dim whose addition gives the lowest layer-level frob_rel
+    (the model's own attention recomputes it); families whose score path the search does not reproduce (q/k norms,
+    softcaps) are refused."""
+    name, folder = family
+    model = sl.load_model(str(folder), device="cpu")
+    cal = _tokens(4, 12, seed=10)
+    head, pool = (1, 1), 8
+    calibration = sl.CalibrationSet(model, cal)
+    spec = sl.PruneSpec([head], 2, "optimized", pool=pool, gqa="q_only")
+    family_layout = LAYOUTS[MODEL_TYPE.get(name, name)]
+    if family_layout.qk_norm or family_layout.softcap:
+        with pytest.raises(sl.InputError, match=f'dims="optimized".*{family_layout.name}'):
+            sl.select_dims(model, spec, tokens=calibration)
+        return
+    sl.select_dims(model, spec, tokens=calibration)
+    (order,) = [list(ranking) for ranking in calibration.rankings.values()]
+    candidates = sl.select_dims(model, [head], pool, dims="act_weight", tokens=calibration)[head].tolist()
+    for step in range(2):
+        errors = {}
+        for d in candidates:
+            if d not in order[:step]:
+                frame = sl.reconstruction_error(model, cal, [head], step + 1, dims=order[:step] + [d], gqa="q_only",
+                                                level="layer", show_progress=False)
+                errors[d] = float(frame["frob_rel"].iloc[0])
+        assert errors[order[step]] == pytest.approx(min(errors.values()), abs=1e-6), (name, step)

@@ -4,8 +4,10 @@ Each family is a transformers config (``AutoConfig.for_model``) small enough to 
 under a second, with the family's distinctive structure switched on (GQA, q/k/v biases, q/k norms,
 softcaps and sliding windows, fused qkv, Conv1D, partial rotary, parallel attention/MLP). The norm gains
 and biases are drawn away from their init values so that a wrong (1 + w) convention, a dropped bias or
-a misplaced q/k norm changes the numbers. The tokenizer is a small WordLevel one ("w3 w4 ..." are
-tokens; id 1 is BOS).
+a misplaced q/k norm changes the numbers. The tokenizer is byte-level with one token per printable ASCII
+character (id 1 is BOS, id 0 unknown): real text tokenizes, and it is the kind of tokenizer.json that
+transformers' own tokenizer classes rebuild correctly (for ``qwen2`` it loads ``Qwen2Tokenizer``, which
+keeps only a byte-level BPE's vocabulary and merges).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def family_config(family: str, n_layers: int = 3, max_positions: int = 96):
 
 def build_family_checkpoint(folder, family: str, seed: int = 0, n_layers: int = 3, max_positions: int = 96):
     """Write a random ``family`` checkpoint with a WordLevel tokenizer into ``folder``; returns ``folder``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(seed)
@@ -77,9 +79,11 @@ def build_family_checkpoint(folder, family: str, seed: int = 0, n_layers: int = 
             elif leaf == "bias":
                 param.copy_(torch.empty_like(param).uniform_(-0.3, 0.3, generator=generator))
     model.save_pretrained(folder)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, TINY_VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    characters = [chr(b) for b in range(33, 127)] + ["\u0120", "\u010a"]  # ByteLevel's space and newline
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {c: 3 + i for i, c in enumerate(characters)}
+    tok = Tokenizer(models.BPE(vocab, [], continuing_subword_prefix="", end_of_word_suffix=""))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                             pad_token="</s>").save_pretrained(folder)
     return folder
