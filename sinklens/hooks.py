@@ -21,11 +21,6 @@ def resid_pre_hook(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_pre"
 
 
-def attn_input_hook(layer: int) -> str:
-    """Hook name of ``layer``'s attention input after RMSNorm and its gain (what q_proj/k_proj multiply)."""
-    return f"blocks.{layer}.ln1.hook_out"
-
-
 def batches(batch: TokenBatch, batch_size: int, desc: str,
             show_progress: bool = True) -> Iterator[tuple[int, TokenBatch]]:
     """Yield ``(offset, sub_batch)`` slices of ``batch`` with a progress bar."""
