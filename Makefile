@@ -18,12 +18,16 @@ $(STAMP): requirements.txt pyproject.toml
 run: $(STAMP)
 	$(PY) -m sinklens run $(ARGS)
 
+# The suite runs its test files on up to 4 worker processes (one per core; tests use one torch thread each).
+# A module's fixtures stay in one worker (--dist loadfile). One process: make test PYTEST_ARGS="-n 0".
+XDIST := -n auto --maxprocesses 4 --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The edit loop: everything but the notebook and browser tests.
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not notebook and not browser" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not notebook and not browser" $(PYTEST_ARGS)
 
 # Rewrite README.md's headline block from runs/latest, when that is a successful default `make run` of the embedded
 # model (a run itself never writes into the checkout).
