@@ -56,7 +56,26 @@ def attach(model, name: str, fn: Callable, prepend: bool = False, owner: str = "
         prepend: run it before the point's other hooks.
         owner: what the hook belongs to, for the message when it goes missing (e.g. "QK pruning").
     """
-    return PermanentHook(model.hook_dict[name], name, fn, prepend, owner)
+    return PermanentHook(hook_point(model, name), name, fn, prepend, owner)
+
+
+def hook_point(model, name: str):
+    """The HookPoint called ``name`` (aliases included), from a name table built once per model.
+
+    The bridge's ``hook_dict`` rebuilds its alias table on every access (about 1 ms); edits attach hooks in
+    tight loops (a k sweep applies thousands of layer edits), so the table is kept on the model.
+
+    Args:
+        model: a bridge from :func:`sinklens.load_model`.
+        name: the hook point's name, e.g. ``"blocks.3.attn.hook_attn_scores"``.
+    """
+    table = model.__dict__.get("_sinklens_hook_points")
+    if table is None:
+        table = model.__dict__["_sinklens_hook_points"] = dict(model.hook_dict)
+    try:
+        return table[name]
+    except KeyError:
+        raise InputError(f"The model has no hook point {name!r}.") from None
 
 
 class PermanentHook:
@@ -181,4 +200,4 @@ class Edit:
         self.active = False
 
 
-__all__ = ["Edit", "PermanentHook", "active_edits", "attach", "count_parameters"]
+__all__ = ["Edit", "PermanentHook", "active_edits", "attach", "count_parameters", "hook_point"]

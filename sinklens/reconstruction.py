@@ -44,7 +44,7 @@ from torch import Tensor
 from .calibration import calibration_set, fingerprint
 from .dims import bos_activations
 from .edits import active_edits
-from .errors import InputError
+from .errors import InputError, SinklensError
 from .hooks import batches, run_hooked
 from .loading import model_info
 from .massive import BASES, Basis, MassiveActivations
@@ -518,6 +518,11 @@ def _layer_plan(plan: PruningPlan, layer: int) -> PruningPlan:
                                         for name in edits})
 
 
+class _ScoresCaptured(Exception):
+    """Raised by the scores hook of a rerun once it holds the pruned scores: the rest of the attention module
+    (softmax, pattern x values, output projection) is not needed."""
+
+
 class _AttentionRerun:
     """Pruned scores of one layer computed by the model's own attention module on the dense input.
 
@@ -525,6 +530,7 @@ class _AttentionRerun:
     plan's edits of this layer (:func:`apply_pruning`: weights and private-K hooks), calls the module again on
     those arguments (without a KV cache) and returns what its ``hook_attn_scores`` held, then restores the
     edits. Rotary variants, q/k norms, softcaps, sliding windows and fused projections all come from the model.
+    The rerun stops at the scores hook (:class:`_ScoresCaptured`): nothing after the scores is computed.
     """
 
     _CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past")
@@ -548,9 +554,15 @@ class _AttentionRerun:
         self.rerunning, self.captured = True, None
         try:
             self.module(*self.args, **self.kwargs)
+        except _ScoresCaptured:
+            pass
         finally:
             self.rerunning = False
             edit.restore()
+        if self.captured is None:
+            raise SinklensError(f"Layer {self.layer}: rerunning the attention module did not reach its scores hook, so "
+                                "the pruned pattern is unknown (is this family's attention supported? see "
+                                "docs/families.md).")
         return self.captured
 
 
@@ -589,7 +601,7 @@ def _layer_level(model, batch, heads, configs, gqa, batch_size, show_progress) -
                             real=real, rerun=rerun):
                 if rerun.rerunning:  # a pruned configuration's scores, computed by the module itself
                     rerun.captured = scores[:, index.to(scores.device)].clone()
-                    return
+                    raise _ScoresCaptured
                 device = scores.device
                 mask, real = mask.to(device), real.to(device)  # the layer's device under a device_map
                 dense = scores[:, index.to(device)]
