@@ -311,7 +311,7 @@ def layer_selection(model, k: int = 10, target_retention: float = 0.91,
     cand = sorted(by_layer)
     massive = massive_activations(model, probe, layers=cand, show_progress=show_progress)
     spec = PruneSpec([(l, h) for l in cand for h in by_layer[l]], k, "bos_top", basis=basis, gqa=gqa)
-    sweep = Sweep(model, plans, spec, massive=massive, results=results, show_progress=show_progress)
+    sweep = Sweep(model, plans, spec, tokens=massive, results=results, show_progress=show_progress)
     try:
         run = _Run(sweep, metric, target, n_boot, max_layers, patience, show_progress)
         run.single_layers(cand)
