@@ -51,7 +51,7 @@ def main() -> int:
     print(f"model {args.model}: {info.n_layers} layers, {len(heads)} sink-specialized heads in layers {layers}; "
           f"plan {plan.n_tokens} tokens; {torch.get_num_threads()} threads")
 
-    sweep = Sweep(model, {"heldout": plan}, sl.PruneSpec(heads, args.k), massive=massive, show_progress=False)
+    sweep = Sweep(model, {"heldout": plan}, sl.PruneSpec(heads, args.k), tokens=massive, show_progress=False)
     start = time.perf_counter()
     records = sweep.run([("qk", (layer,), "heldout") for layer in layers])
     cached_time = time.perf_counter() - start

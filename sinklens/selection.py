@@ -1,8 +1,10 @@
 """Multi-layer QK pruning: which layers can be pruned together at k while keeping accuracy?
 
 Selecting layer l prunes every sink-specialized head of l (found by a census on BOS-prepended
-probe prompts) to its layer's top-k BOS dims (measured on the same prompts), through
-:func:`sinklens.prune_qk`. Evaluation items are split in two: decisions use the ``calibration``
+probe prompts) to k kept dims, through :func:`sinklens.prune_qk`: by default its layer's top-k BOS dims
+(measured on the same prompts), or any kept-dims variant (``policy``, ``fill``, ``calibration``: a
+:class:`~sinklens.spec.PruneSpec`'s fields) fitted on one :class:`~sinklens.calibration.CalibrationSet` (the
+probe prompts, or ``calibration_tokens``). Evaluation items are split in two: decisions use the ``calibration``
 half, every reported layer set is confirmed on the ``heldout`` half (see sinklens.evaluation).
 
 Strategies (each yields a path of layer sets of growing size, confirmed on held-out items):
@@ -30,6 +32,7 @@ from typing import Literal, get_args
 import numpy as np
 import pandas as pd
 
+from .calibration import CalibrationSet, calibration_set
 from .census import run_census
 from .errors import InputError
 from .evaluation import MEAN_ACC, EvalResult, build_plan, check_suite, load_items, retention, retention_value
@@ -37,7 +40,21 @@ from .loading import model_info
 from .massive import BASES, Basis, massive_activations
 from .probes import probe_tokens
 from .progress import progress
-from .spec import GQA_POLICIES, GQAPolicy, PruneSpec, check_heads
+from .spec import (
+    CALIBRATIONS,
+    DEFAULT_POOL,
+    FILLS,
+    GQA_POLICIES,
+    OBJECTIVES,
+    POLICIES,
+    Calibration,
+    Fill,
+    GQAPolicy,
+    Objective,
+    Policy,
+    PruneSpec,
+    check_heads,
+)
 from .specialization import sink_specialized_heads
 from .sweep import Record, Sweep, open_results
 from .validate import check_choice, check_fraction, check_int, check_k, check_layers
@@ -77,13 +94,15 @@ class LayerSelection:
     ``remove`` whole heads), layers, heads, Q/K (or o_proj) parameters zeroed, every metric and
     its retention against the dense model on the same split, with a bootstrap CI for ``metric``.
     ``single_layer``: the single-layer calibration sweep. ``heads``: the sink-specialized heads;
-    ``dims``: the kept dims per layer.
+    ``dims``: the kept dims of every candidate head, ``{"layer.head": [dims]}`` (whatever the policy; with
+    ``bos_top`` the heads of a layer share their layer's dims). ``settings["spec"]``: the pruning (policy,
+    fill, calibration...) of every candidate head.
     """
 
     table: pd.DataFrame
     single_layer: pd.DataFrame
     heads: list[tuple[int, int]]
-    dims: dict[int, list[int]]
+    dims: dict[str, list[int]]
     dense: dict[str, dict[str, float]]
     settings: dict
     cost: dict = field(default_factory=dict)
@@ -219,7 +238,9 @@ def layer_selection(model, k: int = 10, target_retention: float = 0.91,
                     metric: str = MEAN_ACC, layers: Sequence[int] | None = None,
                     heads: Sequence[tuple[int, int]] | None = None, n_prompts: int = 32,
                     seq_len: int = 64, eps: float = 0.3, q: float = 0.9, basis: Basis = "normalized",
-                    gqa: GQAPolicy = "exact", suite: str = "default", limit: int | None = None,
+                    gqa: GQAPolicy = "exact", policy: Policy = "bos_top", fill: Fill = "zero",
+                    calibration: Calibration = "none", pool: int = DEFAULT_POOL, objective: Objective = "frob_rel",
+                    calibration_tokens=None, suite: str = "default", limit: int | None = None,
                     eval_kwargs: dict | None = None,
                     max_layers: int | None = None, greedy_pool: int | None = None, exhaustive_pool: int = 6,
                     exhaustive_size: int = 3, n_random: int = 2, patience: int = 2, removal: Removal = "best",
@@ -234,22 +255,32 @@ def layer_selection(model, k: int = 10, target_retention: float = 0.91,
     Returns a :class:`LayerSelection` (every configuration tried, the Pareto frontier of pruned
     heads against held-out retention, the best configuration meeting ``target_retention``).
     ``layers`` restricts the candidate layers (default: every layer holding a sink-specialized
-    head); ``n_prompts``/``seq_len``/``eps``/``q`` define the probe census; ``suite``, ``limit``
+    head); ``n_prompts``/``seq_len``/``eps``/``q`` define the probe census; ``policy``, ``fill``,
+    ``calibration`` (with ``pool`` and ``objective`` for ``optimized``) the kept-dims variant of every pruned
+    head, fitted on the probe prompts (or ``calibration_tokens``); ``suite``, ``limit``
     and ``eval_kwargs`` (other :func:`sinklens.evaluate` arguments) the evaluation; ``results``
     a SQLite file that makes the sweep resumable (None: in memory).
 
     Args:
         model: a bridge from :func:`sinklens.load_model`, without active edits.
-        k: input dims kept per pruned head (its layer's top-k BOS dims).
+        k: input dims kept per pruned head.
         target_retention: the retention of ``metric`` to meet (a fraction).
         strategy: one of ``STRATEGIES`` or a list of them (module docstring).
         metric: the selection metric (any metric of :func:`sinklens.evaluate`).
         layers: the candidate layers (None: every layer holding a sink-specialized head).
         heads: the sink-specialized heads, e.g. a run's list from notebook 02 (None: measured here by a census of
             the probe set with ``eps`` and ``q``).
-        n_prompts, seq_len: the probe set of the census and the BOS dims.
+        n_prompts, seq_len: the probe set of the census and of the fitted parts (``split="probe"``).
         eps, q: the sink-specialized definition (alpha_0 > eps on >= q of the prompts).
         basis, gqa: the pruning, as in :func:`sinklens.apply_pruning` (recorded as ``settings["spec"]``).
+        policy: how each pruned head's kept dims are chosen: ``"bos_top"`` (default), ``"random"``,
+            ``"weight_norm"``, ``"act_weight"`` or ``"optimized"`` (see :class:`~sinklens.spec.PruneSpec`).
+        fill: the value of dropped dims, ``"zero"`` (default) or ``"mean"``.
+        calibration: ``"none"`` (default) or ``"temperature"``.
+        pool, objective: the ``optimized`` search's candidate dims and pattern error.
+        calibration_tokens: what the variant is fitted on: a :class:`~sinklens.calibration.CalibrationSet` or
+            BOS-prepended ids (None: the probe prompts; a plain ``bos_top``/zero/none variant then reads its
+            dims from the probe's BOS vectors, as before the other variants existed).
         suite, limit, eval_kwargs: the evaluation (other :func:`sinklens.evaluate` arguments in ``eval_kwargs``).
         max_layers: the largest layer set tried (None: no limit).
         greedy_pool: greedy chooses among this many best single layers (None: all).
@@ -287,8 +318,17 @@ def layer_selection(model, k: int = 10, target_retention: float = 0.91,
     n_boot = check_int("n_boot", n_boot, minimum=1, allow_none=True)
     check_choice("basis", basis, BASES)
     check_choice("gqa policy", gqa, GQA_POLICIES)
+    check_choice("policy", policy, POLICIES)  # explicit dims are not a policy of a selection
+    check_choice("fill", fill, FILLS)
+    check_choice("calibration", calibration, CALIBRATIONS)
+    check_choice("objective", objective, OBJECTIVES)
+    pool = check_int("pool", pool, minimum=1, meaning="candidate dims of the optimized search")
+    variant = dict(basis=basis, gqa=gqa, fill=fill, calibration=calibration, objective=objective, pool=pool)
+    PruneSpec([(0, 0)], k, policy, **variant)  # k against pool, before any forward
     check_fraction("eps", eps)
     check_fraction("q", q)
+    if calibration_tokens is not None:
+        calibration_tokens = calibration_set(model, calibration_tokens, argument="calibration_tokens")
     unknown = sorted(set(eval_kwargs) - EVAL_KWARGS)
     if unknown:
         raise InputError(f"Unknown eval_kwargs {unknown}: use any of {sorted(EVAL_KWARGS)}.")
@@ -296,7 +336,7 @@ def layer_selection(model, k: int = 10, target_retention: float = 0.91,
              for split in (SPLIT_DECIDE, SPLIT_CONFIRM)}
     open_results(model, results, fresh=fresh).close()  # refuse another model's results before any forward
 
-    # measured, never typed in: the sink-specialized heads and the BOS dims of each layer
+    # measured, never typed in: the sink-specialized heads and the kept dims of each of them
     probe = probe_tokens(model, n_prompts=n_prompts, seq_len=seq_len, prepend_bos=True, split="probe")
     if heads is None:
         census = run_census(model, probe, show_progress=show_progress)
@@ -309,9 +349,14 @@ def layer_selection(model, k: int = 10, target_retention: float = 0.91,
         raise InputError(f"No sink-specialized head (alpha_0 > {eps} on >= {q:.0%} of {n_prompts} probe prompts) in "
                          f"layers {candidates}: lower eps or q, or widen layers.")
     cand = sorted(by_layer)
-    massive = massive_activations(model, probe, layers=cand, show_progress=show_progress)
-    spec = PruneSpec([(l, h) for l in cand for h in by_layer[l]], k, "bos_top", basis=basis, gqa=gqa)
-    sweep = Sweep(model, plans, spec, massive=massive, results=results, show_progress=show_progress)
+    spec = PruneSpec([(l, h) for l in cand for h in by_layer[l]], k, policy, **variant)
+    if calibration_tokens is not None:
+        tokens = calibration_tokens
+    elif spec.policy == "bos_top" and fill == "zero" and calibration == "none":
+        tokens = massive_activations(model, probe, layers=cand, show_progress=show_progress)
+    else:  # one calibration set of the probe prompts (the census's) for every configuration
+        tokens = CalibrationSet(model, probe, argument="calibration_tokens")
+    sweep = Sweep(model, plans, spec, tokens=tokens, results=results, show_progress=show_progress)
     try:
         run = _Run(sweep, metric, target, n_boot, max_layers, patience, show_progress)
         run.single_layers(cand)
@@ -337,8 +382,9 @@ def layer_selection(model, k: int = 10, target_retention: float = 0.91,
                     "limit": limit, "eval_kwargs": eval_kwargs, "n_prompts": n_prompts, "seq_len": seq_len, "eps": eps,
                     "q": q, "basis": basis, "gqa": gqa, "spec": spec.as_dict(), "candidates": cand, "model": info.name,
                     "results": str(results) if results is not None else None, "seed": seed,
+                    "calibration_tokens": sweep.tokens.describe() if isinstance(sweep.tokens, CalibrationSet) else None,
                     "chance": sweep.dense(SPLIT_CONFIRM).result.chance}
-        dims = {l: massive.top_dims(l, k, basis).sort().values.tolist() for l in cand}
+        dims = {f"{l}.{h}": d.tolist() for (l, h), d in sorted(sweep.dims.items())}
         return LayerSelection(table=table, single_layer=single.reset_index(drop=True), heads=sorted(heads), dims=dims,
                               dense=dense, settings=settings, cost=sweep.cost())
     finally:

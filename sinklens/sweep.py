@@ -4,8 +4,9 @@ A sweep has one :class:`~sinklens.spec.PruneSpec` whose heads are every candidat
 configuration prunes (``"qk"``: the spec restricted to the heads of a set of layers) or removes
 (``"remove"``) those heads and evaluates an :class:`~sinklens.evaluation.EvalPlan`. Results go to a
 SQLite file, one row per configuration, committed in its own transaction as soon as it is computed,
-keyed by a hash of the configuration, the evaluation plan, the pruning spec (and the kept dims it
-measured) and the model's fingerprint. Each row's config holds the spec it pruned with
+keyed by a hash of the configuration, the evaluation plan, the pruning spec (the kept dims it
+measured and, for a pruning fitted on a :class:`~sinklens.calibration.CalibrationSet`, that set's fingerprint)
+and the model's fingerprint. Each row's config holds the spec it pruned with
 (``PruneSpec.from_dict`` reads it back). A rerun skips finished
 rows; a sweep killed at any point (SIGKILL included) resumes without lost or duplicated rows.
 A file written for another model, another sinklens version or another file schema is refused.
@@ -39,6 +40,7 @@ from typing import Literal, get_args
 import pandas as pd
 import torch
 
+from .calibration import CalibrationSet, calibration_set
 from .dims import dims_of
 from .edits import active_edits
 from .errors import InputError
@@ -206,6 +208,37 @@ class Record:
         return self.result.metrics
 
 
+def _fits_inputs(spec: PruneSpec) -> bool:
+    """Whether the spec's pruning measures the calibration attention inputs (not only BOS vectors)."""
+    return spec.policy in ("act_weight", "optimized") or spec.fill != "zero" or spec.calibration != "none"
+
+
+def _sweep_tokens(model, spec: PruneSpec, tokens):
+    """The sweep's calibration tokens: a CalibrationSet, a MassiveActivations for plain ``bos_top``, or None;
+    refused (before any forward) when the spec needs what they cannot give."""
+    plain_bos = spec.policy == "bos_top" and not _fits_inputs(spec)
+    if tokens is None:
+        if spec.needs_calibration():
+            what = ("the MassiveActivations of BOS-prepended probe prompts (sinklens.massive_activations(model, "
+                    "probe, layers=...)) or a sinklens.CalibrationSet" if plain_bos else
+                    "a sinklens.CalibrationSet (sinklens.CalibrationSet(model, sinklens.probe_tokens(model, 32, 64, "
+                    "split='probe'))) or BOS-prepended probe ids")
+            raise InputError(f"This sweep's spec (policy={spec.policy!r}, fill={spec.fill!r}, calibration="
+                             f"{spec.calibration!r}) is fitted on calibration tokens, but tokens= is None: pass "
+                             f"tokens= as {what}.")
+        return None
+    if not spec.needs_calibration():
+        return None  # random or weight_norm dims, zero fill, no calibration: nothing is measured
+    if isinstance(tokens, MassiveActivations):
+        if plain_bos:
+            return tokens
+        raise InputError(f"tokens= is a MassiveActivations, which only holds BOS vectors (enough for a plain "
+                         f"bos_top spec): this spec (policy={spec.policy!r}, fill={spec.fill!r}, calibration="
+                         f"{spec.calibration!r}) is fitted on the calibration prompts themselves. Pass tokens= as a "
+                         "sinklens.CalibrationSet (or BOS-prepended probe ids).")
+    return calibration_set(model, tokens, argument="tokens")
+
+
 class Sweep:
     """Evaluate pruning configurations of one model on named evaluation plans, with a results file.
 
@@ -214,15 +247,18 @@ class Sweep:
         plans: evaluation plans by split name (:func:`sinklens.evaluation.build_plan`).
         spec: the pruning of every candidate head; selecting a layer prunes the spec's heads of that layer
             (``spec.replace(heads=...)``), removing it removes them.
-        massive: for a ``bos_top`` spec: the MassiveActivations (of BOS-prepended probe prompts) the kept dims
-            are read from.
+        tokens: what the spec's fitted parts (data-driven kept dims, fill means, temperatures) are measured on: a
+            :class:`~sinklens.calibration.CalibrationSet` (any policy, fill and calibration; BOS-prepended ids or a
+            TokenBatch are made into one), or, for a plain ``bos_top`` spec (zero fill, no calibration), the
+            MassiveActivations of BOS-prepended probe prompts. None for a spec fitted on nothing (``random``,
+            ``weight_norm`` with zero fill and no calibration).
         results: the SQLite results file (None: in memory).
         fresh: delete an existing results file first.
         show_progress: show progress bars.
         max_cached: how many recent configurations keep their residuals (for extensions, e.g. greedy).
     """
 
-    def __init__(self, model, plans: Mapping[str, EvalPlan], spec: PruneSpec, *, massive=None,
+    def __init__(self, model, plans: Mapping[str, EvalPlan], spec: PruneSpec, *, tokens=None,
                  results: str | Path | None = None, fresh: bool = False, show_progress: bool = True,
                  max_cached: int = 2):
         if not plans:
@@ -234,21 +270,25 @@ class Sweep:
         self.info = model_info(model)
         self.plans = dict(plans)
         self.spec = spec.check(self.info)
+        self.tokens = _sweep_tokens(model, spec, tokens)  # refused before any forward
         self.heads_by_layer: dict[int, tuple[int, ...]] = {}
         for layer, head in spec.heads:
             self.heads_by_layer[layer] = self.heads_by_layer.get(layer, ()) + (head,)
         self.show_progress = show_progress
         self.file = open_results(model, results, fresh=fresh)
         self.fingerprint = dict(self.file.conn.execute("SELECT name, value FROM meta"))["fingerprint"]
-        if spec.policy == "bos_top" and not isinstance(massive, MassiveActivations):
-            raise InputError('A bos_top sweep needs massive=: the MassiveActivations of BOS-prepended probe prompts '
-                             "(sinklens.massive_activations(model, probe, layers=...)).")
-        self.massive = massive
+        if isinstance(self.tokens, CalibrationSet) and _fits_inputs(spec):
+            self.tokens.inputs(spec.layers())  # every layer's attention input in one forward, not one per layer
         # the kept dims are part of every key: rows measured on another probe are not reused
-        self.dims = dims_of(model, spec, massive)
+        self.dims = dims_of(model, spec, self.tokens)
         self.settings = {"spec": {**spec.as_dict(), "heads": None},
                          "dims": {f"{l}.{h}": d.tolist() for (l, h), d in self.dims.items()},
                          "heads": {str(l): list(h) for l, h in sorted(self.heads_by_layer.items())}}
+        if spec.needs_calibration() and isinstance(self.tokens, CalibrationSet):
+            # fill means and temperatures are fitted on these tokens: rows fitted on other tokens are not reused
+            described = self.tokens.describe()
+            self.settings["calibration"] = {"fingerprint": described["fingerprint"],
+                                            "n_tokens": described["n_tokens"]}
         self.plan_ids = {name: plan_fingerprint(plan) for name, plan in self.plans.items()}
         self._cache: dict[tuple, list[torch.Tensor]] = {}  # (split, layer, edits below it) -> resid per batch
         self._pinned: set[tuple] = set()  # dense entries, kept for the whole sweep
@@ -399,7 +439,7 @@ class Sweep:
 
     def _edit(self, method: str, heads: tuple[Head, ...], spec: PruneSpec | None):
         if method == "qk":
-            return prune_qk(self.model, spec, tokens=self.massive)
+            return prune_qk(self.model, spec, tokens=self.tokens)
         if method == "remove":
             return remove_heads(self.model, list(heads))
         return nullcontext(None)

@@ -6,11 +6,14 @@ and a brute-force search through the layer-level reconstruction error.
 """
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import sinklens as sl
+from sinklens import beyond_bos
+from sinklens.selection import LayerSelection
 
 from helpers import random_tokens
 
@@ -248,3 +251,82 @@ def test_bad_input_is_refused_clearly(tiny, case):
         call()
     assert not sl.active_edits(tiny)
     assert all(torch.equal(v, dense[k]) for k, v in tiny.state_dict().items())
+
+
+# --- the best variant and the layer selections it is compared in (notebook 07) -------------------------------
+
+def synthetic_sweep() -> pd.DataFrame:
+    """A k_sweep-shaped frame: three heads per variant and k with known errors, and whole-head rows (no fill)."""
+    medians = {("bos_top", "zero", "none"): 0.5, ("bos_top", "mean", "none"): 0.3,
+               ("act_weight", "zero", "none"): 0.3, ("act_weight", "mean", "temperature"): 0.2}
+    rows = []
+    for (policy, fill, calibration), median in medians.items():
+        for k in (5, 10):
+            shift = 0.4 if (k == 10 and policy == "bos_top" and fill == "mean") else 0.0  # best at 10: another one
+            for offset in (-0.1, 0.0, 0.2):
+                value = median - shift + offset if k == 10 else median + offset
+                rows.append({"policy": policy, "fill": fill, "calibration": calibration, "k": k, "frob_rel": value,
+                             "kl": 2 * value})
+    rows += [{"policy": "whole_head", "fill": None, "calibration": None, "k": k, "frob_rel": 0.0, "kl": 0.0}
+             for k in (5, 10)]
+    return pd.DataFrame(rows)
+
+
+def test_best_variant_is_the_lowest_median_at_k():
+    table = beyond_bos.variant_table(synthetic_sweep(), [5, 10])
+    assert beyond_bos.best_variant(table, 5) == {"policy": "act_weight", "fill": "mean", "calibration": "temperature"}
+    assert beyond_bos.best_variant(table, 10) == {"policy": "bos_top", "fill": "mean", "calibration": "none"}
+    label = beyond_bos.variant_label(beyond_bos.best_variant(table, 5))
+    assert label == "act_weight/mean/temperature" == beyond_bos.beyond_bos_headline(table, 5)["best_variant"]
+    tied = table[~((table["policy"] == "act_weight") & (table["fill"] == "mean"))]  # two variants at 0.3 at k=5
+    assert beyond_bos.best_variant(tied, 5) == {"policy": "act_weight", "fill": "zero", "calibration": "none"}
+    assert beyond_bos.variant_label(beyond_bos.best_variant(tied, 5)) == beyond_bos.beyond_bos_headline(tied, 5)[
+        "best_variant"]  # ties broken the same way as the headline
+    with pytest.raises(sl.InputError, match="no median frob_rel at k=20"):
+        beyond_bos.best_variant(table, 20)
+
+
+def fake_selection(rows, policy="bos_top", fill="zero", calibration="none"):
+    """A LayerSelection holding only the given table rows (strategy, split, method, layers, n_heads, retention)."""
+    table = pd.DataFrame([{"strategy": strategy, "split": split, "method": method, "layers": layers,
+                           "n_layers": len(layers.split(",")), "n_heads": n_heads,
+                           "heads": " ".join(f"{l}.0" for l in layers.split(",")), "params_zeroed": 100 * n_heads,
+                           "params_share": n_heads / 1000, "retention": retention, "ci_low": retention - 0.05,
+                           "ci_high": retention + 0.05, "key": f"{method}:{layers}:{split}"}
+                          for strategy, split, method, layers, n_heads, retention in rows])
+    spec = sl.PruneSpec([(1, 0), (3, 0), (5, 0)], 4, policy, fill=fill, calibration=calibration).as_dict()
+    return LayerSelection(table=table, single_layer=table.iloc[:0], heads=[(1, 0), (3, 0), (5, 0)], dims={},
+                          dense={}, settings={"spec": spec, "k": 4, "metric": "acc/mean", "target_retention": 0.91})
+
+
+def test_selection_comparison_reads_the_best_confirmed_set_per_variant():
+    baseline = fake_selection([("single_layer_rank", "heldout", "qk", "1", 2, 0.95),
+                               ("single_layer_rank", "heldout", "qk", "1,3", 4, 0.92),
+                               ("single_layer_rank", "heldout", "qk", "1,3,5", 6, 0.85),
+                               ("single_layer", "calibration", "qk", "1,3,5", 6, 0.99),  # decisions, not confirmed
+                               ("removal", "heldout", "remove", "1,3,5", 6, 0.97)])  # whole heads, not QK
+    best = fake_selection([("greedy", "heldout", "qk", "5", 2, 0.90), ("greedy", "heldout", "qk", "3,5", 4, 0.93),
+                           ("greedy", "heldout", "qk", "1,3,5", 6, 0.92)], "act_weight", "mean")
+    table = beyond_bos.selection_comparison({"bos_top/zero/none": baseline, "act_weight/mean/none": best},
+                                            [0.91, 0.99])
+    assert len(table) == 4 and list(table["variant"]) == ["bos_top/zero/none"] * 2 + ["act_weight/mean/none"] * 2
+    rows = table.set_index(["variant", "target"])
+    met = rows.loc[("bos_top/zero/none", 0.91)]
+    assert (met["layers"], met["n_heads"], met["params_zeroed"], met["retention"]) == ("1,3", 4, 400, 0.92)
+    assert met["ci_low"] == pytest.approx(0.87) and met["meets"] and met["policy"] == "bos_top"
+    assert rows.loc[("act_weight/mean/none", 0.91), "layers"] == "1,3,5"  # most heads meeting it, not best retention
+    assert rows.loc[("act_weight/mean/none", 0.91), "fill"] == "mean"
+    for variant in ("bos_top/zero/none", "act_weight/mean/none"):
+        none = rows.loc[(variant, 0.99)]
+        assert none["layers"] == beyond_bos.NONE_MEETS and none["n_heads"] == 0 and not none["meets"]
+    for label, selection in (("bos_top/zero/none", baseline), ("act_weight/mean/none", best)):  # as best() says
+        assert rows.loc[(label, 0.91), "n_heads"] == selection.best(0.91)["n_heads"]
+    head = beyond_bos.selection_headline(table, "act_weight/mean/none")
+    assert head == {"selection_best_variant": "act_weight/mean/none", "selection_heads_bos_top": 4,
+                    "selection_heads_best": 6, "selection_params_bos_top": 400, "selection_params_best": 600}
+    with pytest.raises(sl.InputError, match="no rows for variants"):
+        beyond_bos.selection_headline(table, "optimized/zero/none")
+    with pytest.raises(sl.InputError, match="must be a sinklens.LayerSelection"):
+        beyond_bos.selection_comparison({"x": baseline.table}, [0.91])
+    with pytest.raises(sl.InputError, match="target"):
+        beyond_bos.selection_comparison({"x": baseline}, [1.5])

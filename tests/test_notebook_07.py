@@ -11,7 +11,8 @@ from helpers import execute_notebook
 pytestmark = [pytest.mark.notebook, pytest.mark.integration]
 
 CI = dict(n_prompts=4, n_calibration=4, n_heldout=4, seq_len=24, max_heads=3, compare_ks=[2, 5], k=5, pool=8,
-          model_prompts=2, batch_size=4)
+          model_prompts=2, batch_size=4, limit=2, n_lm_prompts=2, lm_seq_len=24, n_copy=2, n_boot=20)
+VARIANT = ["policy", "fill", "calibration"]
 
 
 def test_notebook_07_beyond_bos_dims(tmp_path):
@@ -44,3 +45,47 @@ def test_notebook_07_beyond_bos_dims(tmp_path):
     level = pd.read_csv(out / "tables" / "model_level_at_k.csv")
     assert set(level["level"]) == {"model"} and (level["next_kl"] >= 0).all()
     assert {"frob_rel_vs_k.html", "model_level_at_k.html"} <= {p.name for p in (out / "figures").iterdir()}
+    assert head["baseline_frob_rel_median"] is not None and "baseline_variant" not in head
+    assert summary["baseline_variant"] == "bos_top/zero/none"
+
+    # every sink-specialized head, the policies without a search
+    everything = pd.read_csv(out / "tables" / "k_sweep_all_heads.csv")
+    sink_heads = sorted(set(zip(everything["layer"], everything["head"])))
+    assert len(sink_heads) == summary["n_sink_heads"] and set(heads) <= set(sink_heads)
+    assert set(everything["policy"]) == {"bos_top", "act_weight"}
+    assert len(everything) == 2 * 2 * 2 * 2 * len(sink_heads)  # policies x fills x calibrations x ks x heads
+    all_heads = pd.read_csv(out / "tables" / "variants_all_heads.csv")
+    assert len(all_heads) == 2 * 2 * 2 * 2 and (all_heads["n_heads"] == len(sink_heads)).all()
+    medians = everything.groupby(VARIANT + ["k"])[["frob_rel", "kl"]].median()
+    for _, row in all_heads.iterrows():
+        key = tuple(row[VARIANT]) + (row["k"],)
+        assert row["frob_rel_q50"] == pytest.approx(medians.loc[key, "frob_rel"])
+        assert row["kl_q50"] == pytest.approx(medians.loc[key, "kl"])
+        assert row["kl_q10"] <= row["kl_q50"] <= row["kl_q90"]
+    assert [r["frob_rel_q50"] for r in summary["variants_all_heads"]] == pytest.approx(list(all_heads["frob_rel_q50"]))
+
+    # layer selection: the all-heads table's best variant at k against bos_top/zero/none, one results file
+    best = all_heads[all_heads["k"] == 5].sort_values(["frob_rel_q50"] + VARIANT).iloc[0]
+    best_label = "/".join(best[VARIANT])
+    assert head["selection_best_variant"] == best_label and summary["selection"]["best_variant"] == dict(
+        best[VARIANT])
+    selection = pd.read_csv(out / "tables" / "selection_comparison.csv", dtype={"layers": str, "heads": str})
+    assert set(selection["variant"]) == {"bos_top/zero/none", best_label} and (selection["target"] == 0.91).all()
+    assert (selection["k"] == 5).all() and (selection["n_candidate_heads"] == len(sink_heads)).all()
+    for _, row in selection.iterrows():
+        assert row["variant"] == "/".join(row[VARIANT])
+        if not row["meets"]:
+            assert row["layers"] == "none meets it" and row["n_heads"] == 0 and row["params_zeroed"] == 0
+            continue
+        layers = {int(x) for x in row["layers"].split(",")}
+        in_layers = [(l, h) for l, h in sink_heads if l in layers]  # every sink head of the chosen layers
+        assert row["n_heads"] == len(in_layers) and row["heads"] == " ".join(f"{l}.{h}" for l, h in in_layers)
+        assert row["retention"] >= 0.91 and row["ci_low"] <= row["retention"] <= row["ci_high"]
+        assert row["params_zeroed"] > 0
+    by_variant = selection.set_index("variant")
+    for name, label in (("bos_top", "bos_top/zero/none"), ("best", best_label)):
+        assert head[f"selection_heads_{name}"] == by_variant.loc[label, "n_heads"]
+        assert head[f"selection_params_{name}"] == by_variant.loc[label, "params_zeroed"]
+    assert len(head) <= 13  # twelve numbers and the per-variant mapping
+    assert (out / "beyond_bos_selection.sqlite").exists()
+    assert "frob_rel_vs_k_all_heads.html" in {p.name for p in (out / "figures").iterdir()}

@@ -47,8 +47,10 @@ def test_heads_and_dims_are_measured(setup):
     scores = sl.run_census(model, probe, show_progress=False).sink_scores(0)
     assert sel.heads == sorted(sl.sink_specialized_heads(scores, eps=PROBE["eps"], q=PROBE["q"]))
     stats = sl.massive_activations(model, probe, show_progress=False)
-    for layer, dims in sel.dims.items():
-        assert dims == sorted(stats.top_dims(layer, K, "normalized").tolist())
+    assert set(sel.dims) == {f"{l}.{h}" for l, h in sel.heads if l in sel.settings["candidates"]}
+    for key, dims in sel.dims.items():  # bos_top: every head of a layer keeps its layer's top-k BOS dims
+        assert dims == sorted(stats.top_dims(int(key.split(".")[0]), K, "normalized").tolist())
+    assert sel.settings["calibration_tokens"] is None  # plain bos_top: the probe's BOS vectors, no calibration set
     for row in sel.table.itertuples():
         expected = [(l, h) for l, h in sel.heads if l in _layers(row.layers)]
         assert row.heads == " ".join(f"{l}.{h}" for l, h in expected) and row.n_heads == len(expected)
@@ -157,7 +159,11 @@ def test_rerun_reuses_every_configuration(setup):
     ({"eval_kwargs": {"split": "all"}}, "eval_kwargs"), ({"suite": "pruning-paper"}, "Unknown suite"),
     ({"eval_kwargs": {"n_lm_prompt": 3}}, "Unknown eval_kwargs"), ({"basis": "raw"}, "Unknown basis"),
     ({"gqa": "both"}, "Unknown gqa"), ({"removal": "some"}, "Unknown removal"), ({"q": 2}, "q must"),
-    ({"greedy_pool": 0}, "greedy_pool"),
+    ({"greedy_pool": 0}, "greedy_pool"), ({"policy": "explicit"}, "Unknown policy"),
+    ({"policy": "wanda"}, "Unknown policy"), ({"fill": "median"}, "Unknown fill"),
+    ({"calibration": "scale"}, "Unknown calibration"), ({"objective": "mse"}, "Unknown objective"),
+    ({"pool": 0}, "pool must be an int >= 1"), ({"policy": "optimized", "pool": 2}, "exceeds pool=2"),
+    ({"fill": "mean", "calibration_tokens": "probe"}, "calibration_tokens= must be token ids"),
 ])
 def test_bad_input_is_refused_before_any_forward(setup, monkeypatch, override, fragment):
     model, kwargs, _ = setup
@@ -198,3 +204,31 @@ def test_figures_refuse_what_they_cannot_draw(setup):
     with pytest.raises(sl.InputError, match='removal="best" or "all"'):
         plots.removal_comparison(without_removal)
     assert plots.removal_comparison(sel).data  # the same selection with its removal rows draws
+
+
+def test_a_fitted_variant_selects_with_its_own_pruning(setup, tmp_path):
+    model, kwargs, plain = setup
+    kwargs = {**kwargs, "strategy": "single_layer_rank", "removal": "none", "results": tmp_path / "fitted.sqlite"}
+    sel = sl.layer_selection(model, policy="act_weight", fill="mean", **kwargs)
+    spec = sl.PruneSpec.from_dict(sel.settings["spec"])
+    assert (spec.policy, spec.fill, spec.calibration) == ("act_weight", "mean", "none")
+    assert sel.heads == plain.heads and set(sel.dims) == set(plain.dims)
+    probe = sl.probe_tokens(model, PROBE["n_prompts"], PROBE["seq_len"], split="probe")
+    calibration = sl.CalibrationSet(model, probe)  # the probe prompts, the census's: the same fingerprint
+    assert sel.settings["calibration_tokens"] == calibration.describe()
+    heads = [(l, h) for l, h in sel.heads if l in sel.settings["candidates"]]
+    kept = sl.select_dims(model, spec.replace(heads=heads), tokens=calibration)
+    assert sel.dims == {f"{l}.{h}": kept[(l, h)].tolist() for l, h in heads}
+    # every confirmed row is the variant's pruning of its layers' heads, evaluated independently
+    row = sel.confirmed().sort_values("n_heads").iloc[-1]
+    pruned_heads = [(l, h) for l, h in heads if l in _layers(row["layers"])]
+    eval_kwargs = dict(kwargs["eval_kwargs"], split="heldout", show_progress=False)
+    dense = evaluate(model, **eval_kwargs)
+    with sl.prune_qk(model, spec.replace(heads=pruned_heads), tokens=calibration) as handle:
+        pruned = evaluate(model, **eval_kwargs)
+        assert row["params_zeroed"] == handle.params_zeroed()["total"]
+    assert row["retention"] == pytest.approx(retention_value(dense, pruned, sel.metric), abs=1e-6)
+    # another variant is another configuration; the dense rows are shared
+    assert not set(sel.table["key"]) & set(plain.table[plain.table["method"] == "qk"]["key"])
+    again = sl.layer_selection(model, policy="act_weight", fill="mean", calibration_tokens=calibration, **kwargs)
+    assert again.cost["configs_evaluated"] == 0  # the same prompts as a CalibrationSet: every row reused

@@ -109,7 +109,7 @@ VALUE_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "basis": _choice(BASES),
     "gqa": _choice(GQA_POLICIES),
     "removal": _choice(REMOVAL),
-    "strategies": _choices(STRATEGIES),
+    **dict.fromkeys(["strategies", "selection_strategy"], _choices(STRATEGIES)),
     "items_file": _existing_file_or_empty,
 }
 

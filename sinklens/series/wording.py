@@ -69,6 +69,19 @@ LABELS: dict[str, Label] = {
     "best_ci_low": Label("retention, 95 % CI low", **_PERCENT_OF_FRACTION),
     "best_ci_high": Label("retention, 95 % CI high", **_PERCENT_OF_FRACTION),
     "removal_retention_same_heads": Label("retention with the same heads removed whole", **_PERCENT_OF_FRACTION),
+    # 07 beyond the BOS dims (variants are policy/fill/calibration)
+    "best_variant": Label("kept-dims variant with the lowest median attention error at k (compared heads)"),
+    "best_frob_rel_median": Label("its median attention error at k"),
+    "baseline_frob_rel_median": Label("median attention error at k of bos_top/zero/none"),
+    "n_heads_compared": Label("sink-specialized heads compared (every variant)"),
+    "bos_optimized_overlap_mean": Label("kept dims shared by bos_top and optimized at k", **_PERCENT_OF_FRACTION),
+    "selection_best_variant": Label("layer selection: variant with the lowest median attention error at k "
+                                    "(all sink-specialized heads)"),
+    "selection_heads_bos_top": Label("layer selection: heads QK-pruned meeting the target, bos_top/zero/none",
+                                     "heads"),
+    "selection_heads_best": Label("layer selection: heads QK-pruned meeting the target, best variant", "heads"),
+    "selection_params_bos_top": Label("layer selection: Q/K parameters zeroed, bos_top/zero/none", "params"),
+    "selection_params_best": Label("layer selection: Q/K parameters zeroed, best variant", "params"),
 }
 # inner keys of headline mappings: the kept-dims policies of a pruning
 INNER_LABELS: dict[str, str] = {
@@ -146,6 +159,10 @@ CAPTIONS: dict[str, str] = {
                              "same heads removed whole.",
     "pareto_frontier": "Held-out configurations no other beats on both pruned heads and retention.",
     "removal_comparison": "QK pruning against whole-head removal of the same heads, per layer set.",
+    # 07
+    "frob_rel_vs_k_all_heads": "Attention error against k over every sink-specialized head, per policy/fill/"
+                               "calibration variant without a search: the best one at k is the one layer selection "
+                               "tries against bos_top.",
 }
 
 
