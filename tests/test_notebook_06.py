@@ -34,7 +34,7 @@ def test_notebook_06_long_context(tmp_path, smollm):
     assert head["sink_rate_pct_shortest"] == pytest.approx(overall[64], abs=0.01)
     assert head["sink_rate_pct_longest"] == pytest.approx(overall[256], abs=0.01)
     assert head["n_sink_heads_at_shortest"] > 0 and 0 < head["sink_heads_alpha0_shortest"] <= 1
-    non_first = pd.read_csv(out / "tables" / "non_first_sinks.csv")
+    non_first = pd.read_csv(out / "tables" / "long_context_non_first_sinks.csv")
     carriers = pd.read_csv(out / "tables" / "massive_tokens.csv")
     details = summary["details"]
     assert head["non_first_sinks"] == details["non_first_sinks"] == len(non_first)

@@ -32,3 +32,28 @@ def test_notebook_hygiene(path):
     for cell in code:  # notebooks call the package: no function or class definitions of their own
         tree = ast.parse("".join(cell["source"]))
         assert not [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+
+
+def _saved_outputs(path: Path) -> set[tuple[str, str]]:
+    """(kind, name) of every ``run.save_*(..., "name")`` call with a literal name in a notebook."""
+    nb = json.loads(path.read_text())
+    found = set()
+    for cell in (c for c in nb["cells"] if c["cell_type"] == "code"):
+        for node in ast.walk(ast.parse("".join(cell["source"]))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr.startswith("save_") and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "run"):
+                kind = {"save_html": "figure"}.get(node.func.attr, node.func.attr[len("save_"):])
+                names = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+                found |= {(kind, name) for name in names}
+    return found
+
+
+def test_no_two_notebooks_write_the_same_output():
+    # the series shares one run folder: a name saved by two notebooks would be overwritten by the later one
+    owners: dict[tuple[str, str], list[str]] = {}
+    for path in NOTEBOOKS:
+        for output in _saved_outputs(path):
+            owners.setdefault(output, []).append(path.name[:2])
+    assert sum(len(_saved_outputs(p)) for p in NOTEBOOKS) > 20  # the scan sees the notebooks' outputs
+    assert {output: nbs for output, nbs in owners.items() if len(nbs) > 1} == {}
