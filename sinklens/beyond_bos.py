@@ -133,8 +133,8 @@ def selection_comparison(selections: Mapping[str, LayerSelection], targets: Sequ
 
 
 def selection_headline(comparison: pd.DataFrame, best: str, baseline: str = "bos_top/zero/none") -> dict:
-    """The layer-selection numbers notebook 07 leads with (the comparison's first target): the best variant and,
-    for it and the baseline, the heads QK-pruned and the Q/K parameters zeroed by the largest set meeting the
+    """The layer-selection numbers notebook 07 leads with (the comparison's first target): for the best variant and
+    the baseline, the heads QK-pruned and the Q/K parameters zeroed by the largest set meeting the
     target (0 when none meets it).
 
     Args:
@@ -147,8 +147,7 @@ def selection_headline(comparison: pd.DataFrame, best: str, baseline: str = "bos
     missing = sorted({best, baseline} - set(first.index))
     if missing:
         raise InputError(f"The comparison has no rows for variants {missing} (it has {sorted(first.index)}).")
-    return {"selection_best_variant": best,
-            "selection_heads_bos_top": int(first.loc[baseline, "n_heads"]),
+    return {"selection_heads_bos_top": int(first.loc[baseline, "n_heads"]),
             "selection_heads_best": int(first.loc[best, "n_heads"]),
             "selection_params_bos_top": int(first.loc[baseline, "params_zeroed"]),
             "selection_params_best": int(first.loc[best, "params_zeroed"])}

@@ -322,7 +322,7 @@ def test_selection_comparison_reads_the_best_confirmed_set_per_variant():
     for label, selection in (("bos_top/zero/none", baseline), ("act_weight/mean/none", best)):  # as best() says
         assert rows.loc[(label, 0.91), "n_heads"] == selection.best(0.91)["n_heads"]
     head = beyond_bos.selection_headline(table, "act_weight/mean/none")
-    assert head == {"selection_best_variant": "act_weight/mean/none", "selection_heads_bos_top": 4,
+    assert head == {"selection_heads_bos_top": 4,
                     "selection_heads_best": 6, "selection_params_bos_top": 400, "selection_params_best": 600}
     with pytest.raises(sl.InputError, match="no rows for variants"):
         beyond_bos.selection_headline(table, "optimized/zero/none")

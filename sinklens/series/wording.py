@@ -70,13 +70,15 @@ LABELS: dict[str, Label] = {
     "best_ci_high": Label("retention, 95 % CI high", **_PERCENT_OF_FRACTION),
     "removal_retention_same_heads": Label("retention with the same heads removed whole", **_PERCENT_OF_FRACTION),
     # 07 beyond the BOS dims (variants are policy/fill/calibration)
-    "best_variant": Label("kept-dims variant with the lowest median attention error at k (compared heads)"),
+    "best_variant": Label("kept-dims variant with the lowest median attention error at k (every sink-specialized "
+                          "head, variants without a search)"),
     "best_frob_rel_median": Label("its median attention error at k"),
     "baseline_frob_rel_median": Label("median attention error at k of bos_top/zero/none"),
-    "n_heads_compared": Label("sink-specialized heads compared (every variant)"),
+    "sample_best_variant": Label("lowest median attention error at k on the compared heads, the optimized search "
+                                 "included"),
+    "sample_best_frob_rel_median": Label("its median attention error at k (compared heads)"),
+    "n_heads_compared": Label("sink-specialized heads compared with the optimized search"),
     "bos_optimized_overlap_mean": Label("kept dims shared by bos_top and optimized at k", **_PERCENT_OF_FRACTION),
-    "selection_best_variant": Label("layer selection: variant with the lowest median attention error at k "
-                                    "(all sink-specialized heads)"),
     "selection_heads_bos_top": Label("layer selection: heads QK-pruned meeting the target, bos_top/zero/none",
                                      "heads"),
     "selection_heads_best": Label("layer selection: heads QK-pruned meeting the target, best variant", "heads"),
@@ -160,6 +162,11 @@ CAPTIONS: dict[str, str] = {
     "pareto_frontier": "Held-out configurations no other beats on both pruned heads and retention.",
     "removal_comparison": "QK pruning against whole-head removal of the same heads, per layer set.",
     # 07
+    "beyond_bos_frob_rel_vs_k": "Attention error against k on the compared heads, per policy/fill/calibration "
+                                "variant, the optimized search included (dims, means and temperatures fitted on other "
+                                "prompts).",
+    "beyond_bos_model_level_at_k": "The model with the compared heads pruned at k: change of next-token loss per "
+                                   "variant.",
     "frob_rel_vs_k_all_heads": "Attention error against k over every sink-specialized head, per policy/fill/"
                                "calibration variant without a search: the best one at k is the one layer selection "
                                "tries against bos_top.",
