@@ -198,6 +198,9 @@ def test_labels_and_units():
     # keys nobody labelled (a later notebook's summary) still read as words
     assert headline.labelled("tokens_to_sink_pct", 12.5) == ("tokens to sink (%)", "12.5")
     assert headline.labelled("context.max_len", 4096) == ("context: max len", "4096")
+    # a mapping whose key holds a dot itself (the threshold) keeps its label
+    assert headline.labelled("smallest_k_median_below_0.2.bos_top", 500) == (
+        "smallest k with median attention error < 0.2 (BOS top-k dims)", "500")
     assert wording.caption("sink_heatmap") and wording.caption("no_such_figure") is None
 
 
@@ -441,3 +444,36 @@ def test_missing_or_partial_summaries_give_no_sentence(tmp_path):
             "(specialized_heads.json), 138 (reconstruction_error.json).") in text
     page = report.write_report(run_dir, png=False).read_text()
     assert "layer_selection.json" in page  # its card and raw link stay
+
+
+LONG_AND_BEYOND = {  # shaped like notebooks 06 and 07's summaries
+    "long_context.json": {"details": {"detail_length": 1024}, "headline": {
+        "lengths": "64..8192", "eps": 0.3, "n_sink_heads_at_shortest": 216, "sink_rate_pct_shortest": 80.0,
+        "sink_rate_pct_longest": 46.3, "sink_heads_alpha0_shortest": 0.6375, "sink_heads_alpha0_longest": 0.3118,
+        "sink_heads_still_above_eps_pct": 57.9, "non_first_sinks": 204, "non_first_sink_heads": 115,
+        "massive_positions": 1, "massive_position_kinds": "BOS:1"}},
+    "beyond_bos_dims.json": {"n_sink_heads": 138, "baseline_variant": "bos_top/zero/none",
+                             "selection": {"target_retention": 0.91}, "headline": {
+        "k": 10, "best_variant": "act_weight/mean/temperature", "best_frob_rel_median": 0.373,
+        "baseline_frob_rel_median": 0.4984, "sample_best_variant": "bos_top/zero/temperature",
+        "sample_best_frob_rel_median": 0.3845, "n_heads_compared": 6, "bos_optimized_overlap_mean": 0.5667,
+        "selection_heads_bos_top": 51, "selection_heads_best": 73, "selection_params_bos_top": 3694848,
+        "selection_params_best": 5288704}},
+}
+
+
+def test_findings_of_long_context_and_beyond_bos(tmp_path):
+    text = "\n".join(findings.findings(headline.summaries_of(make_series_run(tmp_path, LONG_AND_BEYOND))))
+    assert ("From 64 to 8192 tokens, Sink^0.3 goes from 80.0 % to 46.3 %; the 216 heads with alpha_0 > 0.3 at 64 "
+            "tokens average alpha_0 0.64 there and 0.31 at 8192 tokens, 57.9 % of them still above 0.3.") in text
+    assert ("A full census of one 1024-token prompt finds 204 non-first sinks in 115 heads; massive activations sit "
+            "at 1 position (BOS:1).") in text
+    assert ("Beyond the BOS dims at k = 10, over the 138 sink-specialized heads on held-out prompts: the best variant "
+            "without a search, act_weight/mean/temperature, has a median attention error of 0.37 against 0.50 for "
+            "bos_top/zero/none.") in text
+    assert ("On 6 heads with the optimized search, the best is bos_top/zero/temperature (0.38); bos_top and "
+            "optimized share 57 % of their kept dims.") in text
+    assert ("Layer selection at 91 % retention: act_weight/mean/temperature QK-prunes 73 heads (5,288,704 Q/K "
+            "parameters), bos_top/zero/none 51 heads (3,694,848).") in text
+    partial = {"beyond_bos_dims.json": {"headline": {"k": 10}}}  # a failed or older run: no sentence
+    assert findings.findings(headline.summaries_of(make_series_run(tmp_path / "partial", partial))) == []

@@ -167,9 +167,59 @@ def layer_selection(data: dict) -> list[str]:
             f"{tail}."]
 
 
+def long_context(data: dict) -> list[str]:
+    """Sentences of notebook 06's ``long_context.json``: the sink from the shortest to the longest prompt, then what
+    the full census and the massive-token scan of one long prompt found.
+
+    Args:
+        data: the summary's content.
+    """
+    h = data["headline"]
+    short, long = h["lengths"].split("..")
+    eps = h["eps"]
+    out = [f"From {short} to {long} tokens, Sink^{eps:g} goes from {_pct(h['sink_rate_pct_shortest'])} to "
+           f"{_pct(h['sink_rate_pct_longest'])}; the {h['n_sink_heads_at_shortest']} heads with alpha_0 > {eps:g} at "
+           f"{short} tokens average alpha_0 {h['sink_heads_alpha0_shortest']:.2f} there and "
+           f"{h['sink_heads_alpha0_longest']:.2f} at {long} tokens, {_pct(h['sink_heads_still_above_eps_pct'])} of "
+           f"them still above {eps:g}."]
+    if "non_first_sinks" in h:
+        length = (data.get("details") or {}).get("detail_length")
+        prompt = f"one {length}-token prompt" if length else "one long prompt"
+        out.append(f"A full census of {prompt} finds {_plural(h['non_first_sinks'], 'non-first sink')} in "
+                   f"{_plural(h['non_first_sink_heads'], 'head')}; massive activations sit at "
+                   f"{_plural(h['massive_positions'], 'position')} ({h['massive_position_kinds']}).")
+    return out
+
+
+def beyond_bos_dims(data: dict) -> list[str]:
+    """Sentences of notebook 07's ``beyond_bos_dims.json``: the best kept-dims variant against the thesis' choice,
+    the optimized search on the sample, and the layer selections at the same retention target.
+
+    Args:
+        data: the summary's content.
+    """
+    h = data["headline"]
+    k, baseline = h["k"], data.get("baseline_variant", "bos_top/zero/none")
+    out = [f"Beyond the BOS dims at k = {k}, over the {data['n_sink_heads']} sink-specialized heads on held-out "
+           f"prompts: the best variant without a search, {h['best_variant']}, has a median attention error of "
+           f"{h['best_frob_rel_median']:.2f} against {h['baseline_frob_rel_median']:.2f} for {baseline}."]
+    if "sample_best_variant" in h:
+        out.append(f"On {_plural(h['n_heads_compared'], 'head')} with the optimized search, the best is "
+                   f"{h['sample_best_variant']} ({h['sample_best_frob_rel_median']:.2f}); bos_top and optimized share "
+                   f"{_share(h['bos_optimized_overlap_mean'], 0)} of their kept dims.")
+    if "selection_heads_best" in h:
+        target = (data.get("selection") or {}).get("target_retention")
+        at = f" at {_share(target, 0)} retention" if target is not None else ""
+        out.append(f"Layer selection{at}: {h['best_variant']} QK-prunes {h['selection_heads_best']} heads "
+                   f"({h['selection_params_best']:,} Q/K parameters), {baseline} {h['selection_heads_bos_top']} "
+                   f"heads ({h['selection_params_bos_top']:,}).")
+    return out
+
+
 BUILDERS: dict[str, Callable[[dict], list[str]]] = {
     "sink_discovery.json": sink_discovery, HEAD_LIST_FILE: specialized_heads, "topk_pruning.json": topk_pruning,
     "reconstruction_error.json": reconstruction_error, "layer_selection.json": layer_selection,
+    "long_context.json": long_context, "beyond_bos_dims.json": beyond_bos_dims,
 }
 
 

@@ -69,6 +69,18 @@ LABELS: dict[str, Label] = {
     "best_ci_low": Label("retention, 95 % CI low", **_PERCENT_OF_FRACTION),
     "best_ci_high": Label("retention, 95 % CI high", **_PERCENT_OF_FRACTION),
     "removal_retention_same_heads": Label("retention with the same heads removed whole", **_PERCENT_OF_FRACTION),
+    # 06 long context (sink heads: alpha_0 > eps at the shortest length)
+    "lengths": Label("prompt lengths", "tokens"),
+    "n_sink_heads_at_shortest": Label("heads with alpha_0 > eps at the shortest length", "heads"),
+    "sink_rate_pct_shortest": Label("sink rate Sink^eps at the shortest length", "%"),
+    "sink_rate_pct_longest": Label("sink rate Sink^eps at the longest length", "%"),
+    "sink_heads_alpha0_shortest": Label("mean alpha_0 of those heads at the shortest length"),
+    "sink_heads_alpha0_longest": Label("mean alpha_0 of those heads at the longest length"),
+    "sink_heads_still_above_eps_pct": Label("those heads still above eps at the longest length", "%"),
+    "non_first_sinks": Label("non-first sinks (layer, head, key) in the full census of one long prompt"),
+    "non_first_sink_heads": Label("heads with a non-first sink", "heads"),
+    "massive_positions": Label("positions carrying massive activations in that prompt"),
+    "massive_position_kinds": Label("their kinds (count)"),
     # 07 beyond the BOS dims (variants are policy/fill/calibration)
     "best_variant": Label("kept-dims variant with the lowest median attention error at k (every sink-specialized "
                           "head, variants without a search)"),
@@ -100,10 +112,11 @@ def label(key: str) -> Label:
     """
     if key in LABELS:
         return LABELS[key]
-    outer, dot, inner = key.partition(".")
-    if dot and outer in LABELS:
-        base = LABELS[outer]
-        return Label(f"{base.text} ({INNER_LABELS.get(inner, _words(inner))})", base.unit, base.scale)
+    for cut in [i for i, char in enumerate(key) if char == "."][::-1]:  # "outer.inner"; outer may hold a dot
+        outer, inner = key[:cut], key[cut + 1:]
+        base = LABELS.get(outer)
+        if base is not None:
+            return Label(f"{base.text} ({INNER_LABELS.get(inner, _words(inner))})", base.unit, base.scale)
     return Label(_words(key))
 
 
