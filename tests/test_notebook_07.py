@@ -34,6 +34,11 @@ def test_notebook_07_beyond_bos_dims(tmp_path):
     at_k = table[table["k"] == 5]  # the sample's best, the optimized search included
     assert head["sample_best_frob_rel_median"] == pytest.approx(at_k["frob_rel_q50"].min())
     assert head["sample_best_variant"] == "/".join(at_k.sort_values(["frob_rel_q50"] + VARIANT).iloc[0][VARIANT])
+    in_sample = pd.read_csv(out / "tables" / "optimized_in_sample.csv")  # fitted on the evaluated prompts
+    assert set(in_sample["policy"]) == {"optimized"} and len(in_sample) == 2 * 2 * 2  # fills x calibrations x ks
+    assert (in_sample["n_heads"] == len(heads)).all()
+    assert summary["optimized_in_sample_best_at_k"] == pytest.approx(in_sample.loc[in_sample["k"] == 5,
+                                                                                    "frob_rel_q50"].min())
     overlap = pd.read_csv(out / "tables" / "bos_optimized_overlap.csv")
     assert sorted(zip(overlap["layer"], overlap["head"])) == sorted(heads)
     assert overlap["share"].between(0, 1).all() and (overlap["k"] == 5).all()

@@ -204,9 +204,12 @@ def beyond_bos_dims(data: dict) -> list[str]:
            f"prompts: the best variant without a search, {h['best_variant']}, has a median attention error of "
            f"{h['best_frob_rel_median']:.2f} against {h['baseline_frob_rel_median']:.2f} for {baseline}."]
     if "sample_best_variant" in h:
+        floor = data.get("optimized_in_sample_best_at_k")
+        in_sample = (f"; fitted and measured on the same prompts, the optimized search reaches {floor:.2f}"
+                     if _measured(floor) else "")
         out.append(f"On {_plural(h['n_heads_compared'], 'head')} with the optimized search, the best is "
-                   f"{h['sample_best_variant']} ({h['sample_best_frob_rel_median']:.2f}); bos_top and optimized share "
-                   f"{_share(h['bos_optimized_overlap_mean'], 0)} of their kept dims.")
+                   f"{h['sample_best_variant']} ({h['sample_best_frob_rel_median']:.2f}){in_sample}; bos_top and "
+                   f"optimized share {_share(h['bos_optimized_overlap_mean'], 0)} of their kept dims.")
     if "selection_heads_best" in h:
         target = (data.get("selection") or {}).get("target_retention")
         at = f" at {_share(target, 0)} retention" if target is not None else ""
