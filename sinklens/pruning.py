@@ -183,7 +183,7 @@ def plan_pruning(model, heads: Sequence[Head] | PruneSpec, k: int | None = None,
                     f'gqa="shared" zeroes K columns that KV head {group} of layer {layer} shares with query heads '
                     f"{sorted(members)}, but only {sorted(chosen)} are selected. Select the whole group, use "
                     'gqa="exact" (private K copies) or "q_only", or pass force=True to change the siblings too.')
-    fitted = spec.fill != "zero" or spec.calibration != "none" or spec.policy in ("act_weight", "optimized")
+    fitted = spec.fits_inputs()
     source = calibration_set(model, tokens, attention_mask) if fitted else tokens
     kept = dims_of(model, spec, source, attention_mask=attention_mask)
     prepend_bos = None

@@ -175,7 +175,7 @@ def _calibration_source(model, batch: TokenBatch, dims_tokens, specs: Sequence[P
     if not fitted:
         return None, None
     layers = sorted({l for spec in fitted for l, _ in spec.heads})
-    plain_bos = all(spec.policy == "bos_top" and spec.fill == "zero" and spec.calibration == "none" for spec in fitted)
+    plain_bos = all(spec.policy == "bos_top" and not spec.fits_inputs() for spec in fitted)
     if isinstance(dims_tokens, MassiveActivations) and plain_bos:
         return bos_activations(model, dims_tokens, layers), "unknown"
     source = calibration_set(model, batch if dims_tokens is None else dims_tokens, argument="dims_tokens")

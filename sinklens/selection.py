@@ -352,7 +352,7 @@ def layer_selection(model, k: int = 10, target_retention: float = 0.91,
     spec = PruneSpec([(l, h) for l in cand for h in by_layer[l]], k, policy, **variant)
     if calibration_tokens is not None:
         tokens = calibration_tokens
-    elif spec.policy == "bos_top" and fill == "zero" and calibration == "none":
+    elif spec.policy == "bos_top" and not spec.fits_inputs():
         tokens = massive_activations(model, probe, layers=cand, show_progress=show_progress)
     else:  # one calibration set of the probe prompts (the census's) for every configuration
         tokens = CalibrationSet(model, probe, argument="calibration_tokens")

@@ -235,6 +235,12 @@ class PruneSpec:
         """Whether this pruning is fitted on calibration tokens (a data-driven policy, mean fill or temperature)."""
         return self.policy in DATA_POLICIES or self.fill != "zero" or self.calibration != "none"
 
+    def fits_inputs(self) -> bool:
+        """Whether this pruning is fitted on the calibration prompts' attention inputs (``act_weight``, ``optimized``,
+        mean fill or temperature), not only on their BOS vectors: a plain ``bos_top`` spec (zero fill, no
+        calibration) is the one fitted pruning a MassiveActivations suffices for."""
+        return self.policy in ("act_weight", "optimized") or self.fill != "zero" or self.calibration != "none"
+
     @classmethod
     def of(cls, heads, k: int, dims: DimsArg = "bos_top", *, basis: Basis = "normalized", gqa: GQAPolicy = "exact",
            seed: int = 0, force: bool = False, fill: Fill = "zero", calibration: Calibration = "none") -> PruneSpec:

@@ -208,15 +208,10 @@ class Record:
         return self.result.metrics
 
 
-def _fits_inputs(spec: PruneSpec) -> bool:
-    """Whether the spec's pruning measures the calibration attention inputs (not only BOS vectors)."""
-    return spec.policy in ("act_weight", "optimized") or spec.fill != "zero" or spec.calibration != "none"
-
-
 def _sweep_tokens(model, spec: PruneSpec, tokens):
     """The sweep's calibration tokens: a CalibrationSet, a MassiveActivations for plain ``bos_top``, or None;
     refused (before any forward) when the spec needs what they cannot give."""
-    plain_bos = spec.policy == "bos_top" and not _fits_inputs(spec)
+    plain_bos = spec.policy == "bos_top" and not spec.fits_inputs()
     if tokens is None:
         if spec.needs_calibration():
             what = ("the MassiveActivations of BOS-prepended probe prompts (sinklens.massive_activations(model, "
@@ -277,7 +272,7 @@ class Sweep:
         self.show_progress = show_progress
         self.file = open_results(model, results, fresh=fresh)
         self.fingerprint = dict(self.file.conn.execute("SELECT name, value FROM meta"))["fingerprint"]
-        if isinstance(self.tokens, CalibrationSet) and _fits_inputs(spec):
+        if isinstance(self.tokens, CalibrationSet) and spec.fits_inputs():
             self.tokens.inputs(spec.layers())  # every layer's attention input in one forward, not one per layer
         # the kept dims are part of every key: rows measured on another probe are not reused
         self.dims = dims_of(model, spec, self.tokens)
