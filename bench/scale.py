@@ -4,7 +4,7 @@
     python bench/scale.py --layers 2 --prompts 16 --long-prompts 2                     # `make bench` (2 CPU cores)
     python bench/scale.py --shape llama-2-7b --layers 32 --device cuda --dtype bf16   # bench/gpu_check.sh
 
-The checkpoint is written once by ``sinklens.testing.random_llama`` (bf16 weights, the embedded model's
+The checkpoint is written once by ``sinklens.core.testing.random_llama`` (bf16 weights, the embedded model's
 tokenizer) into ``--folder`` (default: under the sinklens cache) and loaded with ``sl.load_model(folder)``.
 Random weights test cost and mechanics, never the phenomenon: no number here says anything about sinks.
 
@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 import sinklens as sl
-from sinklens.loading import cache_root, resolve_device, resolve_dtype
-from sinklens.testing import SHAPES, random_llama
+from sinklens.core.loading import cache_root, resolve_device, resolve_dtype
+from sinklens.core.testing import SHAPES, random_llama
 
 CENSUS_BATCH = 8  # run_census' default batch size: one layer's pattern is [8, heads, T, T]
 

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 import sinklens as sl
-from sinklens.evaluation import build_plan
-from sinklens.sweep import Sweep
+from sinklens.assess.evaluation import build_plan
+from sinklens.assess.sweep import Sweep
 
 ATOL = 1e-4  # on summed log-likelihoods of an item (float32 forwards); hits must be identical
 

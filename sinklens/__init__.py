@@ -1,55 +1,68 @@
-"""sinklens: attention sinks, massive activations and QK column pruning on TransformerLens."""
+"""sinklens: attention sinks, massive activations and QK column pruning on TransformerLens.
+
+``import sinklens as sl`` is cheap: every public name below is imported from its stage on first use
+(``sl.run_census`` imports ``sinklens.measure.census`` then), so the command line answers a bad argument
+without loading torch's model stack. The stages, imports flowing one way (``tests/test_layout.py``):
+
+- ``core``: errors, argument checks, loading, tokens and probes, hooks, reversible edits, the Q/K layout;
+- ``measure``: census engines, massive activations, sink-specialized heads, long context;
+- ``prune``: ``PruneSpec``, kept dims and the search, calibration sets, temperature, pruning, removal,
+  checkpoints;
+- ``assess``: reconstruction error, evaluation, lm-eval, sweeps, layer selection, kept-dims comparisons;
+- ``report``: attention views, notebook summaries, figures (``sl.plots``);
+- ``series``: the notebook series, its run folders and report (``python -m sinklens``).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# public name -> the module that defines it (one table: __all__, dir() and the lazy import read it)
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "sinklens.core.version": ("__version__",),
+    "sinklens.core.errors": ("HubUnreachableError", "InputError", "SinklensError", "UnknownModelError",
+                             "UnsupportedArchitectureError", "WriteError"),
+    "sinklens.core.loading": ("ModelInfo", "load_model", "model_info"),
+    "sinklens.core.tokens": ("TokenBatch", "token_strings", "tokenize"),
+    "sinklens.core.probes": ("probe_provenance", "probe_tokens"),
+    "sinklens.core.edits": ("active_edits",),
+    "sinklens.measure.census": ("Census", "first_token_comparison", "run_census", "sink_scores"),
+    "sinklens.measure.massive": ("MassiveActivations", "bos_top_dims", "massive_activations"),
+    "sinklens.measure.massive_tokens": ("MassiveTokens", "massive_tokens"),
+    "sinklens.measure.specialization": ("sink_specialized_heads", "specialization_table"),
+    "sinklens.prune.calibration": ("CalibrationSet",),
+    "sinklens.prune.spec": ("PruneSpec", "layer_heads"),
+    "sinklens.prune.dims": ("select_dims",),
+    "sinklens.prune.pruning": ("PruneHandle", "PruningPlan", "apply_pruning", "plan_pruning", "prune_qk"),
+    "sinklens.prune.removal": ("HeadRemovalHandle", "apply_head_removal", "remove_heads"),
+    "sinklens.prune.checkpoint": ("read_manifest", "save_pruned"),
+    "sinklens.assess.reconstruction": ("error_quantiles", "k_sweep", "k_sweep_headline", "reconstruction_error",
+                                       "reconstruction_headline", "smallest_k"),
+    "sinklens.assess.evaluation": ("EvalResult", "evaluate", "retention"),
+    "sinklens.assess.lm_eval_bridge": ("evaluate_lm_eval",),
+    "sinklens.assess.selection": ("LayerSelection", "layer_selection"),
+}
+# modules reached as attributes (sl.plots.census, sl.views): the figure helpers and views notebooks call
+_MODULES: dict[str, str] = {
+    "plots": "sinklens.report.plots",
+    "views": "sinklens.report.views",
+    "summaries": "sinklens.report.summaries",
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE) + sorted(_MODULES)
 
 
-from .calibration import CalibrationSet
-from .census import Census, first_token_comparison, run_census, sink_scores
-from .checkpoint import read_manifest, save_pruned
-from .dims import select_dims
-from .edits import active_edits
-from .errors import (
-    HubUnreachableError,
-    InputError,
-    SinklensError,
-    UnknownModelError,
-    UnsupportedArchitectureError,
-    WriteError,
-)
-from .evaluation import EvalResult, evaluate, retention
-from .lm_eval_bridge import evaluate_lm_eval
-from .loading import ModelInfo, load_model, model_info
-from .massive import MassiveActivations, bos_top_dims, massive_activations
-from .massive_tokens import MassiveTokens, massive_tokens
-from .probes import probe_provenance, probe_tokens
-from .pruning import PruneHandle, PruningPlan, apply_pruning, plan_pruning, prune_qk
-from .reconstruction import (
-    error_quantiles,
-    k_sweep,
-    k_sweep_headline,
-    reconstruction_error,
-    reconstruction_headline,
-    smallest_k,
-)
-from .removal import HeadRemovalHandle, apply_head_removal, remove_heads
-from .selection import LayerSelection, layer_selection
-from .spec import PruneSpec, layer_heads
-from .specialization import sink_specialized_heads, specialization_table
-from .tokens import TokenBatch, tokenize
-from .version import __version__
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+    elif name in _MODULES:
+        value = importlib.import_module(_MODULES[name])
+    else:
+        raise AttributeError(f"module 'sinklens' has no attribute {name!r}")
+    globals()[name] = value  # resolved once: later look-ups skip this function
+    return value
 
-__all__ = [
-    "__version__",
-    # model, tokens, probe set
-    "HubUnreachableError", "InputError", "ModelInfo", "SinklensError", "TokenBatch", "UnknownModelError",
-    "UnsupportedArchitectureError", "WriteError", "load_model", "model_info", "probe_provenance", "probe_tokens",
-    "tokenize",
-    # sinks and massive activations
-    "Census", "MassiveActivations", "MassiveTokens", "bos_top_dims", "first_token_comparison", "massive_activations",
-    "massive_tokens", "run_census", "sink_scores", "sink_specialized_heads", "specialization_table",
-    # QK column pruning, reconstruction error, pruned checkpoints
-    "CalibrationSet", "HeadRemovalHandle", "PruneHandle", "PruneSpec", "PruningPlan", "active_edits",
-    "apply_head_removal", "apply_pruning", "error_quantiles", "k_sweep", "k_sweep_headline", "layer_heads",
-    "plan_pruning", "prune_qk", "read_manifest", "reconstruction_error", "reconstruction_headline", "remove_heads",
-    "save_pruned", "select_dims", "smallest_k",
-    # evaluation and layer selection
-    "EvalResult", "LayerSelection", "evaluate", "evaluate_lm_eval", "layer_selection", "retention",
-]
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sinklens as sl
-from sinklens import beyond_bos
-from sinklens.selection import LayerSelection
+from sinklens.assess import beyond_bos
+from sinklens.assess.selection import LayerSelection
 
 from helpers import random_tokens
 

@@ -80,8 +80,8 @@ def test_census_on_a_subset_of_layers_matches_full(tiny):
 
 def test_first_token_comparison_needs_both_cases(tiny):
     tokens = random_tokens(2, 12)
-    census = sl.run_census(tiny, sl.tokens.TokenBatch(tokens, torch.ones_like(tokens), True), show_progress=False)
-    no_bos = sl.run_census(tiny, sl.tokens.TokenBatch(tokens[:, 1:], torch.ones_like(tokens[:, 1:]), False),
+    census = sl.run_census(tiny, sl.TokenBatch(tokens, torch.ones_like(tokens), True), show_progress=False)
+    no_bos = sl.run_census(tiny, sl.TokenBatch(tokens[:, 1:], torch.ones_like(tokens[:, 1:]), False),
                            show_progress=False)
     table = sl.first_token_comparison(census, no_bos)
     assert set(table.case.str.split(" ").str[0]) == {"BOS", "first"}

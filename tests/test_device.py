@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import sinklens as sl
-from sinklens import loading
-from sinklens.tokens import as_batch
+from sinklens.core import loading
+from sinklens.core.tokens import as_batch
 
 EVAL = {"limit": 2, "n_lm_prompts": 2, "n_copy": 2, "show_progress": False}
 
@@ -113,7 +113,7 @@ def test_a_token_batch_on_another_device_is_moved(tiny, monkeypatch):
         moved = as_batch(tiny, sl.TokenBatch(batch.tokens.cuda(), batch.attention_mask.cuda(), True))
         assert moved.tokens.device.type == "cpu" and torch.equal(moved.tokens, batch.tokens)
     # CPU-only stand-in: a model whose embedding sits on "meta" receives the validated ids there
-    monkeypatch.setattr("sinklens.tokens.input_device", lambda model: torch.device("meta"))
+    monkeypatch.setattr("sinklens.core.tokens.input_device", lambda model: torch.device("meta"))
     moved = as_batch(tiny, batch)
     assert moved.tokens.device.type == "meta" and moved.attention_mask.device.type == "meta"
     assert moved.tokens.shape == batch.tokens.shape and moved.prepend_bos is True

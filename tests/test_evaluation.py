@@ -11,7 +11,16 @@ import pytest
 import torch
 
 import sinklens as sl
-from sinklens.evaluation import EvalResult, build_plan, compute_metrics, encode_pair, evaluate, load_items, retention
+from sinklens.assess import evaluation
+from sinklens.assess.evaluation import (
+    EvalResult,
+    build_plan,
+    compute_metrics,
+    encode_pair,
+    evaluate,
+    load_items,
+    retention,
+)
 
 TINY_ITEMS = [
     {"id": "a", "task": "alpha", "context": "w5 w6 w7", "choices": [" w8", " w9 w10", " w11"], "gold": 0},
@@ -117,7 +126,7 @@ def test_lm_and_copy_match_hf_eager(tiny, hf_reference):
     assert result.metrics["lm/acc"] == pytest.approx(hits / n)
     assert items[items["part"] == "lm"]["n_tokens"].sum() == n
     # copy: second half of BOS + r + r, predicting r[1:]
-    vocab = sl.evaluation.copy_vocabulary(tiny)
+    vocab = evaluation.copy_vocabulary(tiny)
     draws = vocab[torch.randint(0, vocab.numel(), (2, 6), generator=torch.Generator().manual_seed(5))]
     hits = n = 0
     for seq in draws.tolist():
@@ -135,7 +144,7 @@ def test_plan_forward_matches_bridge_forward(tiny):
     """The evaluation runner (bridge blocks called directly) equals the bridge's own forward."""
     plan = build_plan(tiny, "lm", n_lm_prompts=2, lm_seq_len=10)
     batch = plan.batches[0]
-    logp, _, _ = sl.evaluation.forward_scores(tiny, batch)
+    logp, _, _ = evaluation.forward_scores(tiny, batch)
     with torch.no_grad():
         logits = tiny(batch.tokens).float().log_softmax(-1)
     expected = logits[batch.rows, batch.cols].gather(1, batch.targets[:, None])[:, 0]
@@ -266,7 +275,7 @@ def _harness_lls(result) -> dict[str, list[float]]:
 
 
 def test_lm_eval_local_task_matches_evaluate_and_sees_pruning(harness, tiny, item_file, tmp_path):
-    from sinklens.lm_eval_bridge import evaluate_lm_eval, write_local_task
+    from sinklens.assess.lm_eval_bridge import evaluate_lm_eval, write_local_task
 
     folder = tmp_path / "tasks"
     write_local_task(item_file, folder)
@@ -295,7 +304,7 @@ def test_lm_eval_local_task_matches_evaluate_and_sees_pruning(harness, tiny, ite
 
 
 def test_lm_eval_names_the_data_it_cannot_fetch(harness, tiny, tmp_path):
-    from sinklens.lm_eval_bridge import TaskDataUnavailableError, evaluate_lm_eval
+    from sinklens.assess.lm_eval_bridge import TaskDataUnavailableError, evaluate_lm_eval
 
     (tmp_path / "remote.yaml").write_text(
         "task: remote_only\ndataset_path: sinklens-tests/never-cached\noutput_type: multiple_choice\n"
@@ -305,8 +314,8 @@ def test_lm_eval_names_the_data_it_cannot_fetch(harness, tiny, tmp_path):
 
 
 def test_lm_eval_bad_input(harness, tiny, tmp_path, monkeypatch):
-    from sinklens import lm_eval_bridge
-    from sinklens.lm_eval_bridge import evaluate_lm_eval, write_local_task
+    from sinklens.assess import lm_eval_bridge
+    from sinklens.assess.lm_eval_bridge import evaluate_lm_eval, write_local_task
 
     with pytest.raises(sl.InputError, match="limit"):
         evaluate_lm_eval(tiny, "piqa", limit=0)
@@ -322,7 +331,7 @@ def test_lm_eval_bad_input(harness, tiny, tmp_path, monkeypatch):
 def test_lm_eval_missing_dependency_message(tiny, monkeypatch):
     import sys
 
-    from sinklens.lm_eval_bridge import MissingDependencyError, evaluate_lm_eval
+    from sinklens.assess.lm_eval_bridge import MissingDependencyError, evaluate_lm_eval
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(MissingDependencyError, match="pip install lm-eval==0.4.13"):
@@ -342,16 +351,16 @@ def test_attention_mask_matches_transformers_for_plain_batches(tiny):
     embeds = torch.zeros(len(mask), width, sl.model_info(tiny).d_model)
     expected = create_causal_mask(config=tiny.original_model.config, inputs_embeds=embeds, attention_mask=mask,
                                   past_key_values=None, position_ids=torch.arange(width)[None])
-    torch.testing.assert_close(sl.evaluation.additive_mask(allowed, torch.float32), expected, rtol=0, atol=0)
+    torch.testing.assert_close(evaluation.additive_mask(allowed, torch.float32), expected, rtol=0, atol=0)
     unpadded = create_causal_mask(config=tiny.original_model.config, inputs_embeds=embeds,
                                   attention_mask=torch.ones_like(mask), past_key_values=None,
                                   position_ids=torch.arange(width)[None])
-    torch.testing.assert_close(sl.evaluation.additive_mask(batch.allowed, torch.float32), unpadded, rtol=0, atol=0)
+    torch.testing.assert_close(evaluation.additive_mask(batch.allowed, torch.float32), unpadded, rtol=0, atol=0)
 
 
 @pytest.mark.integration
 def test_lm_eval_agrees_on_bundled_items_with_smollm(harness, smollm, tmp_path):
-    from sinklens.lm_eval_bridge import evaluate_lm_eval, write_local_task
+    from sinklens.assess.lm_eval_bridge import evaluate_lm_eval, write_local_task
 
     write_local_task(None, tmp_path)
     theirs = evaluate_lm_eval(smollm, "sinklens_items", limit=8, include_path=tmp_path, batch_size=8, log_samples=True)
@@ -447,7 +456,7 @@ def test_limit_accepts_numpy_ints(tiny, item_file):
 @pytest.fixture
 def offline_empty_caches(monkeypatch, tmp_path):
     """Offline (as HF_HUB_OFFLINE=1 says) with empty hub and datasets caches, whatever this machine holds."""
-    from sinklens import lm_eval_bridge
+    from sinklens.assess import lm_eval_bridge
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
@@ -456,7 +465,7 @@ def offline_empty_caches(monkeypatch, tmp_path):
 
 
 def _refuse_harness_import(monkeypatch):
-    from sinklens import lm_eval_bridge
+    from sinklens.assess import lm_eval_bridge
 
     def refuse():
         raise AssertionError("the harness was imported before the missing data was named")
@@ -466,7 +475,7 @@ def _refuse_harness_import(monkeypatch):
 
 def test_lm_eval_offline_names_missing_suite_data_before_importing_the_harness(harness, tiny, offline_empty_caches,
                                                                                monkeypatch):
-    from sinklens.lm_eval_bridge import PRUNING_PAPER_TASKS, TaskDataUnavailableError
+    from sinklens.assess.lm_eval_bridge import PRUNING_PAPER_TASKS, TaskDataUnavailableError
 
     _refuse_harness_import(monkeypatch)
     with pytest.raises(TaskDataUnavailableError, match="hub cannot be reached") as err:
@@ -477,8 +486,8 @@ def test_lm_eval_offline_names_missing_suite_data_before_importing_the_harness(h
 
 def test_lm_eval_offline_fast_and_harness_paths_name_the_same_dataset(harness, tiny, tmp_path, offline_empty_caches,
                                                                       monkeypatch):
-    from sinklens import lm_eval_bridge
-    from sinklens.lm_eval_bridge import TaskDataUnavailableError
+    from sinklens.assess import lm_eval_bridge
+    from sinklens.assess.lm_eval_bridge import TaskDataUnavailableError
 
     folder = tmp_path / "tasks"
     folder.mkdir()
@@ -499,7 +508,7 @@ def test_lm_eval_offline_fast_and_harness_paths_name_the_same_dataset(harness, t
 
 def test_lm_eval_offline_leaves_cached_and_local_data_to_the_harness(harness, tiny, tmp_path, offline_empty_caches,
                                                                      item_file):
-    from sinklens.lm_eval_bridge import TaskDataUnavailableError, write_local_task
+    from sinklens.assess.lm_eval_bridge import TaskDataUnavailableError, write_local_task
 
     folder = tmp_path / "tasks"
     write_local_task(item_file, folder)

@@ -19,9 +19,10 @@ import pytest
 import torch
 
 import sinklens as sl
-from sinklens.evaluation import build_plan, evaluate, forward_scores
-from sinklens.qk import LAYOUTS
-from sinklens.views import attention_view
+from sinklens.assess import evaluation
+from sinklens.assess.evaluation import build_plan, evaluate, forward_scores
+from sinklens.core.qk import LAYOUTS
+from sinklens.report.views import attention_view
 
 from tiny_families import FAMILIES, MODEL_TYPE, build_family_checkpoint
 
@@ -259,7 +260,7 @@ def test_layer_selection_on_a_non_llama_family(tmp_path, item_file):
             pruned = evaluate(model, **eval_kwargs, split="heldout", show_progress=False)
         for metric in ("lm/ppl", "copy/acc", "mc/acc"):
             assert row[f"retention:{metric}"] == pytest.approx(
-                sl.evaluation.retention_value(dense, pruned, metric), abs=1e-6, nan_ok=True)
+                evaluation.retention_value(dense, pruned, metric), abs=1e-6, nan_ok=True)
         checked += 1
     assert checked >= 1
 

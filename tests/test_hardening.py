@@ -12,10 +12,11 @@ import torch
 import transformers
 
 import sinklens as sl
-from sinklens import checkpoint, loading
-from sinklens.beyond_bos import spread_heads
-from sinklens.errors import SinklensError
-from sinklens.views import attention_view
+from sinklens.assess.beyond_bos import spread_heads
+from sinklens.core import loading
+from sinklens.core.errors import SinklensError
+from sinklens.prune import checkpoint
+from sinklens.report.views import attention_view
 
 from helpers import random_tokens
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sinklens as sl
-from sinklens.errors import InputError
+from sinklens.core.errors import InputError
 from sinklens.series import head_list
 
 from helpers import random_tokens

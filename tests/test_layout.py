@@ -1,6 +1,6 @@
-"""The package's layout rules, checked on its source: no module imports another's private names, the
-series machinery stays out of the research modules, and the tree is ruff-clean (pinned in requirements.txt,
-configured in pyproject.toml)."""
+"""The package's layout rules, checked on its source: imports flow one way through the stages (core, measure,
+prune, assess, report, series), no module imports another's private names, and the tree is ruff-clean
+(pinned in requirements.txt, configured in pyproject.toml)."""
 
 import ast
 import shutil
@@ -26,6 +26,65 @@ def test_no_module_imports_another_modules_private_names():
              (node.module or "").startswith("sinklens")
              for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")]
     assert not found, f"private names imported across modules (make them public where they belong): {found}"
+
+
+STAGES = ("core", "measure", "prune", "assess", "report", "series")
+
+
+def _stage_of_module(dotted: str) -> str | None:
+    parts = dotted.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "sinklens" and parts[1] in STAGES else None
+
+
+def _imported_modules(path: Path, root: Path = PACKAGE):
+    """(line, absolute dotted module) of every sinklens import in ``path`` (below ``root``), relative ones
+    resolved."""
+    package = ["sinklens", *path.relative_to(root).with_suffix("").parts]
+    package = package[:-1]  # a module's package (an __init__'s own package is its folder: same climb below)
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+                names = [module] if node.module else [f"{module}.{alias.name}" for alias in node.names]
+            else:
+                names = [node.module or ""]
+            for name in names:
+                yield node.lineno, name
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module" and node.args \
+                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+            yield node.lineno, node.args[0].value
+
+
+def test_every_module_lives_in_a_stage():
+    loose = [p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "__main__.py")]
+    assert not loose, f"modules outside the stage subpackages {STAGES}: {loose}"
+
+
+def test_imports_flow_one_way_through_the_stages():
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).parts
+        if len(parts) < 2 or parts[0] not in STAGES:
+            continue  # sinklens/__init__.py (the lazy table of every stage) and __main__ (the command line)
+        own = STAGES.index(parts[0])
+        for line, module in _imported_modules(path):
+            stage = _stage_of_module(module)
+            if stage is not None and STAGES.index(stage) > own:
+                found.append(f"{path.relative_to(ROOT)}:{line} ({parts[0]}) imports {module} ({stage})")
+    assert not found, f"imports against the stage order {' < '.join(STAGES)}: {found}"
+
+
+def test_the_layering_rule_sees_an_upward_import(tmp_path):
+    # the rule above on a made-up module: a relative import climbing from core into report is reported
+    fake = tmp_path / "sinklens" / "core" / "probe.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("from ..report.views import attention_view\nfrom . import edits\n")
+    assert [m for _, m in _imported_modules(fake, tmp_path / "sinklens")] == ["sinklens.report.views",
+                                                                               "sinklens.core.edits"]
 
 
 def test_research_modules_do_not_import_the_series_machinery():

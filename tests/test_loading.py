@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sinklens as sl
-from sinklens import loading
+from sinklens.core import loading
 
 
 def test_local_folder_loads_raw_mode(tiny_dir, hf_reference):

@@ -6,8 +6,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sinklens as sl
-import sinklens.memory
-from sinklens.lse_census import attention_with_lse, fused_attention, lse_statistics
+import sinklens.core.memory
+from sinklens.core.tokens import as_batch
+from sinklens.measure.lse_census import attention_with_lse, fused_attention, lse_statistics
 
 from helpers import padded_mask, random_tokens
 
@@ -141,7 +142,7 @@ def test_blocked_lse_backend_matches_the_kernel(tiny):
         assert float((out - out_b)[..., rows, :].abs().max()) <= TOL
         assert float((lse - lse_b)[..., rows].abs().max()) <= TOL
     tokens, mask = tokens_and_mask(3, 24, "right")
-    batch = sl.tokens.as_batch(tiny, tokens, mask)
+    batch = as_batch(tiny, tokens, mask)
     kernel = lse_statistics(tiny, batch, [0, 2], full=True, show_progress=False)
     blocked = lse_statistics(tiny, batch, [0, 2], full=True, backend="blocked", block_size=5, show_progress=False)
     assert blocked[2] == "blocked" and kernel[2] == "cpu_flash"
@@ -187,7 +188,7 @@ def test_bad_input_is_refused_before_any_forward(tiny, monkeypatch):
         sl.run_census(tiny, tokens, engine="flash")
     with pytest.raises(sl.InputError, match="block_size"):
         sl.run_census(tiny, tokens, engine="sdpa", full=True, block_size=0)
-    monkeypatch.setattr(sinklens.memory, "free_bytes", lambda device: 10_000)
+    monkeypatch.setattr(sinklens.core.memory, "free_bytes", lambda device: 10_000)
     refusal = r"engine='eager' on 2 prompts x 20 tokens needs about .* GiB.*engine='sdpa'"
     with pytest.raises(sl.InputError, match=refusal):
         sl.run_census(tiny, tokens, engine="eager")
@@ -196,7 +197,7 @@ def test_bad_input_is_refused_before_any_forward(tiny, monkeypatch):
 def test_auto_engine_says_which_it_chose(tiny, monkeypatch):
     tokens = random_tokens(2, 20)
     assert sl.run_census(tiny, tokens, engine="auto", show_progress=False).engine == "eager"
-    monkeypatch.setattr(sinklens.memory, "free_bytes", lambda device: 10_000)
+    monkeypatch.setattr(sinklens.core.memory, "free_bytes", lambda device: 10_000)
     with pytest.warns(UserWarning, match="uses the sdpa engine"):
         census = sl.run_census(tiny, tokens, engine="auto", show_progress=False)
     assert census.engine.startswith("sdpa")

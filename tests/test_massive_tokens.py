@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import sinklens as sl
-from sinklens.lse_census import first_key_weights
-from sinklens.massive_tokens import carrier_summary, token_kind
+from sinklens.measure.lse_census import first_key_weights
+from sinklens.measure.massive_tokens import carrier_summary, token_kind
 
 from helpers import padded_mask, random_tokens
 
@@ -56,7 +56,7 @@ def test_token_kinds():
 
 def test_first_key_weights_match_the_eager_pattern(tiny):
     tokens = random_tokens(2, 30, seed=4)
-    batch = sl.tokens.TokenBatch(tokens, torch.ones_like(tokens), True)
+    batch = sl.TokenBatch(tokens, torch.ones_like(tokens), True)
     _, cache = tiny.run_with_cache(tokens, names_filter="blocks.1.attn.hook_pattern")
     weights = first_key_weights(tiny, batch, layer=1, head=2, n_keys=5)
     assert weights.shape == (2, 30, 5)

@@ -69,7 +69,7 @@ def test_census_holds_one_layer_pattern_at_a_time(smollm):
 
 def test_probe_detects_a_census_that_keeps_patterns(smollm, monkeypatch):
     """The check above fails for a census that keeps every layer's pattern (a copy, as a careless hook would)."""
-    from sinklens import census as census_module
+    from sinklens.measure import census as census_module
 
     kept = []
     original = census_module._PatternReducer.hook

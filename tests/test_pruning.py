@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sinklens as sl
-from sinklens.hooks import pattern_hook
+from sinklens.core.hooks import pattern_hook
 
 from helpers import padded_mask, random_tokens
 

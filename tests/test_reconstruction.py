@@ -7,6 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import sinklens as sl
+from sinklens.assess import reconstruction
 
 from helpers import padded_mask, random_tokens
 
@@ -209,7 +210,7 @@ def test_k_sweep_frame_and_passes(tiny):
         tiny.reset_hooks()
     assert layer_passes == 1 + 3  # one bos_top measurement (massive_activations, batches of 8) + one per batch
     assert model_passes == 3 * (1 + 3)  # per batch: the dense reference and one pass per configuration
-    assert list(sweep.columns) == sl.reconstruction.COLUMNS
+    assert list(sweep.columns) == reconstruction.COLUMNS
     counts = sweep.groupby("policy").size()
     assert counts.to_dict() == {"bos_top": 9, "random": 18, "weight_norm": 9, "whole_head": 9}
     assert set(sweep.loc[sweep["policy"] == "random", "seed"]) == {0, 1}
@@ -230,7 +231,7 @@ def test_k_sweep_frame_and_passes(tiny):
 
 
 def test_plots_from_sweeps(tiny):
-    from sinklens.plots import pruning as plots
+    from sinklens.report.plots import pruning as plots
 
     info = sl.model_info(tiny)
     tokens = random_tokens(3, 10)

@@ -17,9 +17,9 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 from test_runner import _write_notebook
 
 from sinklens.__main__ import main
-from sinklens.errors import InputError
+from sinklens.core.errors import InputError
+from sinklens.report.views import AttentionView, views_page
 from sinklens.series import RunFolder, findings, headline, outputs, pngs, report, runner, wording
-from sinklens.views import AttentionView, views_page
 
 README = """# project
 

@@ -8,7 +8,8 @@ import json
 import pytest
 
 import sinklens as sl
-from sinklens.evaluation import evaluate, retention_value
+from sinklens.assess import selection
+from sinklens.assess.evaluation import evaluate, retention_value
 
 ITEMS = [
     {"id": f"i{i}", "task": "t" + str(i % 2), "context": f"w{5 + i} w{6 + 2 * i} w{7 + 3 * i}",
@@ -27,7 +28,7 @@ def setup(tiny_dir, tmp_path_factory):
     items = folder / "items.jsonl"
     items.write_text("".join(json.dumps(item) + "\n" for item in ITEMS))
     model = sl.load_model(str(tiny_dir), device="cpu")
-    kwargs = dict(k=K, target_retention=TARGET, strategy=list(sl.selection.STRATEGIES), **PROBE,
+    kwargs = dict(k=K, target_retention=TARGET, strategy=list(selection.STRATEGIES), **PROBE,
                   eval_kwargs=dict(items=str(items), **EVAL), exhaustive_pool=3, exhaustive_size=3, n_random=2,
                   patience=5, n_boot=50, results=folder / "sweep.sqlite", show_progress=False)
     return model, kwargs, sl.layer_selection(model, **kwargs)
@@ -171,7 +172,7 @@ def test_bad_input_is_refused_before_any_forward(setup, monkeypatch, override, f
     def heavy(*args, **kw):
         raise AssertionError("the census ran before the arguments were checked")
 
-    monkeypatch.setattr(sl.selection, "run_census", heavy)
+    monkeypatch.setattr(selection, "run_census", heavy)
     with pytest.raises(sl.InputError, match=fragment):
         sl.layer_selection(model, **{**kwargs, "results": None, **override})
 
@@ -181,7 +182,7 @@ def test_results_of_another_model_are_refused_before_any_forward(setup, tmp_path
 
     model, kwargs, _ = setup
     other = sl.load_model(str(build_tiny_checkpoint(tmp_path / "other", 4, 4, seed=3)), device="cpu")
-    monkeypatch.setattr(sl.selection, "run_census", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    monkeypatch.setattr(selection, "run_census", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
     with pytest.raises(sl.InputError, match="fresh=True"):
         sl.layer_selection(other, **kwargs)  # kwargs["results"] holds the first model's sweep
 
@@ -195,7 +196,7 @@ def test_no_specialized_heads_is_explained(setup):
 def test_figures_refuse_what_they_cannot_draw(setup):
     from dataclasses import replace
 
-    from sinklens.plots import selection as plots
+    from sinklens.report.plots import selection as plots
 
     _, _, sel = setup
     with pytest.raises(sl.InputError, match="selection must be a LayerSelection"):

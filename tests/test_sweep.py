@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 
 import sinklens as sl
-from sinklens.evaluation import build_plan, plan_fingerprint
-from sinklens.sweep import SCHEMA, Sweep
+from sinklens.assess.evaluation import build_plan, plan_fingerprint
+from sinklens.assess.sweep import SCHEMA, Sweep
 
 from helpers import build_tiny_checkpoint
 
@@ -216,7 +216,8 @@ def test_plain_bos_top_settings_and_keys_are_unchanged(tiny, tmp_path):
 
 def test_fitted_spec_without_calibration_tokens_is_refused_before_any_forward(tiny, tmp_path, monkeypatch):
     plan = build_plan(tiny, "copy", n_copy=2, copy_len=4)
-    monkeypatch.setattr("sinklens.sweep.dims_of", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured")))
+    monkeypatch.setattr("sinklens.assess.sweep.dims_of",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured")))
     monkeypatch.setattr(sl.CalibrationSet, "inputs", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
     for spec in (sl.PruneSpec([(0, 1)], 4, "random", fill="mean"), sl.PruneSpec([(0, 1)], 4, "act_weight"),
                  sl.PruneSpec([(0, 1)], 4, "bos_top")):
@@ -237,7 +238,7 @@ CHILD = textwrap.dedent("""
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
     import sinklens as sl
-    from sinklens.sweep import ResultsFile
+    from sinklens.assess.sweep import ResultsFile
     from test_sweep import CONFIGS, make_sweep
 
     put = ResultsFile.put
@@ -297,7 +298,7 @@ def test_refuses_results_of_another_sinklens_version(tiny, tmp_path, monkeypatch
     path = tmp_path / "sweep.sqlite"
     items = write_items(tmp_path)
     make_sweep(tiny, items, results=path).close()
-    monkeypatch.setattr("sinklens.sweep.__version__", "999.0")
+    monkeypatch.setattr("sinklens.assess.sweep.__version__", "999.0")
     with pytest.raises(sl.InputError, match="sinklens version.*delete the file"):
         make_sweep(tiny, items, results=path)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sinklens as sl
-from sinklens.tokens import as_batch
+from sinklens.core.tokens import as_batch
 
 
 def test_prepend_bos_is_explicit(tiny):

@@ -1,4 +1,4 @@
-"""sinklens.validate.check_int: one check and one message for every integer argument."""
+"""sinklens.core.validate.check_int: one check and one message for every integer argument."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import sinklens as sl
-from sinklens.validate import check_index, check_int, check_k, check_layers
+from sinklens.core.validate import check_index, check_int, check_k, check_layers
 
 BAD_INTS = [
     pytest.param(3.0, "float", id="integral-float"),

@@ -6,7 +6,9 @@ import re
 from pathlib import Path
 
 import sinklens as sl
-from sinklens import checkpoint, sweep, version
+from sinklens.assess import sweep
+from sinklens.core import version
+from sinklens.prune import checkpoint
 
 
 def test_version_is_pyprojects():

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import sinklens as sl
-from sinklens import summaries, views
-from sinklens.hooks import pattern_hook
-from sinklens.plots import census as plots
+from sinklens.core.hooks import pattern_hook
+from sinklens.report import summaries, views
+from sinklens.report.plots import census as plots
 
 from helpers import padded_mask, random_tokens
 

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import InputError
+from ..core.errors import InputError
 from . import runner
 from .headline import check_reference_run, update_readme_headline
 from .outputs import read_manifest

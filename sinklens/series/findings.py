@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..census import CASE_AFTER_BOS, CASE_BOS, CASE_NO_BOS
+from ..measure.census import CASE_AFTER_BOS, CASE_BOS, CASE_NO_BOS
 from .head_list import HEAD_LIST_FILE
 from .outputs import Summary
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 
 def project_path(path: str | os.PathLike) -> Path:

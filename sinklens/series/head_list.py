@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..census import run_census
-from ..errors import InputError
-from ..loading import model_info
-from ..specialization import sink_specialized_heads
-from ..tokens import TokenBatch
+from ..core.errors import InputError
+from ..core.loading import model_info
+from ..core.tokens import TokenBatch
+from ..measure.census import run_census
+from ..measure.specialization import sink_specialized_heads
 
 HEAD_LIST_FILE = "specialized_heads.json"
 MEASURED = "measured"

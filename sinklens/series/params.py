@@ -19,11 +19,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from ..massive import BASES
-from ..selection import REMOVAL, STRATEGIES
-from ..spec import GQA_POLICIES
-from ..validate import as_int, check_choice, check_fraction
+from ..assess.selection import REMOVAL, STRATEGIES
+from ..core.errors import InputError
+from ..core.validate import as_int, check_choice, check_fraction
+from ..measure.massive import BASES
+from ..prune.spec import GQA_POLICIES
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
 

@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import InputError
+from ..core.errors import InputError
 from .outputs import classify_figure
 
 NO_BROWSER = "PNGs skipped: no Chromium found (apt-get install chromium, or set BROWSER_PATH to a Chrome/Chromium)."

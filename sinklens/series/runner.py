@@ -41,8 +41,8 @@ import yaml
 from papermill.exceptions import PapermillExecutionError
 from traitlets.config import Config
 
-from ..errors import InputError, SinklensError
-from ..loading import EMBEDDED_MODELS, resolve_checkpoint
+from ..core.errors import InputError, SinklensError
+from ..core.loading import EMBEDDED_MODELS, resolve_checkpoint
 from .head_list import HEAD_LIST_FILE, check_model_name, read_head_list
 from .params import check_value, coerce_value, notebook_parameters
 from .report import write_report

@@ -1,0 +1,222 @@
+"""Summaries of the kept-dims comparison beyond the BOS dims (notebook 07): per-variant quantiles, overlaps, headline,
+the best variant and the layer selections it is compared with ``bos_top`` in.
+
+A variant is one (policy, fill, calibration) of a :func:`sinklens.k_sweep` frame; its label is
+``policy/fill/calibration`` (e.g. ``optimized/mean/temperature``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from jaxtyping import Int
+from torch import Tensor
+
+from ..core.errors import InputError
+from ..core.validate import check_fraction, check_int
+from ..prune.calibration import CalibrationSet
+from ..prune.spec import Head
+from .selection import LayerSelection
+
+VARIANT = ["policy", "fill", "calibration"]
+BASELINE = {"policy": "bos_top", "fill": "zero", "calibration": "none"}  # the thesis' choice
+NONE_MEETS = "none meets it"
+
+
+def _check(frame, columns: Sequence[str]) -> pd.DataFrame:
+    if not isinstance(frame, pd.DataFrame) or frame.empty or not set(columns) <= set(frame.columns):
+        raise InputError(f"Expected a non-empty sinklens.k_sweep frame with columns {list(columns)}.")
+    return frame
+
+
+def variant_labels(sweep: pd.DataFrame) -> pd.DataFrame:
+    """A copy of a k_sweep frame whose ``policy`` column holds the variant label ``policy/fill/calibration``
+    (whole-head removal keeps its name), for figures that draw one line per policy.
+
+    Args:
+        sweep: a :func:`sinklens.k_sweep` frame.
+    """
+    sweep = _check(sweep, VARIANT).copy()
+    fitted = sweep["fill"].notna()
+    sweep.loc[fitted, "policy"] = (sweep.loc[fitted, "policy"] + "/" + sweep.loc[fitted, "fill"] + "/"
+                                   + sweep.loc[fitted, "calibration"])
+    return sweep
+
+
+def variant_table(sweep: pd.DataFrame, ks: Sequence[int], metrics: Sequence[str] = ("frob_rel", "kl")) -> pd.DataFrame:
+    """Median and 10/90 % quantiles over heads of each metric, per variant and k: one row per (variant, k).
+
+    Args:
+        sweep: a :func:`sinklens.k_sweep` frame (whole-head rows are left out).
+        ks: the ks tabulated.
+        metrics: the error columns summarised.
+    """
+    sweep = _check(sweep, VARIANT + ["k", *metrics])
+    part = sweep[sweep["fill"].notna() & sweep["k"].isin(list(ks))]
+    if part.empty:
+        raise InputError(f"The sweep has no pruning rows at ks={list(ks)}.")
+    grouped = part.groupby(VARIANT + ["k"])
+    table = pd.concat({f"{metric}_{name}": grouped[metric].quantile(q) for metric in metrics
+                       for name, q in (("q10", 0.1), ("q50", 0.5), ("q90", 0.9))}, axis=1)
+    table["n_heads"] = grouped.size()
+    return table.reset_index()
+
+
+def variant_label(variant: Mapping[str, str]) -> str:
+    """``policy/fill/calibration`` of a variant.
+
+    Args:
+        variant: a mapping with ``policy``, ``fill`` and ``calibration`` (e.g. from :func:`best_variant`).
+    """
+    missing = [name for name in VARIANT if name not in variant]
+    if missing:
+        raise InputError(f"A variant needs {VARIANT}, this one lacks {missing}.")
+    return "/".join(str(variant[name]) for name in VARIANT)
+
+
+def best_variant(table: pd.DataFrame, k: int) -> dict[str, str]:
+    """The variant with the lowest median frob_rel at ``k`` (ties: the first in policy, fill, calibration order, as
+    :func:`beyond_bos_headline`): ``{"policy", "fill", "calibration"}``, the keyword arguments of
+    :func:`sinklens.layer_selection` that prune with it.
+
+    Args:
+        table: from :func:`variant_table`.
+        k: the k compared at.
+    """
+    table = _check(table, VARIANT + ["k", "frob_rel_q50"])
+    at_k = table[(table["k"] == k) & table["frob_rel_q50"].notna()]
+    if at_k.empty:
+        raise InputError(f"The table has no median frob_rel at k={k} (its ks: {sorted(table['k'].unique())}).")
+    best = at_k.sort_values(["frob_rel_q50", *VARIANT], kind="stable").iloc[0]
+    return {name: str(best[name]) for name in VARIANT}
+
+
+def selection_comparison(selections: Mapping[str, LayerSelection], targets: Sequence[float]) -> pd.DataFrame:
+    """Per variant and target, the held-out layer set with the most QK-pruned heads meeting the target
+    (:meth:`LayerSelection.best`): its layers, heads, Q/K parameters zeroed, retention and CI, or
+    ``layers="none meets it"`` (no heads, no parameters) when no confirmed set meets it.
+
+    Args:
+        selections: layer selections by variant label (same k, heads, evaluation and strategies).
+        targets: the retentions to meet.
+    """
+    if not isinstance(selections, Mapping) or not selections:
+        raise InputError("selections must be a non-empty mapping {variant label: sinklens.LayerSelection}.")
+    targets = [check_fraction("target", t, open_low=True) for t in targets]
+    if not targets:
+        raise InputError("targets is empty: pass at least one retention to meet (e.g. [0.91]).")
+    rows = []
+    for label, selection in selections.items():
+        if not isinstance(selection, LayerSelection):
+            raise InputError(f"selections[{label!r}] must be a sinklens.LayerSelection, got "
+                             f"{type(selection).__name__}.")
+        spec = selection.settings["spec"]
+        for target in targets:
+            best = selection.best(target)
+            row = {"variant": label, **{name: spec[name] for name in VARIANT}, "k": spec["k"],
+                   "metric": selection.metric, "target": target, "n_candidate_heads": len(spec["heads"]),
+                   "meets": best is not None}
+            if best is None:
+                row |= {"layers": NONE_MEETS, "n_layers": 0, "n_heads": 0, "heads": "", "params_zeroed": 0,
+                        "params_share": 0.0, "retention": np.nan, "ci_low": np.nan, "ci_high": np.nan,
+                        "strategy": None}
+            else:
+                row |= {"layers": str(best["layers"]), "n_layers": int(best["n_layers"]),
+                        "n_heads": int(best["n_heads"]), "heads": best["heads"],
+                        "params_zeroed": int(best["params_zeroed"]), "params_share": float(best["params_share"]),
+                        "retention": float(best["retention"]), "ci_low": float(best["ci_low"]),
+                        "ci_high": float(best["ci_high"]), "strategy": best["strategy"]}
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def selection_headline(comparison: pd.DataFrame, best: str, baseline: str = "bos_top/zero/none") -> dict:
+    """The layer-selection numbers notebook 07 leads with (the comparison's first target): for the best variant and
+    the baseline, the heads QK-pruned and the Q/K parameters zeroed by the largest set meeting the
+    target (0 when none meets it).
+
+    Args:
+        comparison: from :func:`selection_comparison`.
+        best: the best variant's label (:func:`variant_label` of :func:`best_variant`).
+        baseline: the baseline's label.
+    """
+    comparison = _check(comparison, ["variant", "target", "n_heads", "params_zeroed"])
+    first = comparison[comparison["target"] == comparison["target"].iloc[0]].set_index("variant")
+    missing = sorted({best, baseline} - set(first.index))
+    if missing:
+        raise InputError(f"The comparison has no rows for variants {missing} (it has {sorted(first.index)}).")
+    return {"selection_heads_bos_top": int(first.loc[baseline, "n_heads"]),
+            "selection_heads_best": int(first.loc[best, "n_heads"]),
+            "selection_params_bos_top": int(first.loc[baseline, "params_zeroed"]),
+            "selection_params_best": int(first.loc[best, "params_zeroed"])}
+
+
+def dims_overlap(first: Mapping[Head, Int[Tensor, " k"]], second: Mapping[Head, Int[Tensor, " k"]]) -> pd.DataFrame:
+    """Per head, how many kept dims two choices share: ``shared`` and ``share`` (shared / k of ``second``).
+
+    Args:
+        first: kept dims per head (e.g. ``bos_top``'s, from :func:`sinklens.select_dims`).
+        second: kept dims per head for the same heads (e.g. ``optimized``'s).
+    """
+    if set(first) != set(second):
+        raise InputError("The two dims choices must cover the same heads.")
+    rows = []
+    for (layer, head) in sorted(first):
+        a, b = set(first[(layer, head)].tolist()), set(second[(layer, head)].tolist())
+        rows.append({"layer": layer, "head": head, "k": len(b), "shared": len(a & b), "share": len(a & b) / len(b)})
+    return pd.DataFrame(rows)
+
+
+def spread_heads(heads: Sequence[Head], n: int) -> list[Head]:
+    """``n`` of ``heads`` spread evenly over the sorted list (every head when ``n`` is 0 or at least their count): a
+    sample across layers for the costly optimized search.
+
+    Args:
+        heads: ``(layer, head)`` pairs.
+        n: how many to keep (0: all).
+    """
+    heads = sorted((int(l), int(h)) for l, h in heads)
+    n = check_int("n", n, minimum=0, meaning="0: every head")
+    if n == 0 or n >= len(heads):
+        return heads
+    return [heads[round(i * (len(heads) - 1) / max(n - 1, 1))] for i in range(n)]
+
+
+def search_cost_table(calibration: CalibrationSet) -> pd.DataFrame:
+    """The optimized search's cost per head and setting: seconds, candidate evaluations, dims ranked.
+
+    Args:
+        calibration: the calibration set the searches ran on.
+    """
+    rows = [{"layer": pair[0], "head": pair[1], "fill": fill, "mode": mode, "objective": objective, "pool": pool,
+             **cost} for (pair, fill, mode, objective, pool), cost in calibration.search_cost.items()]
+    return pd.DataFrame(rows, columns=["layer", "head", "fill", "mode", "objective", "pool", "seconds", "candidates",
+                                       "ranked"])
+
+
+def beyond_bos_headline(table: pd.DataFrame, k: int, baseline: str = "bos_top/zero/none") -> dict:
+    """The numbers notebook 07 leads with: per variant the median held-out frob_rel at k, the best variant and
+    how it compares with the thesis' choice (``baseline``).
+
+    Args:
+        table: from :func:`variant_table`.
+        k: the k of the headline.
+        baseline: the variant label compared against.
+    """
+    table = _check(table, VARIANT + ["k", "frob_rel_q50"])
+    at_k = table[table["k"] == k]
+    if at_k.empty:
+        raise InputError(f"The table has no rows at k={k}.")
+    labels = at_k["policy"] + "/" + at_k["fill"] + "/" + at_k["calibration"]
+    medians = dict(zip(labels, at_k["frob_rel_q50"].astype(float)))
+    best = min(medians, key=medians.get)
+    return {"k": int(k), "frob_rel_median_at_k": medians, "best_variant": best,
+            "best_frob_rel_median": medians[best], "baseline_variant": baseline,
+            "baseline_frob_rel_median": medians.get(baseline)}
+
+
+__all__ = ["BASELINE", "NONE_MEETS", "beyond_bos_headline", "best_variant", "dims_overlap", "search_cost_table",
+           "selection_comparison", "selection_headline", "spread_heads", "variant_label", "variant_labels",
+           "variant_table"]

@@ -1,0 +1,499 @@
+"""Sweep engine: evaluate pruning configurations once, store each result as it finishes, resume.
+
+A sweep has one :class:`~sinklens.prune.spec.PruneSpec` whose heads are every candidate head; a
+configuration prunes (``"qk"``: the spec restricted to the heads of a set of layers) or removes
+(``"remove"``) those heads and evaluates an :class:`~sinklens.assess.evaluation.EvalPlan`. Results go to a
+SQLite file, one row per configuration, committed in its own transaction as soon as it is computed,
+keyed by a hash of the configuration, the evaluation plan, the pruning spec (the kept dims it
+measured and, for a pruning fitted on a :class:`~sinklens.prune.calibration.CalibrationSet`, that set's fingerprint)
+and the model's fingerprint. Each row's config holds the spec it pruned with
+(``PruneSpec.from_dict`` reads it back). A rerun skips finished
+rows; a sweep killed at any point (SIGKILL included) resumes without lost or duplicated rows.
+A file written for another model, another sinklens version or another file schema is refused.
+
+Speed: pruning layer l cannot change anything below l. The residual stream entering every layer
+is cached from one dense pass over the plan, and a configuration whose first edited layer is l
+runs only layers l..L-1 from that cache. More generally the cache is keyed by the edits below
+the layer, so a configuration extending a cached one (greedy selection) starts at its new layer.
+(TransformerLens 4.3's ``forward(resid, start_at_layer=l)`` is no shortcut: it still executes
+blocks 0..l-1 and discards their output, and for a float input it skips the mask-derived position
+ids. :meth:`EvalPlan.run` calls the bridge's blocks itself from layer l, with explicit position
+ids and attention mask; a test checks it against full forwards.)
+Memory: the dense cache holds plan tokens x d_model x n_layers values per split (about 0.2 GB for
+SmolLM2-135M and 3k tokens), on the model's device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sqlite3
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
+
+import pandas as pd
+import torch
+
+from ..core.edits import active_edits
+from ..core.errors import InputError
+from ..core.loading import model_info
+from ..core.progress import progress
+from ..core.validate import check_choice, check_index, check_int
+from ..core.version import __version__
+from ..measure.massive import MassiveActivations
+from ..prune.calibration import CalibrationSet, calibration_set
+from ..prune.dims import dims_of
+from ..prune.pruning import prune_qk
+from ..prune.removal import remove_heads
+from ..prune.spec import Head, PruneSpec
+from .evaluation import EvalPlan, EvalResult, plan_fingerprint
+
+SCHEMA = 2  # 2: configurations keyed and recorded by their PruneSpec
+Method = Literal["dense", "qk", "remove"]
+METHODS: tuple[str, ...] = get_args(Method)
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of the model's shapes, dtype, device and a strided sample of every parameter's values.
+
+    Computed on the unedited model (refused while pruning edits are active).
+
+    Args:
+        model: a bridge from :func:`sinklens.load_model`.
+    """
+    if active_edits(model):
+        raise InputError("The model has active pruning edits: fingerprint (and sweep) the dense model; "
+                         "restore the edits first.")
+    shape = {k: v for k, v in model_info(model).as_dict().items() if k != "name"}  # the weights, not the path
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, param in model.original_model.named_parameters():
+            flat = param.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            digest.update(name.encode())
+            digest.update(str(tuple(param.shape)).encode())
+            digest.update(flat[::step].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+# --- the results file ----------------------------------------------------------------------------
+
+class ResultsFile:
+    """SQLite results of one model and sinklens version; ``":memory:"`` (or None) keeps them in memory."""
+
+    def __init__(self, path: str | Path | None, meta: Mapping[str, str], fresh: bool = False):
+        self.path = ":memory:" if path is None or str(path) == ":memory:" else Path(path)
+        if isinstance(self.path, Path):
+            if fresh and self.path.exists():
+                self.path.unlink()
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise InputError(f"Cannot create the folder of results file {self.path}: {err}. "
+                                 "Pass a writable path.") from err
+        try:
+            self.conn = sqlite3.connect(str(self.path), timeout=30)
+            self.conn.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self.conn.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, config TEXT NOT NULL, "
+                              "metrics TEXT NOT NULL, extra TEXT NOT NULL, items BLOB NOT NULL, created REAL NOT NULL)")
+            self.conn.commit()
+            stored = dict(self.conn.execute("SELECT name, value FROM meta").fetchall())
+        except sqlite3.DatabaseError as err:
+            raise InputError(f"{self.path} is not a sinklens results file ({err}): pass another path, or fresh=True "
+                             "to replace it.") from err
+        if stored:
+            self._check(stored, dict(meta))
+        else:
+            with self.conn:
+                self.conn.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
+
+    def _check(self, stored: dict, meta: dict) -> None:
+        def describe(values: dict, name: str) -> str:
+            if name == "fingerprint":
+                return f"model {values.get('model')!r} (fingerprint {values.get('fingerprint')})"
+            return repr(values.get(name))
+
+        labels = {"schema": "results-file schema", "sinklens": "sinklens version", "fingerprint": "model"}
+        for name, label in labels.items():
+            if stored.get(name) != meta.get(name):
+                raise InputError(
+                    f"Results file {self.path} was written with {label} {describe(stored, name)}, but this sweep "
+                    f"uses {describe(meta, name)}: its rows cannot be reused. Start fresh: delete the file, pass "
+                    "another results path, or pass fresh=True (which deletes it).")
+
+    def get(self, key: str) -> dict | None:
+        """The stored configuration ``key`` (config, metrics, extra, items), or None.
+
+        Args:
+            key: the configuration's key (:meth:`Sweep.key`).
+        """
+        row = self.conn.execute("SELECT config, metrics, extra, items FROM results WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        config, metrics, extra, items = row
+        table = pd.read_parquet(io.BytesIO(items))
+        return {"config": json.loads(config), "metrics": json.loads(metrics), "extra": json.loads(extra),
+                "items": table}
+
+    def put(self, key: str, config: dict, result: EvalResult, extra: dict) -> None:
+        """Append one finished configuration (its own transaction: durable once this returns).
+
+        Args:
+            key: the configuration's key (:meth:`Sweep.key`).
+            config: its description (method, layers, heads, split, spec).
+            result: its evaluation.
+            extra: anything else worth keeping (parameters zeroed, start layer).
+        """
+        buffer = io.BytesIO()
+        result.per_item.to_parquet(buffer, index=False)  # exact float64 round trip
+        blob = buffer.getvalue()
+        with self.conn:
+            self.conn.execute("INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?, ?)",
+                              (key, json.dumps(config, sort_keys=True), json.dumps(result.metrics),
+                               json.dumps(extra, default=str), blob, time.time()))
+
+    def __contains__(self, key: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM results WHERE key = ?", (key,)).fetchone() is not None
+
+    def keys(self) -> list[str]:
+        return [k for (k,) in self.conn.execute("SELECT key FROM results ORDER BY rowid")]
+
+    def __len__(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def open_results(model, path: str | Path | None, *, fresh: bool = False) -> ResultsFile:
+    """Open (or create) the results file of ``model``, refusing one written for another model,
+    sinklens version or schema.
+
+    Args:
+        model: a bridge from :func:`sinklens.load_model`, without active edits.
+        path: the SQLite file (None or ``":memory:"``: in memory).
+        fresh: delete an existing file first.
+    """
+    if not isinstance(fresh, bool):
+        raise InputError(f"fresh must be True or False, got {fresh!r}.")
+    meta = {"schema": str(SCHEMA), "sinklens": __version__, "model": model_info(model).name,
+            "fingerprint": model_fingerprint(model)}
+    return ResultsFile(path, meta, fresh=fresh)
+
+
+# --- configurations ------------------------------------------------------------------------------
+
+@dataclass
+class Record:
+    """One evaluated configuration."""
+
+    method: str
+    layers: tuple[int, ...]
+    heads: tuple[Head, ...]
+    split: str
+    key: str
+    result: EvalResult
+    params: dict = field(default_factory=dict)
+    cached: bool = False  # read from the results file
+    spec: PruneSpec | None = None  # the pruning of a "qk" configuration
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.result.metrics
+
+
+def _sweep_tokens(model, spec: PruneSpec, tokens):
+    """The sweep's calibration tokens: a CalibrationSet, a MassiveActivations for plain ``bos_top``, or None;
+    refused (before any forward) when the spec needs what they cannot give."""
+    plain_bos = spec.policy == "bos_top" and not spec.fits_inputs()
+    if tokens is None:
+        if spec.needs_calibration():
+            what = ("the MassiveActivations of BOS-prepended probe prompts (sinklens.massive_activations(model, "
+                    "probe, layers=...)) or a sinklens.CalibrationSet" if plain_bos else
+                    "a sinklens.CalibrationSet (sinklens.CalibrationSet(model, sinklens.probe_tokens(model, 32, 64, "
+                    "split='probe'))) or BOS-prepended probe ids")
+            raise InputError(f"This sweep's spec (policy={spec.policy!r}, fill={spec.fill!r}, calibration="
+                             f"{spec.calibration!r}) is fitted on calibration tokens, but tokens= is None: pass "
+                             f"tokens= as {what}.")
+        return None
+    if not spec.needs_calibration():
+        return None  # random or weight_norm dims, zero fill, no calibration: nothing is measured
+    if isinstance(tokens, MassiveActivations):
+        if plain_bos:
+            return tokens
+        raise InputError(f"tokens= is a MassiveActivations, which only holds BOS vectors (enough for a plain "
+                         f"bos_top spec): this spec (policy={spec.policy!r}, fill={spec.fill!r}, calibration="
+                         f"{spec.calibration!r}) is fitted on the calibration prompts themselves. Pass tokens= as a "
+                         "sinklens.CalibrationSet (or BOS-prepended probe ids).")
+    return calibration_set(model, tokens, argument="tokens")
+
+
+class Sweep:
+    """Evaluate pruning configurations of one model on named evaluation plans, with a results file.
+
+    Args:
+        model: a bridge from :func:`sinklens.load_model`, without active edits.
+        plans: evaluation plans by split name (:func:`sinklens.assess.evaluation.build_plan`).
+        spec: the pruning of every candidate head; selecting a layer prunes the spec's heads of that layer
+            (``spec.replace(heads=...)``), removing it removes them.
+        tokens: what the spec's fitted parts (data-driven kept dims, fill means, temperatures) are measured on: a
+            :class:`~sinklens.prune.calibration.CalibrationSet` (any policy, fill and calibration; BOS-prepended
+            ids or a TokenBatch are made into one), or, for a plain ``bos_top`` spec (zero fill, no calibration), the
+            MassiveActivations of BOS-prepended probe prompts. None for a spec fitted on nothing (``random``,
+            ``weight_norm`` with zero fill and no calibration).
+        results: the SQLite results file (None: in memory).
+        fresh: delete an existing results file first.
+        show_progress: show progress bars.
+        max_cached: how many recent configurations keep their residuals (for extensions, e.g. greedy).
+    """
+
+    def __init__(self, model, plans: Mapping[str, EvalPlan], spec: PruneSpec, *, tokens=None,
+                 results: str | Path | None = None, fresh: bool = False, show_progress: bool = True,
+                 max_cached: int = 2):
+        if not plans:
+            raise InputError("plans is empty: pass at least one evaluation plan "
+                             "(sinklens.assess.evaluation.build_plan).")
+        if not isinstance(spec, PruneSpec):
+            raise InputError(f"spec must be a sinklens.PruneSpec (every candidate head, k, policy...), got "
+                             f"{type(spec).__name__}.")
+        self.model = model
+        self.info = model_info(model)
+        self.plans = dict(plans)
+        self.spec = spec.check(self.info)
+        self.tokens = _sweep_tokens(model, spec, tokens)  # refused before any forward
+        self.heads_by_layer: dict[int, tuple[int, ...]] = {}
+        for layer, head in spec.heads:
+            self.heads_by_layer[layer] = self.heads_by_layer.get(layer, ()) + (head,)
+        self.show_progress = show_progress
+        self.file = open_results(model, results, fresh=fresh)
+        self.fingerprint = dict(self.file.conn.execute("SELECT name, value FROM meta"))["fingerprint"]
+        if isinstance(self.tokens, CalibrationSet) and spec.fits_inputs():
+            self.tokens.inputs(spec.layers())  # every layer's attention input in one forward, not one per layer
+        # the kept dims are part of every key: rows measured on another probe are not reused
+        self.dims = dims_of(model, spec, self.tokens)
+        self.settings = {"spec": {**spec.as_dict(), "heads": None},
+                         "dims": {f"{l}.{h}": d.tolist() for (l, h), d in self.dims.items()},
+                         "heads": {str(l): list(h) for l, h in sorted(self.heads_by_layer.items())}}
+        if spec.needs_calibration() and isinstance(self.tokens, CalibrationSet):
+            # fill means and temperatures are fitted on these tokens: rows fitted on other tokens are not reused
+            described = self.tokens.describe()
+            self.settings["calibration"] = {"fingerprint": described["fingerprint"],
+                                            "n_tokens": described["n_tokens"]}
+        self.plan_ids = {name: plan_fingerprint(plan) for name, plan in self.plans.items()}
+        self._cache: dict[tuple, list[torch.Tensor]] = {}  # (split, layer, edits below it) -> resid per batch
+        self._pinned: set[tuple] = set()  # dense entries, kept for the whole sweep
+        self._owners: OrderedDict[tuple, list[tuple]] = OrderedDict()  # recent configurations' entries
+        self._records: dict[str, Record] = {}  # this session's records by key
+        self.max_cached = max_cached
+        self.forward_equivalents = 0.0  # sum over runs of layers run / n_layers
+        self.n_evaluated = 0  # configurations computed (not read back), dense excluded
+        self.n_dense_runs = 0
+
+    # keys ------------------------------------------------------------------------------------
+    def heads_of(self, layers: Iterable[int]) -> tuple[Head, ...]:
+        """The spec's heads in ``layers``.
+
+        Args:
+            layers: layers of the sweep.
+        """
+        out = []
+        for layer in layers:
+            if layer not in self.heads_by_layer or not self.heads_by_layer[layer]:
+                raise InputError(f"Layer {layer} has no heads to prune in this sweep (layers with heads: "
+                                 f"{sorted(l for l, h in self.heads_by_layer.items() if h)}).")
+            out += [(layer, h) for h in self.heads_by_layer[layer]]
+        return tuple(out)
+
+    def spec_of(self, layers: Iterable[int]) -> PruneSpec:
+        """The pruning of a ``"qk"`` configuration: the sweep's spec restricted to the heads of ``layers``.
+
+        Args:
+            layers: layers of the sweep.
+        """
+        return self.spec.replace(heads=self.heads_of(layers))
+
+    def _normalize(self, method: str, layers: Iterable[int], split: str) -> tuple[str, tuple[int, ...]]:
+        check_choice("method", method, METHODS)
+        if split not in self.plans:
+            raise InputError(f"Unknown split {split!r}: this sweep has plans {sorted(self.plans)}.")
+        layers = tuple(sorted({check_int("layer", l) for l in layers}))
+        if method == "dense" and layers:
+            raise InputError("A dense configuration has no layers.")
+        if method != "dense" and not layers:
+            raise InputError("The layer set is empty: pass at least one layer to prune (or method='dense').")
+        for layer in layers:
+            check_index("layer", layer, self.info.n_layers, "layers")
+        return method, layers
+
+    def key(self, method: Method, layers: Iterable[int], split: str) -> str:
+        """The results-file key of a configuration (model, evaluation plan, spec and kept dims, method, layers).
+
+        Args:
+            method: ``"dense"``, ``"qk"`` or ``"remove"``.
+            layers: the layers pruned or removed (none for dense).
+            split: the evaluation plan's name.
+        """
+        method, layers = self._normalize(method, layers, split)
+        payload = {"schema": SCHEMA, "model": self.fingerprint, "plan": self.plan_ids[split],
+                   "settings": self.settings if method == "qk" else {"heads": self.settings["heads"]},
+                   "method": method, "layers": list(layers)}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+    def _prefix(self, method: str, layers: tuple[int, ...], below: int) -> tuple:
+        return tuple((method, l) for l in layers if l < below)
+
+    # evaluation ------------------------------------------------------------------------------
+    def has(self, method: str, layers: Iterable[int], split: str) -> bool:
+        """Whether this configuration's result is already known (this session or the results file).
+
+        Args:
+            method, layers, split: as in :meth:`key`.
+        """
+        key = self.key(method, layers, split)
+        return key in self._records or key in self.file
+
+    def dense(self, split: str) -> Record:
+        """The unedited model on ``split`` (computed once; also fills the residual cache).
+
+        Args:
+            split: the evaluation plan's name.
+        """
+        return self.evaluate("dense", (), split)
+
+    def evaluate(self, method: Method, layers: Iterable[int], split: str, keep_prefix: bool = False) -> Record:
+        """One configuration: read back from the results file, or computed and appended to it.
+
+        ``keep_prefix`` caches this configuration's residuals (for extensions of it, as in greedy
+        selection); the dense residuals of each split are always cached.
+
+        Args:
+            method, layers, split: as in :meth:`key`.
+            keep_prefix: cache this configuration's residuals.
+        """
+        method, layers = self._normalize(method, layers, split)
+        heads = self.heads_of(layers) if method != "dense" else ()
+        spec = self.spec_of(layers) if method == "qk" else None
+        key = self.key(method, layers, split)
+        if key in self._records and not keep_prefix:
+            return self._records[key]
+        stored = self.file.get(key)
+        if stored is not None and not keep_prefix:
+            result = EvalResult(per_item=stored["items"], meta=dict(self.plans[split].meta))
+            written = stored["config"].get("spec")
+            record = Record(method, layers, heads, split, key, result, stored["extra"].get("params", {}), cached=True,
+                            spec=None if written is None else PruneSpec.from_dict(written))
+            self._records[key] = record
+            return record
+        if active_edits(self.model):
+            raise InputError("The model has active pruning edits: run the sweep on the dense model.")
+        plan = self.plans[split]
+        n_layers = self.info.n_layers
+        start, resid = self._lookup(split, method, layers) if method != "dense" else (0, None)
+        if method != "dense" and resid is None:  # the dense pass fills the cache first
+            self._ensure_dense_cache(split)
+            start, resid = self._lookup(split, method, layers)
+        capture = range(start, n_layers) if (method == "dense" or keep_prefix) else ()
+        params = {}
+        with self._edit(method, heads, spec) as handle:
+            result = plan.run(self.model, start_layer=start, resid=resid, capture=capture)
+            if handle is not None:
+                params = handle.params_zeroed()
+        self.forward_equivalents += (n_layers - start) / n_layers
+        if method == "dense":
+            self.n_dense_runs += 1
+        elif stored is None:
+            self.n_evaluated += 1
+        self._store_prefix(split, method, layers, result.resid, pin=method == "dense")
+        result.resid = {}
+        if stored is None:
+            config = {"method": method, "layers": list(layers), "heads": [list(h) for h in heads], "split": split,
+                      "spec": None if spec is None else spec.as_dict()}
+            self.file.put(key, config, result, {"params": params, "start_layer": start})
+        record = Record(method, layers, heads, split, key, result, params, cached=stored is not None, spec=spec)
+        self._records[key] = record
+        return record
+
+    def run(self, configs: Sequence[tuple[Method, Iterable[int], str]], desc: str = "sweep") -> list[Record]:
+        """Evaluate ``(method, layers, split)`` configurations in order, with a progress bar.
+
+        Args:
+            configs: ``(method, layers, split)`` triples; every one is checked before any is evaluated.
+            desc: the progress bar's label.
+        """
+        configs = [(m, tuple(ls), s) for m, ls, s in configs]
+        for method, layers, split in configs:  # validate every configuration before any work
+            method, layers = self._normalize(method, layers, split)
+            if method != "dense":
+                self.heads_of(layers)
+        return [self.evaluate(*config) for config in progress(configs, desc=desc, enabled=self.show_progress)]
+
+    def _edit(self, method: str, heads: tuple[Head, ...], spec: PruneSpec | None):
+        if method == "qk":
+            return prune_qk(self.model, spec, tokens=self.tokens)
+        if method == "remove":
+            return remove_heads(self.model, list(heads))
+        return nullcontext(None)
+
+    # the residual cache ----------------------------------------------------------------------
+    def _ensure_dense_cache(self, split: str) -> None:
+        if (split, 0, ()) not in self._cache:
+            if self.key("dense", (), split) not in self.file:
+                self.dense(split)
+            else:  # the dense row exists (resumed sweep): recompute only to fill the cache
+                self._run_dense_capture(split)
+
+    def _run_dense_capture(self, split: str) -> None:
+        plan = self.plans[split]
+        result = plan.run(self.model, capture=range(self.info.n_layers))
+        self.forward_equivalents += 1.0
+        self.n_dense_runs += 1
+        self._store_prefix(split, "dense", (), result.resid, pin=True)
+
+    def _store_prefix(self, split: str, method: str, layers: tuple[int, ...], resid: dict, pin: bool) -> None:
+        """Cache the residuals a run captured, keyed by (split, layer, edits below the layer).
+
+        Dense residuals are kept for the whole sweep; those of other configurations only for the
+        ``max_cached`` most recent ones.
+        """
+        if not resid:
+            return
+        keys = [(split, layer, self._prefix(method, layers, layer)) for layer in resid]
+        for key, layer in zip(keys, resid):
+            self._cache[key] = resid[layer]
+        if pin:
+            self._pinned.update(keys)
+            return
+        owner = (split, method, layers)
+        self._owners[owner] = [k for k in keys if k not in self._pinned]
+        self._owners.move_to_end(owner)
+        while len(self._owners) > self.max_cached:
+            _, stale = self._owners.popitem(last=False)
+            in_use = {k for ks in self._owners.values() for k in ks}
+            for key in stale:
+                if key not in in_use and key not in self._pinned:
+                    self._cache.pop(key, None)
+
+    def _lookup(self, split: str, method: str, layers: tuple[int, ...]) -> tuple[int, list | None]:
+        """The highest layer whose entering residual is cached for this configuration's edits below it."""
+        for layer in range(max(layers), -1, -1):  # nothing above the last edited layer can be reused
+            hit = self._cache.get((split, layer, self._prefix(method, layers, layer)))
+            if hit is not None:
+                return layer, hit
+        return 0, None
+
+    # reporting -------------------------------------------------------------------------------
+    def cost(self) -> dict:
+        """Forward-equivalents spent (layers run / n_layers, summed), per evaluated configuration."""
+        n = max(self.n_evaluated, 1)
+        return {"configs_evaluated": self.n_evaluated, "dense_runs": self.n_dense_runs,
+                "forward_equivalents": self.forward_equivalents,
+                "forward_equivalents_per_config": self.forward_equivalents / n}
+
+    def close(self) -> None:
+        self.file.close()

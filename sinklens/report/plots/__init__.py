@@ -1,0 +1,15 @@
+"""Plotly figure helpers, one module per topic (census, pruning, selection, long context). Each returns the
+figure. ``sl.plots.census`` imports its module on first use."""
+
+from __future__ import annotations
+
+import importlib
+
+_TOPICS = ("census", "checks", "long_context", "pruning", "selection")
+__all__ = list(_TOPICS)
+
+
+def __getattr__(name: str):
+    if name not in _TOPICS:
+        raise AttributeError(f"module 'sinklens.report.plots' has no attribute {name!r}")
+    return importlib.import_module(f"{__name__}.{name}")
