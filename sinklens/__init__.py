@@ -28,7 +28,9 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "sinklens.core.edits": ("active_edits",),
     "sinklens.measure.census": ("Census", "first_token_comparison", "run_census", "sink_scores"),
     "sinklens.measure.massive": ("MassiveActivations", "bos_top_dims", "massive_activations"),
-    "sinklens.measure.massive_tokens": ("MassiveTokens", "massive_tokens"),
+    "sinklens.measure.massive_tokens": ("MassiveTokens", "carrier_summary", "massive_tokens"),
+    "sinklens.measure.long_context": ("length_sweep", "sink_heads_over_length", "sink_rate_by_length"),
+    "sinklens.measure.lse_census": ("first_key_weights",),
     "sinklens.measure.specialization": ("sink_specialized_heads", "specialization_table"),
     "sinklens.prune.calibration": ("CalibrationSet",),
     "sinklens.prune.spec": ("PruneSpec", "layer_heads"),
@@ -47,6 +49,7 @@ _MODULES: dict[str, str] = {
     "plots": "sinklens.report.plots",
     "views": "sinklens.report.views",
     "summaries": "sinklens.report.summaries",
+    "beyond_bos": "sinklens.assess.beyond_bos",  # notebook 07's comparisons (its summary moves to summaries)
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -103,3 +103,26 @@ def test_ruff_is_clean():
                     "installs it)")
     result = subprocess.run([ruff, "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_notebooks_use_only_the_top_level_names():
+    # a notebook calls the package through `sl.` (or `from sinklens import <public name>`) and the series harness
+    import json
+
+    import sinklens as sl
+
+    found = []
+    for notebook in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        cells = json.loads(notebook.read_text())["cells"]
+        source = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                found += [f"{notebook.name}: import {a.name}" for a in node.names
+                          if a.name.startswith("sinklens") and a.name != "sinklens"]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sinklens"):
+                if node.module == "sinklens":
+                    found += [f"{notebook.name}: from sinklens import {a.name}" for a in node.names
+                              if a.name not in sl.__all__]
+                elif node.module != "sinklens.series":
+                    found.append(f"{notebook.name}: from {node.module} import ...")
+    assert not found, f"notebooks reach past sinklens' public names: {found}"

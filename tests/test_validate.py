@@ -62,3 +62,19 @@ def test_index_k_and_layers_share_the_check():
             call()
     layers = check_layers([np.int64(2), 0], 4)
     assert layers == [0, 2] and all(type(layer) is int for layer in layers)
+
+
+def test_check_frame_names_the_missing_columns_and_the_source():
+    import pandas as pd
+
+    from sinklens.core.validate import check_frame
+
+    frame = pd.DataFrame({"layer": [1], "head": [2]})
+    assert check_frame(frame, ["layer"], "table", "sl.f") is frame
+    with pytest.raises(sl.InputError, match=r"lacks columns \['alpha_0'\].*sl\.f"):
+        check_frame(frame, ["layer", "alpha_0"], "table", "sl.f")
+    with pytest.raises(sl.InputError, match="non-empty DataFrame from sl.f, got an empty one"):
+        check_frame(frame.iloc[:0], ["layer"], "table", "sl.f")
+    assert check_frame(frame.iloc[:0], ["layer"], "table", "sl.f", allow_empty=True).empty
+    with pytest.raises(sl.InputError, match="must be a DataFrame from sl.f, got list"):
+        check_frame([], ["layer"], "table", "sl.f", allow_empty=True)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from typing import TypeVar
 
 from .errors import InputError
+
+T = TypeVar("T")
 
 
 def as_int(value) -> int | None:
@@ -124,3 +127,39 @@ def check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
     if len(set(layers)) != len(layers):
         raise InputError(f"Duplicate layers in {layers}: list each layer once.")
     return sorted(layers)
+
+
+def check_type(obj, kind: type[T], name: str) -> T:
+    """``obj`` when it is a ``kind`` (a sinklens object), else a clear error.
+
+    Args:
+        obj: the argument the caller got.
+        kind: the class it must be.
+        name: the argument's name, for the message.
+    """
+    if not isinstance(obj, kind):
+        raise InputError(f"{name} must be a {kind.__name__} (from sinklens), got {type(obj).__name__}.")
+    return obj
+
+
+def check_frame(frame, columns: Sequence[str], name: str, source: str, *, allow_empty: bool = False):
+    """``frame`` when it is a DataFrame holding ``columns`` (and rows, unless ``allow_empty``), else a clear error
+    naming ``source``: the one check of "a table from that function" (figure helpers, summaries, sweeps).
+
+    Args:
+        frame: the argument the caller got.
+        columns: the columns it needs.
+        name: the argument's name, for the message.
+        source: the sinklens function that returns such a frame, for the message.
+        allow_empty: accept a frame without rows (a table of hits that may find none).
+    """
+    import pandas as pd  # here, not at the top: the command line imports this module and must stay light
+
+    if not isinstance(frame, pd.DataFrame) or frame.empty and not allow_empty:
+        wanted = "a DataFrame" if allow_empty else "a non-empty DataFrame"
+        raise InputError(f"{name} must be {wanted} from {source}, got "
+                         f"{type(frame).__name__ if not isinstance(frame, pd.DataFrame) else 'an empty one'}.")
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise InputError(f"{name} lacks columns {missing}: pass the DataFrame returned by {source}.")
+    return frame

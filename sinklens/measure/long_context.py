@@ -1,4 +1,5 @@
-"""Sinks against context length (notebook 06): a sweep of sdpa censuses over prompt lengths and its summary.
+"""Sinks against context length (notebook 06): a sweep of sdpa censuses over prompt lengths, the sink rate and
+the sink heads per length (the notebook's summary: :mod:`sinklens.report.summaries.long_context`).
 
 Each length L takes ``n_prompts`` consecutive, non-overlapping chunks of the probe text (BOS + L - 1
 text tokens, :func:`sinklens.probe_tokens`) and measures alpha_0..alpha_{m-1} of every head with the
@@ -15,9 +16,10 @@ import pandas as pd
 from ..core.errors import InputError
 from ..core.loading import model_info
 from ..core.probes import probe_tokens
-from ..core.validate import as_int, check_fraction
+from ..core.validate import as_int, check_fraction, check_frame
 from .census import Census, run_census
-from .massive_tokens import MassiveTokens
+
+SWEEP_COLUMNS = ("length", "layer", "head", "alpha_0")  # what the summaries of a sweep read
 
 
 def check_lengths(lengths: Sequence[int], n_ctx: int, first_keys: int) -> list[int]:
@@ -74,7 +76,7 @@ def sink_rate_by_length(sweep: pd.DataFrame, eps: float = 0.3) -> pd.DataFrame:
     """Sink^eps in % per length and layer (share of heads with alpha_0 > eps, mean over prompts), and over all
     layers (``layer == -1``)."""
     check_fraction("eps", eps)
-    _check_sweep(sweep)
+    check_frame(sweep, SWEEP_COLUMNS, "sweep", "sinklens.measure.long_context.length_sweep")
     flagged = sweep.assign(sink=(sweep["alpha_0"] > eps) * 100.0)
     by_layer = flagged.groupby(["length", "layer"], as_index=False)["sink"].mean().rename(columns={"sink": "sink_rate"})
     overall = flagged.groupby("length", as_index=False)["sink"].mean().rename(columns={"sink": "sink_rate"})
@@ -85,72 +87,11 @@ def sink_heads_over_length(sweep: pd.DataFrame, eps: float = 0.3) -> pd.DataFram
     """The heads whose mean alpha_0 exceeds ``eps`` at the shortest length, followed over every length:
     one row per (length, layer, head) with the mean alpha_0 over prompts."""
     check_fraction("eps", eps)
-    _check_sweep(sweep)
+    check_frame(sweep, SWEEP_COLUMNS, "sweep", "sinklens.measure.long_context.length_sweep")
     mean = sweep.groupby(["length", "layer", "head"], as_index=False)["alpha_0"].mean()
     shortest = mean[mean["length"] == mean["length"].min()]
     heads = shortest[shortest["alpha_0"] > eps][["layer", "head"]]
     return mean.merge(heads, on=["layer", "head"])
-
-
-HEADLINE_DETAILS = ("non_first_sinks", "non_first_sink_heads", "massive_positions", "massive_position_kinds")
-
-
-def long_context_details(detail: Census, massive: MassiveTokens, model, view: tuple[int, int, object] | None = None,
-                         threshold: float = 0.1, min_queries: int = 8) -> dict:
-    """What the full census ``detail`` and the massive-token scan ``massive`` (same prompt) found: the non-first
-    sinks (count, heads, median position), the massive (position, dim) pairs, their positions and carrier kinds,
-    the saturated positions; with ``view = (layer, head, weights)`` (weights from
-    :func:`sinklens.measure.lse_census.first_key_weights`, one prompt) that head's mean weight on the first keys."""
-    if not isinstance(detail, Census) or not isinstance(massive, MassiveTokens):
-        raise InputError("long_context_details needs a full Census (run_census(..., full=True)) and a MassiveTokens.")
-    hits = detail.non_first_sinks(threshold, min_queries)
-    pairs = massive.carriers(model)
-    positions = pairs.drop_duplicates(["prompt", "position"])
-    found = {"detail_length": int(detail.tokens.shape[1]), "non_first_sinks": len(hits),
-             "non_first_sink_heads": int(hits.groupby(["layer", "head"]).ngroups) if len(hits) else 0,
-             "non_first_sink_median_position": float(hits["position"].median()) if len(hits) else None,
-             "massive_pairs": len(pairs), "massive_positions": len(positions),
-             "massive_position_kinds": ",".join(f"{k}:{v}" for k, v in positions["kind"].value_counts().items()),
-             "massive_saturated_positions": massive.saturated()}
-    if view is not None:
-        layer, head, weights = view
-        found |= {"view_head": f"L{layer}H{head}", "view_first_keys_share": round(first_keys_share(weights), 4)}
-    return found
-
-
-def long_context_headline(sweep: pd.DataFrame, eps: float = 0.3, details: dict | None = None) -> dict:
-    """Notebook 06's headline numbers: Sink^eps and the mean alpha_0 of the sink heads (alpha_0 > eps at the
-    shortest length) at the shortest and longest length, the share of those heads still above eps at the
-    longest, and from ``details`` (:func:`long_context_details`) the non-first sinks and massive positions."""
-    followed = sink_heads_over_length(sweep, eps)
-    rates = sink_rate_by_length(sweep, eps)
-    overall = rates[rates["layer"] == -1].set_index("length")["sink_rate"]
-    short, long = int(sweep["length"].min()), int(sweep["length"].max())
-    at = {length: followed[followed["length"] == length] for length in (short, long)}
-    head = {"lengths": f"{short}..{long}", "eps": eps, "n_sink_heads_at_shortest": len(at[short]),
-            "sink_rate_pct_shortest": round(float(overall[short]), 2),
-            "sink_rate_pct_longest": round(float(overall[long]), 2),
-            "sink_heads_alpha0_shortest": _mean(at[short]["alpha_0"]),
-            "sink_heads_alpha0_longest": _mean(at[long]["alpha_0"]),
-            "sink_heads_still_above_eps_pct": _pct((at[long]["alpha_0"] > eps).mean()) if len(at[long]) else None}
-    if details is not None:
-        head |= {key: details[key] for key in HEADLINE_DETAILS}
-    return head
-
-
-def _mean(values: pd.Series) -> float | None:
-    return round(float(values.mean()), 4) if len(values) else None
-
-
-def _pct(value: float) -> float:
-    return round(float(value) * 100, 1)
-
-
-def _check_sweep(sweep) -> None:
-    if not isinstance(sweep, pd.DataFrame) or not {"length", "layer", "head", "alpha_0"} <= set(sweep.columns) \
-            or sweep.empty:
-        raise InputError("sweep must be the DataFrame from sinklens.measure.long_context.length_sweep "
-                         "(columns length, prompt, layer, head, alpha_0, ...).")
 
 
 def first_keys_share(weights) -> float:

@@ -30,7 +30,7 @@ from ..core.errors import InputError
 from ..core.hooks import batches, relative_index, resid_pre_hook, run_hooked
 from ..core.loading import model_info
 from ..core.tokens import as_batch, token_strings
-from ..core.validate import as_int, check_layers
+from ..core.validate import as_int, check_frame, check_layers
 from .lse_census import fused_attention
 
 KINDS = ("BOS", "first position", "newline", "period", "other")
@@ -104,9 +104,8 @@ def token_kind(string: str, token_id: int, position: int, bos_id: int | None) ->
 def carrier_summary(carriers: pd.DataFrame) -> pd.DataFrame:
     """Per layer and token kind: passing (position, dim) pairs, distinct positions and prompts, the dims,
     the largest |value| and the first and last position (from :meth:`MassiveTokens.carriers`)."""
-    needed = {"layer", "kind", "prompt", "position", "dim", "value"}
-    if not isinstance(carriers, pd.DataFrame) or not needed <= set(carriers.columns):
-        raise InputError(f"carrier_summary needs the DataFrame from MassiveTokens.carriers (columns {sorted(needed)}).")
+    check_frame(carriers, ["layer", "kind", "prompt", "position", "dim", "value"], "carrier_summary's carriers",
+                "sinklens.MassiveTokens.carriers", allow_empty=True)
     columns = ["layer", "kind", "n_pairs", "n_positions", "n_prompts", "dims", "max_abs", "first_pos", "last_pos"]
     if carriers.empty:
         return pd.DataFrame(columns=columns)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-_TOPICS = ("census", "checks", "long_context", "pruning", "selection")
+_TOPICS = ("census", "long_context", "pruning", "selection")
 __all__ = list(_TOPICS)
 
 

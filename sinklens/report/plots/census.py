@@ -17,10 +17,9 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 
 from ...core.errors import InputError
-from ...core.validate import check_fraction
+from ...core.validate import check_fraction, check_frame, check_type
 from ...measure.census import Census
 from ...measure.massive import BASES, Basis, MassiveActivations
-from .checks import check_frame, check_type
 
 _CASE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
 

@@ -11,9 +11,9 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 
 from ...core.errors import InputError
+from ...core.validate import check_frame
 from ...measure.long_context import sink_heads_over_length, sink_rate_by_length
 from ...measure.massive_tokens import KINDS
-from .checks import check_frame
 
 _KIND_COLORS = dict(zip(KINDS, ("#d62728", "#ff7f0e", "#2ca02c", "#1f77b4", "#7f7f7f")))
 MAX_ROWS = 1024  # query rows drawn in the first-keys view (longer prompts are averaged over bins)

@@ -18,9 +18,9 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 
 from ...core.errors import InputError
+from ...core.validate import check_frame, check_type
 from ...measure.massive import Basis, MassiveActivations
 from .census import head_label, layer_head_heatmap
-from .checks import check_frame, check_type
 
 POLICY_COLORS = {"bos_top": "#1f77b4", "random": "#7f7f7f", "weight_norm": "#ff7f0e", "whole_head": "#d62728",
                  "explicit": "#2ca02c"}

@@ -7,7 +7,7 @@ import plotly.graph_objects as go
 
 from ...assess.selection import LayerSelection
 from ...core.errors import InputError
-from .checks import check_type
+from ...core.validate import check_type
 
 _COLORS = {"single_layer_rank": "#1f77b4", "greedy": "#d62728", "exhaustive": "#2ca02c", "random": "#7f7f7f",
            "removal": "#ff7f0e"}

@@ -1,18 +1,18 @@
-"""The numbers notebooks 01-02 report from a sink census: the strongest sink head, which first token
-the prompts used, the non-first sinks by token, the with/without-BOS verdict, and notebook 01's
-JSON summary."""
+"""Notebook 01's summary (:func:`sink_discovery_summary`) and the census readings it and notebooks 02 and 06
+show: the strongest sink head, which first token the prompts used, the non-first sinks by token, the
+with/without-BOS verdict."""
 
 from __future__ import annotations
 
 import pandas as pd
 import torch
 
-from ..core.errors import InputError
-from ..core.loading import model_info
-from ..core.tokens import TokenBatch, token_strings
-from ..core.validate import check_fraction
-from ..measure.census import CASE_AFTER_BOS, CASE_BOS, CASE_NO_BOS, Census
-from ..measure.massive import MassiveActivations
+from ...core.errors import InputError
+from ...core.loading import model_info
+from ...core.tokens import TokenBatch, token_strings
+from ...core.validate import check_fraction
+from ...measure.census import CASE_AFTER_BOS, CASE_BOS, CASE_NO_BOS, Census
+from ...measure.massive import MassiveActivations
 
 # --- choosing heads -----------------------------------------------------------------------------
 
