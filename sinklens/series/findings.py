@@ -21,14 +21,14 @@ from .head_list import HEAD_LIST_FILE
 from .outputs import Summary
 
 
-def _pct(value: float, digits: int = 1) -> str:
+def _pct_text(value: float, digits: int = 1) -> str:
     """A percentage as text: ``67.6 %``."""
     return f"{value:.{digits}f} %"
 
 
 def _share(fraction: float, digits: int = 1) -> str:
     """A fraction as a percentage: ``0.9217`` -> ``92.2 %``."""
-    return _pct(100 * fraction, digits)
+    return _pct_text(100 * fraction, digits)
 
 
 def _heads_share(n: int, total: int) -> str:
@@ -50,7 +50,8 @@ def sink_discovery(data: dict) -> list[str]:
     """
     eps, n_heads = data["eps"], data["n_heads"]
     strongest = data["strongest_head"]
-    out = [f"Sink^{eps:g} = {_pct(data['sink_rate_pct'])} of the {n_heads} heads put alpha_0 > {eps:g} on the first "
+    out = [f"Sink^{eps:g} = {_pct_text(data['sink_rate_pct'])} of the {n_heads} heads put alpha_0 > {eps:g} on the "
+           f"first "
            f"token (mean over {_probe_text(data.get('probe'), data.get('n_prompts'))}); the strongest sink head is "
            f"L{strongest['layer']}H{strongest['head']} (mean alpha_0 {strongest['mean_alpha0']:.3f})."]
     comparison = data.get("bos_comparison") or {}
@@ -59,9 +60,10 @@ def sink_discovery(data: dict) -> list[str]:
         lead = {"position": "The sink is positional", "token": "The sink follows the BOS token",
                 "mixed": "Both the BOS token and the first position make the sink",
                 "none": "Neither BOS nor the first text token is a sink"}.get(comparison.get("verdict"), "Sink rates")
-        out.append(f"{lead}: without BOS the first text token is a sink in {_pct(rates[CASE_NO_BOS])} of the heads "
-                   f"(BOS itself: {_pct(rates[CASE_BOS])}), and the same token behind BOS in "
-                   f"{_pct(rates[CASE_AFTER_BOS])}.")
+        out.append(f"{lead}: without BOS the first text token is a sink in {_pct_text(rates[CASE_NO_BOS])} of the "
+                   f"heads "
+                   f"(BOS itself: {_pct_text(rates[CASE_BOS])}), and the same token behind BOS in "
+                   f"{_pct_text(rates[CASE_AFTER_BOS])}.")
     by_layer = data.get("massive_dims_by_layer")
     if isinstance(by_layer, dict):
         n_layers = (data.get("model") or {}).get("n_layers")
@@ -177,10 +179,12 @@ def long_context(data: dict) -> list[str]:
     h = data["headline"]
     short, long = h["lengths"].split("..")
     eps = h["eps"]
-    out = [f"From {short} to {long} tokens, Sink^{eps:g} goes from {_pct(h['sink_rate_pct_shortest'])} to "
-           f"{_pct(h['sink_rate_pct_longest'])}; the {h['n_sink_heads_at_shortest']} heads with alpha_0 > {eps:g} at "
+    out = [f"From {short} to {long} tokens, Sink^{eps:g} goes from {_pct_text(h['sink_rate_pct_shortest'])} to "
+           f"{_pct_text(h['sink_rate_pct_longest'])}; the {h['n_sink_heads_at_shortest']} heads with alpha_0 > "
+           f"{eps:g} at "
            f"{short} tokens average alpha_0 {h['sink_heads_alpha0_shortest']:.2f} there and "
-           f"{h['sink_heads_alpha0_longest']:.2f} at {long} tokens, {_pct(h['sink_heads_still_above_eps_pct'])} of "
+           f"{h['sink_heads_alpha0_longest']:.2f} at {long} tokens, "
+           f"{_pct_text(h['sink_heads_still_above_eps_pct'])} of "
            f"them still above {eps:g}."]
     if "non_first_sinks" in h:
         length = (data.get("details") or {}).get("detail_length")
