@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sinklens as sl
-from sinklens.core.loading import resolve_checkpoint
+from sinklens.core.sources import resolve_checkpoint
 
 
 def main() -> None:

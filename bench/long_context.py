@@ -30,8 +30,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sinklens as sl
-from sinklens.core.loading import resolve_checkpoint
 from sinklens.core.memory import eager_fits, pattern_bytes
+from sinklens.core.sources import resolve_checkpoint
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 import sinklens as sl
-from sinklens.core.loading import cache_root, resolve_device, resolve_dtype
+from sinklens.core.devices import resolve_device, resolve_dtype
+from sinklens.core.embedded import cache_root
 from sinklens.core.testing import SHAPES, random_llama
 
 CENSUS_BATCH = 8  # run_census' default batch size: one layer's pattern is [8, heads, T, T]

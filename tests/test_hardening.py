@@ -13,7 +13,7 @@ import transformers
 
 import sinklens as sl
 from sinklens.assess.beyond_bos import spread_heads
-from sinklens.core import loading
+from sinklens.core import embedded
 from sinklens.core.errors import SinklensError
 from sinklens.prune import checkpoint
 from sinklens.report.views import attention_view
@@ -222,16 +222,16 @@ def test_a_killed_cache_build_leaves_no_orphan_after_the_next_load(monkeypatch, 
         (out / "model.safetensors").write_bytes(b"weights" * 100)
         (out / "config.json").write_text("{}")
 
-    monkeypatch.setattr(loading, "_dequantize_gguf", fake_dequantize)
+    monkeypatch.setattr(embedded, "_dequantize_gguf", fake_dequantize)
     # what a SIGKILL mid-build leaves: a temporary folder the finally clause never removed
     orphan = tmp_path / ".smollm2-135m-killed"
     orphan.mkdir()
     (orphan / "model.safetensors").write_bytes(b"half")
-    folder = loading.embedded_checkpoint("smollm2-135m")
+    folder = embedded.embedded_checkpoint("smollm2-135m")
     assert not orphan.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [folder.name]
     orphan.mkdir()  # also when the cache is already valid
-    assert loading.embedded_checkpoint("smollm2-135m") == folder and not orphan.exists()
+    assert embedded.embedded_checkpoint("smollm2-135m") == folder and not orphan.exists()
 
 
 # --- saving: atomic, clean overwrite -------------------------------------------------------------------------------

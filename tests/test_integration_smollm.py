@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sinklens as sl
-from sinklens.core.loading import embedded_checkpoint
+from sinklens.core.embedded import embedded_checkpoint
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sinklens as sl
-from sinklens.core import loading
+from sinklens.core import embedded
 
 
 def test_local_folder_loads_raw_mode(tiny_dir, hf_reference):
@@ -149,15 +149,15 @@ def test_embedded_cache_is_built_once_verified_and_rebuilt(monkeypatch, tmp_path
         (out / "model.safetensors").write_bytes(b"weights" * 100)
         (out / "config.json").write_text("{}")
 
-    monkeypatch.setattr(loading, "_dequantize_gguf", fake_dequantize)
-    folder = loading.embedded_checkpoint("smollm2-135m")
-    assert loading.embedded_checkpoint("smollm2-135m") == folder and len(builds) == 1
+    monkeypatch.setattr(embedded, "_dequantize_gguf", fake_dequantize)
+    folder = embedded.embedded_checkpoint("smollm2-135m")
+    assert embedded.embedded_checkpoint("smollm2-135m") == folder and len(builds) == 1
     blob = folder / "model.safetensors"
     blob.write_bytes(blob.read_bytes()[:-1] + b"X")  # one corrupt byte
-    assert loading.embedded_checkpoint("smollm2-135m") == folder and len(builds) == 2
+    assert embedded.embedded_checkpoint("smollm2-135m") == folder and len(builds) == 2
     assert (folder / "model.safetensors").read_bytes() == b"weights" * 100
     (folder / "sinklens_cache.json").unlink()  # an incomplete folder: no manifest
     with pytest.raises(RuntimeError, match="killed"):
-        loading.embedded_checkpoint("smollm2-135m")
+        embedded.embedded_checkpoint("smollm2-135m")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".smollm2-135m-")]  # no partial leftovers
-    assert loading.embedded_checkpoint("smollm2-135m") == folder and len(builds) == 4
+    assert embedded.embedded_checkpoint("smollm2-135m") == folder and len(builds) == 4

@@ -31,7 +31,8 @@ import yaml
 from huggingface_hub import constants as hub_constants
 
 from ..core.errors import InputError, SinklensError
-from ..core.loading import hub_reachable, model_info
+from ..core.loading import model_info
+from ..core.sources import hub_reachable
 from ..core.validate import check_int
 from .evaluation import bundled_items_path, load_items
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
+from .devices import resolve_dtype
+from .embedded import EMBEDDED_MODELS, embedded_checkpoint
 from .errors import InputError
-from .loading import EMBEDDED_MODELS, embedded_checkpoint, resolve_dtype
 from .validate import check_choice, check_int
 
 

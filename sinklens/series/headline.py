@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..core.embedded import EMBEDDED_MODELS
 from ..core.errors import InputError
-from ..core.loading import EMBEDDED_MODELS
 from .findings import findings
 from .outputs import Summary, attribute_outputs, read_manifest, run_summaries
 from .wording import label

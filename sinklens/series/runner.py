@@ -41,8 +41,9 @@ import yaml
 from papermill.exceptions import PapermillExecutionError
 from traitlets.config import Config
 
+from ..core.embedded import EMBEDDED_MODELS
 from ..core.errors import InputError, SinklensError
-from ..core.loading import EMBEDDED_MODELS, resolve_checkpoint
+from ..core.sources import resolve_checkpoint
 from .head_list import HEAD_LIST_FILE, check_model_name, read_head_list
 from .params import check_value, coerce_value, notebook_parameters
 from .report import write_report
