@@ -51,10 +51,6 @@ class MassiveTokens:
     layers: list[int]
     prepend_bos: bool | None
 
-    @property
-    def top_n(self) -> int:
-        return self.values.shape[-1]
-
     def passing(self, min_abs: float = 100.0, min_ratio: float = 1000.0) -> Tensor:
         """Boolean [batch, layer, pos, top]: the kept values meeting the Sun et al. criterion."""
         if isinstance(min_abs, bool) or not isinstance(min_abs, (int, float)) or min_abs < 0:

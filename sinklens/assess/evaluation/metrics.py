@@ -133,12 +133,6 @@ class EvalResult(Mapping):
             per_task["mc/acc"] = float(np.mean(list(per_task.values())))
         return per_task
 
-    def summary(self) -> pd.DataFrame:
-        """One row per metric (columns metric, value, chance) with its chance level where defined."""
-        chance = self.chance
-        return pd.DataFrame([{"metric": k, "value": v, "chance": chance.get(k, chance.get(k.replace("_norm", "")))}
-                             for k, v in self._values.items()])
-
 
 def _groups(per_item: pd.DataFrame) -> list[tuple[str, str, np.ndarray]]:
     """(part, task, row positions) of every task group, sorted by part and task."""
