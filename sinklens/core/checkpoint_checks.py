@@ -18,7 +18,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3",
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
-def read_config(folder: Path) -> dict:
+def _read_config(folder: Path) -> dict:
     """``folder/config.json`` as a dict, with a clear error when it is not a JSON object.
 
     Args:
@@ -43,7 +43,7 @@ def _read_json_object(path: Path, fix: str) -> dict:
     return value
 
 
-def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape from a safetensors file's header, checking the file is complete (no weight is read).
 
     Args:
@@ -67,7 +67,7 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def model_names(skeleton, names: list[str]) -> dict[str, str]:
+def _model_names(skeleton, names: list[str]) -> dict[str, str]:
     """The model's name of each checkpoint tensor name: transformers renames some legacy names on load (GPT-NeoX's
     ``embed_out`` is the model's ``lm_head``), so a checkpoint is checked under the names the model will use.
 
@@ -96,7 +96,7 @@ def check_weights(folder: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
-    read_config(folder)
+    _read_config(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files and not list(folder.glob("pytorch_model*.bin")):
         raise InputError(f"{folder} holds no weights (*.safetensors or pytorch_model*.bin): copy the checkpoint's "
@@ -115,7 +115,7 @@ def check_weights(folder: Path) -> None:
         return
     found: dict[str, tuple[tuple[int, ...], Path]] = {}
     for path in files:
-        for tensor, shape in safetensors_shapes(path).items():
+        for tensor, shape in _safetensors_shapes(path).items():
             found[tensor] = (shape, path)
     try:
         config = AutoConfig.from_pretrained(folder)
@@ -125,7 +125,7 @@ def check_weights(folder: Path) -> None:
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
-    renamed = model_names(skeleton, list(found))
+    renamed = _model_names(skeleton, list(found))
     found = {renamed[name]: value for name, value in found.items()}
     for tensor, shape in expected.items():
         if tensor not in found:
@@ -140,7 +140,7 @@ def check_weights(folder: Path) -> None:
 
 def check_architecture(folder: Path) -> None:
     """Refuse a checkpoint whose ``model_type`` has no Q/K layout, before any weight is read."""
-    config = read_config(folder)
+    config = _read_config(folder)
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedArchitectureError(

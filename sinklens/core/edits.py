@@ -46,7 +46,7 @@ def _conflicts(a: set, b: set) -> set:
     return clash
 
 
-def attach(model, name: str, fn: Callable, prepend: bool = False, owner: str = "edit") -> PermanentHook:
+def _attach(model, name: str, fn: Callable, prepend: bool = False, owner: str = "edit") -> PermanentHook:
     """Add ``fn`` to hook point ``name`` as a guarded permanent hook; its ``remove()`` takes it off.
 
     Args:
@@ -56,10 +56,10 @@ def attach(model, name: str, fn: Callable, prepend: bool = False, owner: str = "
         prepend: run it before the point's other hooks.
         owner: what the hook belongs to, for the message when it goes missing (e.g. "QK pruning").
     """
-    return PermanentHook(hook_point(model, name), name, fn, prepend, owner)
+    return PermanentHook(_hook_point(model, name), name, fn, prepend, owner)
 
 
-def hook_point(model, name: str):
+def _hook_point(model, name: str):
     """The HookPoint called ``name`` (aliases included), from a name table built once per model.
 
     The bridge's ``hook_dict`` rebuilds its alias table on every access (about 1 ms); edits attach hooks in
@@ -178,7 +178,7 @@ class Edit:
             fn: the hook ``fn(tensor, hook)``.
             prepend: run it before the point's other hooks.
         """
-        self._hooks.append(attach(self.model, name, fn, prepend, owner=self.kind))
+        self._hooks.append(_attach(self.model, name, fn, prepend, owner=self.kind))
 
     def register(self) -> None:
         """List this edit among the model's active edits."""
@@ -200,4 +200,4 @@ class Edit:
         self.active = False
 
 
-__all__ = ["Edit", "PermanentHook", "active_edits", "attach", "count_parameters", "hook_point"]
+__all__ = ["Edit", "PermanentHook", "active_edits", "count_parameters"]

@@ -25,7 +25,7 @@ def pattern_bytes(batch: int, n_heads: int, width: int) -> int:
     return 4 * batch * n_heads * width * width
 
 
-def eager_census_bytes(batch: int, n_heads: int, width: int) -> int:
+def _eager_census_bytes(batch: int, n_heads: int, width: int) -> int:
     """Estimated peak of one layer of an eager census beyond the forward itself."""
     return EAGER_COPIES * pattern_bytes(batch, n_heads, width)
 
@@ -47,7 +47,7 @@ def free_bytes(device: torch.device | str) -> int:
 
 def eager_fits(batch: int, n_heads: int, width: int, device: torch.device | str) -> tuple[bool, int, int]:
     """``(fits, needed, free)``: whether an eager census of [batch, width] prompts fits in ``device``'s memory."""
-    needed = eager_census_bytes(batch, n_heads, width)
+    needed = _eager_census_bytes(batch, n_heads, width)
     free = free_bytes(device)
     return needed <= EAGER_SHARE * free, needed, free
 

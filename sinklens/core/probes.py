@@ -23,14 +23,14 @@ ProbeSplit = Literal["probe", "heldout"]
 SPLITS: tuple[str, ...] = get_args(ProbeSplit)
 
 
-def probe_text() -> str:
+def _probe_text() -> str:
     """The full source text (deterministic for a given Python version)."""
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
 def probe_provenance() -> dict:
     """Where the probe text comes from (source, Python version, length, sha256), to store with results."""
-    text = probe_text()
+    text = _probe_text()
     return {
         "source": "pydoc_data.topics (CPython documentation topics, PSF License)",
         "python": platform.python_version(),
@@ -42,7 +42,7 @@ def probe_provenance() -> dict:
 
 @lru_cache(maxsize=4)
 def _stream(tokenizer) -> tuple[int, ...]:
-    return tuple(tokenizer(probe_text(), add_special_tokens=False)["input_ids"])
+    return tuple(tokenizer(_probe_text(), add_special_tokens=False)["input_ids"])
 
 
 def probe_tokens(model, n_prompts: int = 128, seq_len: int = 64, *, prepend_bos: bool = True,

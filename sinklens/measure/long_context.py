@@ -22,7 +22,7 @@ from .census import Census, run_census
 SWEEP_COLUMNS = ("length", "layer", "head", "alpha_0")  # what the summaries of a sweep read
 
 
-def check_lengths(lengths: Sequence[int], n_ctx: int, first_keys: int) -> list[int]:
+def _check_lengths(lengths: Sequence[int], n_ctx: int, first_keys: int) -> list[int]:
     """Distinct prompt lengths in first_keys..n_ctx, sorted."""
     if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence) or not lengths:
         raise InputError(f"lengths must be a non-empty list of ints, got {lengths!r}.")
@@ -50,18 +50,18 @@ def length_sweep(model, lengths: Sequence[int], n_prompts: int = 1, first_keys: 
         One row per (length, prompt, layer, head): ``alpha_0`` ... ``alpha_{m-1}``.
     """
     info = model_info(model)
-    lengths = check_lengths(lengths, info.n_ctx, first_keys)
+    lengths = _check_lengths(lengths, info.n_ctx, first_keys)
     frames = []
     for length in lengths:
         census = run_census(model, probe_tokens(model, n_prompts, length, prepend_bos=True), engine="sdpa",
                             first_keys=first_keys, batch_size=1, show_progress=show_progress)
-        frame = census_frame(census)
+        frame = _census_frame(census)
         frame.insert(0, "length", length)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 
 
-def census_frame(census: Census) -> pd.DataFrame:
+def _census_frame(census: Census) -> pd.DataFrame:
     """One row per (prompt, layer, head) with the census' first measured keys as ``alpha_<k>`` columns."""
     if not isinstance(census, Census):
         raise InputError(f"census must be a Census (from sinklens.run_census), got {type(census).__name__}.")

@@ -13,7 +13,7 @@ in every layer whatever hooks are set (scores, mask, float32 softmax, pattern: s
 forward each decoder layer runs instead the Hugging Face attention module the bridge wraps, i.e. the
 model's own code: q/k/v projections (through the bridge's linear components, so hook_q/k/v still
 fire), rotary, then the attention function named by ``config._attn_implementation``. That function is
-:func:`lse_attention`: it calls the fused kernel with the model's scaling and mask (the mask the
+:func:`_lse_attention`: it calls the fused kernel with the model's scaling and mask (the mask the
 model builds for SDPA), hands (q, k, LSE) to the census, and returns the kernel's output. The
 bridge's own attention hooks (hook_attn_scores, hook_pattern, hook_rot_q/k, hook_z) do not fire.
 Everything is restored on exit.
@@ -50,14 +50,14 @@ BACKENDS = ("cpu_flash", "cuda_flash", "cuda_efficient", "blocked")
 BLOCK_SHARE = 0.04
 MIN_BLOCK = 16
 
-# the census (or other observer) that lse_attention hands each layer's (q, k, LSE) to
+# the census (or other observer) that _lse_attention hands each layer's (q, k, LSE) to
 _OBSERVER: contextvars.ContextVar[LseCensus | FirstKeyWeights | None] = contextvars.ContextVar(
     "sinklens_lse_observer", default=None)
 
 
 # --- attention with its log-sum-exp ---------------------------------------------------------------
 
-def choose_backend(device: torch.device, dtype: torch.dtype, masked: bool) -> str:
+def _choose_backend(device: torch.device, dtype: torch.dtype, masked: bool) -> str:
     """The kernel that returns LSE on ``device``: CPU flash, CUDA flash (fp16/bf16, no mask),
     CUDA memory-efficient, or the blocked fallback elsewhere."""
     if device.type == "cpu":
@@ -77,11 +77,11 @@ def attention_with_lse(query: Float[Tensor, "batch head q d"], key: Float[Tensor
         query, key, value: rotary already applied; key/value with the KV heads (GQA not expanded).
         mask: the model's boolean SDPA mask (True = attend), or None for plain causal attention.
         scaling: the model's score scale (1/sqrt(d_head) for Llama).
-        backend: one of ``BACKENDS``; None picks by device (:func:`choose_backend`).
+        backend: one of ``BACKENDS``; None picks by device (:func:`_choose_backend`).
     Returns:
         ``(output, lse, backend used)``. A kernel that fails falls back to ``"blocked"`` with a warning.
     """
-    backend = backend or choose_backend(query.device, query.dtype, mask is not None)
+    backend = backend or _choose_backend(query.device, query.dtype, mask is not None)
     if backend not in BACKENDS:
         raise InputError(f"Unknown LSE backend {backend!r}: use one of {BACKENDS}.")
     groups = query.shape[1] // key.shape[1]
@@ -108,25 +108,25 @@ def attention_with_lse(query: Float[Tensor, "batch head q d"], key: Float[Tensor
                       "instead (an extra pass over the scores).", RuntimeWarning, stacklevel=2)
     out = F.scaled_dot_product_attention(query, _expand(key, groups), _expand(value, groups), attn_mask=mask,
                                          is_causal=mask is None, scale=scaling)
-    return out, blocked_lse(query, key, mask, scaling), "blocked"
+    return out, _blocked_lse(query, key, mask, scaling), "blocked"
 
 
-def blocked_lse(query: Float[Tensor, "batch head q d"], key: Float[Tensor, "batch kv_head k d"],
+def _blocked_lse(query: Float[Tensor, "batch head q d"], key: Float[Tensor, "batch kv_head k d"],
                 mask: Bool[Tensor, "batch 1 q k"] | None, scaling: float,
                 block: int | None = None) -> Float[Tensor, "batch head q"]:
     """Each query row's log-sum-exp of its masked scores, over blocks of query rows (float32)."""
     width = query.shape[2]
-    block = block or block_rows(width)
+    block = block or _block_rows(width)
     lse = torch.empty(query.shape[:3], dtype=torch.float32, device=query.device)
     for start in range(0, width, block):
         stop = min(width, start + block)
-        scores = group_scores(query[:, :, start:stop], key[:, :, :stop], scaling)
-        allowed = allowed_block(mask, start, stop, query.device)
+        scores = _group_scores(query[:, :, start:stop], key[:, :, :stop], scaling)
+        allowed = _allowed_block(mask, start, stop, query.device)
         lse[:, :, start:stop] = scores.masked_fill_(~allowed, -math.inf).logsumexp(-1)
     return lse
 
 
-def group_scores(query: Float[Tensor, "batch head q d"], key: Float[Tensor, "batch kv_head k d"],
+def _group_scores(query: Float[Tensor, "batch head q d"], key: Float[Tensor, "batch kv_head k d"],
                  scaling: float) -> Float[Tensor, "batch head q k"]:
     """float32 scaled scores q . k without expanding K: query head h reads KV head h // group."""
     b, n_heads, n_q, d = query.shape
@@ -136,7 +136,7 @@ def group_scores(query: Float[Tensor, "batch head q d"], key: Float[Tensor, "bat
     return scores.view(b, n_heads, n_q, n_k)
 
 
-def allowed_block(mask: Bool[Tensor, "batch 1 q k"] | None, start: int, stop: int,
+def _allowed_block(mask: Bool[Tensor, "batch 1 q k"] | None, start: int, stop: int,
                   device: torch.device) -> Bool[Tensor, "batch 1 block k"]:
     """Which keys 0..stop-1 query rows start..stop-1 may attend to: the model's mask, or causal when None."""
     if mask is not None:
@@ -145,7 +145,7 @@ def allowed_block(mask: Bool[Tensor, "batch 1 q k"] | None, start: int, stop: in
     return (rows >= torch.arange(stop, device=device)[None, :])[None, None]
 
 
-def block_rows(width: int) -> int:
+def _block_rows(width: int) -> int:
     """Default query rows per block for a sequence of ``width`` tokens."""
     return min(width, max(MIN_BLOCK, int(BLOCK_SHARE * width)))
 
@@ -154,7 +154,7 @@ def _expand(kv: Tensor, groups: int) -> Tensor:
     return kv if groups == 1 else kv.repeat_interleave(groups, dim=1)
 
 
-def lse_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+def _lse_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                   dropout: float = 0.0, scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """The attention function registered as ``ATTENTION_NAME`` (the Hugging Face AttentionInterface
     signature): the fused kernel's output, with (q, k, LSE) handed to the active census."""
@@ -172,13 +172,13 @@ def lse_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_m
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(ATTENTION_NAME, lse_attention)
+AttentionInterface.register(ATTENTION_NAME, _lse_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 # --- running the bridge with fused attention -------------------------------------------------------
 
-def check_fused_support(model) -> None:
+def _check_fused_support(model) -> None:
     """Refuse, before any forward, a model whose attention the fused engine cannot drive."""
     hf = getattr(model, "original_model", None)
     config = getattr(hf, "config", None)
@@ -203,7 +203,7 @@ def check_fused_support(model) -> None:
 
 @contextlib.contextmanager
 def fused_attention(model, observer: LseCensus | FirstKeyWeights | None = None) -> Iterator[None]:
-    """Inside, every forward of the bridge runs each layer's HF attention module with :func:`lse_attention`
+    """Inside, every forward of the bridge runs each layer's HF attention module with :func:`_lse_attention`
     (no [T, T] tensor); ``observer`` receives each layer's (q, k, LSE). Restored on exit, also on error.
 
     Args:
@@ -211,7 +211,7 @@ def fused_attention(model, observer: LseCensus | FirstKeyWeights | None = None) 
         observer: the census that reduces each layer, or None to only run the fused forward
             (e.g. to read residual-stream hooks at long context).
     """
-    check_fused_support(model)
+    _check_fused_support(model)
     config = model.original_model.config
     layers = [block.original_component for block in model.blocks]
     previous = config._attn_implementation
@@ -238,7 +238,7 @@ class LseCensus:
         layers: the layers to reduce (others run the kernel only).
         first_keys: m, the number of first key positions (relative to each prompt's first real token).
         full: also every key's column mean and each row's maximum weight.
-        block: query rows per block in full mode (None: :func:`block_rows`).
+        block: query rows per block in full mode (None: :func:`_block_rows`).
         backend: LSE kernel (None: by device).
     """
 
@@ -247,7 +247,7 @@ class LseCensus:
         self.query = mask.float()
         self.absolute, self.valid, self.lengths = relative_index(mask)
         self.first_keys, self.full, self.backend = first_keys, full, backend
-        self.block = block or block_rows(mask.shape[1])
+        self.block = block or _block_rows(mask.shape[1])
         self.slots = {layer: i for i, layer in enumerate(layers)}
         width = mask.shape[1] if full else first_keys
         n = mask.shape[0]
@@ -258,7 +258,7 @@ class LseCensus:
 
     def observe(self, layer: int, query: Tensor, key: Tensor, lse: Tensor, mask: Tensor | None, scaling: float,
                 backend: str) -> None:
-        """Reduce one layer (called by :func:`lse_attention`)."""
+        """Reduce one layer (called by :func:`_lse_attention`)."""
         if layer not in self.slots:
             return
         self.backends.add(backend)
@@ -272,7 +272,7 @@ class LseCensus:
         m = self.first_keys
         positions = self.absolute[:, :m]  # [b, m] absolute key positions of relative keys 0..m-1
         index = positions[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3])
-        scores = group_scores(query, key.gather(2, index), scaling)  # [b, h, T, m]
+        scores = _group_scores(query, key.gather(2, index), scaling)  # [b, h, T, m]
         rows = torch.arange(query.shape[2], device=query.device)
         if mask is None:
             allowed = rows[None, :, None] >= positions[:, None, :]
@@ -290,9 +290,9 @@ class LseCensus:
         padded = bool((self.query == 0).any())
         for start in range(0, width, self.block):
             stop = min(width, start + self.block)
-            weights = group_scores(query[:, :, start:stop], key[:, :, :stop], scaling)
+            weights = _group_scores(query[:, :, start:stop], key[:, :, :stop], scaling)
             weights.sub_(lse[:, :, start:stop, None]).exp_()
-            weights.masked_fill_(~allowed_block(mask, start, stop, query.device), 0.0)
+            weights.masked_fill_(~_allowed_block(mask, start, stop, query.device), 0.0)
             row_max[:, :, start:stop] = weights.amax(-1)
             if padded:
                 weights.mul_(self.query[:, None, start:stop, None])
@@ -339,7 +339,7 @@ def lse_statistics(model, batch: TokenBatch, layers: Sequence[int], first_keys: 
         raise InputError(f"block_size must be a positive int or None, got {block_size!r}.")
     if backend is not None and backend not in BACKENDS:
         raise InputError(f"Unknown LSE backend {backend!r}: use one of {BACKENDS}.")
-    check_fused_support(model)
+    _check_fused_support(model)
     n, width = batch.tokens.shape
     alpha = torch.full((n, len(layers), model.cfg.n_heads, width if full else first_keys), float("nan"))
     confidence = torch.empty((n, len(layers), model.cfg.n_heads))
@@ -373,14 +373,14 @@ class FirstKeyWeights:
 
     def observe(self, layer: int, query: Tensor, key: Tensor, lse: Tensor, mask: Tensor | None, scaling: float,
                 backend: str) -> None:
-        """Keep [batch, query, n_keys] weights of the head (called by :func:`lse_attention`)."""
+        """Keep [batch, query, n_keys] weights of the head (called by :func:`_lse_attention`)."""
         if layer != self.layer:
             return
         group = query.shape[1] // key.shape[1]
         q = query[:, self.head:self.head + 1]
         k = key[:, self.head // group:self.head // group + 1, :self.n_keys]
-        scores = group_scores(q, k, scaling)[:, 0]  # [b, T, n_keys]
-        allowed = allowed_block(mask, 0, query.shape[2], query.device)[:, 0, :, :self.n_keys]
+        scores = _group_scores(q, k, scaling)[:, 0]  # [b, T, n_keys]
+        allowed = _allowed_block(mask, 0, query.shape[2], query.device)[:, 0, :, :self.n_keys]
         weights = scores.sub_(lse[:, self.head, :, None]).exp_().masked_fill_(~allowed, 0.0)
         self.weights = weights.cpu()
 

@@ -56,7 +56,7 @@ def prompt_ids(model, prompt: str | Tensor | TokenBatch, *, prepend_bos: bool = 
     return batch.tokens[0][batch.attention_mask[0].bool()].cpu()
 
 
-def layer_pattern(model, ids: Int[Tensor, " pos"], layer: int) -> Float[Tensor, "head query key"]:
+def _layer_pattern(model, ids: Int[Tensor, " pos"], layer: int) -> Float[Tensor, "head query key"]:
     """Attention pattern of every head of ``layer`` on one prompt, read from ``hook_pattern``.
 
     Args:
@@ -137,7 +137,7 @@ def attention_view(model, prompt: str | Tensor | TokenBatch, layer: int, heads: 
         raise InputError("heads is empty: pass a head index, a list of heads, or None for all heads of the layer.")
     heads = [check_index("head", head, info.n_heads, "query heads per layer") for head in heads]
     ids = prompt_ids(model, prompt, prepend_bos=prepend_bos, row=row)
-    pattern = layer_pattern(model, ids, layer)[heads]
+    pattern = _layer_pattern(model, ids, layer)[heads]
     names = ", ".join(f"H{h}" for h in heads) if len(heads) <= 4 else f"{len(heads)} heads"
     return AttentionView(layer=layer, heads=heads, tokens=token_strings(model, ids), pattern=pattern,
                          title=title or f"{info.name}: layer {layer}, {names}", token_ids=ids.tolist())

@@ -56,7 +56,7 @@ def sliding_window(model, layer: int) -> int | None:
     return getattr(model.original_model.config, "sliding_window", None)
 
 
-def windowed(allowed: Bool[Tensor, "batch query key"], positions, window: int) -> Bool[Tensor, "batch query key"]:
+def _windowed(allowed: Bool[Tensor, "batch query key"], positions, window: int) -> Bool[Tensor, "batch query key"]:
     """``allowed`` narrowed to keys fewer than ``window`` positions behind the query (transformers'
     ``sliding_window_overlay``: key > query - window), by position ids so that a block-packed choice sees the
     window its own sequence would.
@@ -100,12 +100,12 @@ class LayerStep(nn.Module):
             if "attention_mask" not in kwargs:
                 raise UnsupportedArchitectureError(
                     f"Layer {self.index} has a sliding window but the model passes its attention mask positionally: "
-                    "sinklens cannot give it the windowed block mask.")
+                    "sinklens cannot give it the _windowed block mask.")
             kwargs["attention_mask"] = self.mask
         return self.layer(hidden_states, *args, **kwargs)
 
 
-def decoder_layers(model) -> nn.ModuleList:
+def _decoder_layers(model) -> nn.ModuleList:
     """The module list the HF base model loops over: the one holding the bridge's blocks.
 
     Args:
@@ -140,7 +140,7 @@ def forward_scores(model, batch: Batch, *, start_layer: int = 0,
     if hf is None or not hasattr(model, "blocks"):
         raise UnsupportedArchitectureError("Evaluation runs the model's own forward through the bridge's blocks: "
                                            "load the model with sinklens.load_model.")
-    layers = decoder_layers(model)
+    layers = _decoder_layers(model)
     dtype = hf.get_input_embeddings().weight.dtype
     mask = additive_mask(batch.allowed, dtype)
     length = batch.tokens.shape[1]
@@ -150,7 +150,7 @@ def forward_scores(model, batch: Batch, *, start_layer: int = 0,
         window = sliding_window(model, index)
         narrowed = None
         if window is not None and window < length:
-            narrowed = additive_mask(windowed(batch.allowed, batch.positions, window), dtype)
+            narrowed = additive_mask(_windowed(batch.allowed, batch.positions, window), dtype)
         steps.append(LayerStep(layer, index, start_layer, resid if index == start_layer else None, store,
                                index in capture, narrowed))
 
