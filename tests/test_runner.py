@@ -63,12 +63,12 @@ def _run(argv, capsys):
     (["--only", "01", "-p", "n_boot=5"], "declared by 02_head_specialization"),
     # values, checked by name with the package's own choices
     (["-p", "eps=1.5"], "-p eps=1.5: eps must lie in [0, 1], got 1.5"),
-    (["-p", "n_prompts=0"], "-p n_prompts=0: Parameter n_prompts must be an int >= 1, got 0"),
+    (["-p", "n_prompts=0"], "-p n_prompts=0: Parameter n_prompts must be an int >= 1, e.g. n_prompts=1; got 0"),
     (["-p", "gqa=both"], "-p gqa=both: Unknown gqa 'both': use one of ('exact', 'shared', 'q_only')"),
     (["-p", "strategies=[greedy, best]"], "Unknown entry of strategies 'best'"),
-    (["-p", "ks=[1, 0]"], "ks must be a list of ints >= 1"),
+    (["-p", "ks=[1, 0]"], "ks must be a non-empty list of ints >= 1"),
     (["-p", "items_file=/no/such/items.jsonl"], "items_file: /no/such/items.jsonl is not a file"),
-    (["-p", "heads_from=/no/such/specialized_heads.json"], "heads_from /no/such/specialized_heads.json: no such file"),
+    (["-p", "heads_from=/no/such/specialized_heads.json"], "heads_from: /no/such/specialized_heads.json is not a file"),
     # the model name, before any kernel
     (["--model", "no-such-model"], "--model no-such-model: Unknown model 'no-such-model'"),
     (["--model", "/no/such/folder"], "--model /no/such/folder: Unknown model"),

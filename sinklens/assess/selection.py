@@ -27,11 +27,12 @@ import random as _random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
+from ..core.choices import REMOVAL, STRATEGIES, Removal, Strategy
 from ..core.errors import InputError
 from ..core.loading import model_info
 from ..core.probes import probe_tokens
@@ -59,10 +60,6 @@ from ..prune.spec import (
 from .evaluation import MEAN_ACC, EvalResult, build_plan, check_suite, load_items, retention, retention_value
 from .sweep import Record, Sweep, open_results
 
-Strategy = Literal["single_layer_rank", "greedy", "exhaustive", "random"]
-STRATEGIES: tuple[str, ...] = get_args(Strategy)
-Removal = Literal["best", "all", "none"]
-REMOVAL: tuple[str, ...] = get_args(Removal)
 EVAL_KWARGS = {"items", "n_lm_prompts", "lm_seq_len", "n_copy", "copy_len", "prepend_bos", "seed", "batch_tokens"}
 SPLIT_DECIDE, SPLIT_CONFIRM = "calibration", "heldout"
 

@@ -14,10 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .choices import EMBEDDED_MODELS
 from .errors import UnknownModelError
-
-EMBEDDED_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-
 
 _CACHE_MANIFEST = "sinklens_cache.json"
 

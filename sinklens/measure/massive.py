@@ -16,22 +16,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..core.choices import BASES, Basis
 from ..core.errors import InputError
 from ..core.hooks import batches, relative_index, resid_pre_hook, run_hooked
 from ..core.loading import model_info
 from ..core.qk import layout
 from ..core.tokens import as_batch, require_bos
 from ..core.validate import check_choice, check_index, check_int, check_k, check_layers
-
-Basis = Literal["resid", "normalized"]
-BASES: tuple[str, ...] = get_args(Basis)
 
 
 @dataclass

@@ -30,25 +30,18 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from ..core.choices import CALIBRATIONS, FILLS, GQA_POLICIES, POLICIES, Calibration, Fill, GQAPolicy, Policy
 from ..core.errors import InputError
 from ..core.loading import ModelInfo
 from ..core.validate import as_int, check_choice, check_index, check_int, check_k
 from ..measure.massive import BASES, Basis
 
 Head = tuple[int, int]
-Policy = Literal["bos_top", "random", "weight_norm", "act_weight", "optimized"]
-POLICIES: tuple[str, ...] = get_args(Policy)
-Fill = Literal["zero", "mean"]  # the value a dropped input dim takes: 0, or its mean over calibration tokens
-FILLS: tuple[str, ...] = get_args(Fill)
-Calibration = Literal["none", "temperature"]  # "temperature": a per-head scale of the pruned scores, fitted
-CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
 Objective = Literal["frob_rel", "kl"]  # the pattern error the optimized search minimises
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 DATA_POLICIES = ("bos_top", "act_weight", "optimized")  # policies measured on calibration tokens
 DEFAULT_POOL = 64  # candidate dims of the optimized search (the best act_weight dims; see sinklens.prune.search)
 EXPLICIT = "explicit"  # the policy name of dims given by the caller
-GQAPolicy = Literal["exact", "shared", "q_only"]
-GQA_POLICIES: tuple[str, ...] = get_args(GQAPolicy)
 # what ``dims=`` accepts: a policy name, one set of k dims for every head, or a set per head
 DimsArg = Union[Policy, Sequence[int], Tensor, Mapping[Head, Union[Sequence[int], Tensor]]]
 

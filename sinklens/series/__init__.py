@@ -18,8 +18,23 @@ A notebook needs three names: ``check_params`` (its second cell), ``RunFolder`` 
 ``head_list`` module.
 """
 
-from . import head_list
-from .folder import RunFolder
-from .params import check_params
+import importlib
+
+# resolved on first use, so that the command line (sinklens.series.cli) checks its arguments without importing
+# torch or pandas: name -> module that defines it (the module itself for head_list)
+_EXPORTS = {"RunFolder": ".folder", "check_params": ".params", "head_list": ".head_list"}
 
 __all__ = ["RunFolder", "check_params", "head_list"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name], __name__)
+    value = module if name == "head_list" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -17,10 +17,7 @@ import sys
 from pathlib import Path
 
 from ..core.errors import InputError
-from . import runner
-from .headline import check_reference_run, update_readme_headline
-from .outputs import read_manifest
-from .report import write_report
+from . import runner  # light: `run` checks its arguments before torch, pandas or papermill are imported
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,11 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", nargs="+", action="extend", metavar="NB",
                      help="run only these notebooks (number such as 01, or name)")
     run.add_argument("--out", metavar="DIR",
-                     help="folder that receives run folders and the latest link (default runs/)")
+                     help="folder that receives run folders and the latest link (default runs/ beside the "
+                          "notebooks folder)")
     run.add_argument("--ci", action="store_true",
                      help="small parameters for a quick check: "
                           f"{', '.join(f'{k}={v}' for k, v in runner.CI_PARAMS.items())}")
-    run.add_argument("--notebooks", metavar="DIR", help="folder of the notebook series (default notebooks/)")
+    run.add_argument("--notebooks", metavar="DIR",
+                     help="folder of the notebook series (default the notebooks/ folder of the sinklens checkout, "
+                          "from any working directory)")
     report = commands.add_parser("report", help="write the report index.html of an existing run folder again",
                                  description="Write index.html (and PNGs) for an existing run folder.")
     report.add_argument("run_dir", help="run folder, e.g. runs/latest")
@@ -60,12 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _report(run_dir: str, png: bool) -> int:
+    from .outputs import read_manifest
+    from .report import write_report
+
     folder = Path(run_dir).resolve()
     print(f"Report: {write_report(folder, read_manifest(folder), png=png)}")
     return 0
 
 
 def _headline(run_dir: str, readme: str) -> int:
+    from .headline import check_reference_run, update_readme_headline
+    from .outputs import read_manifest
+
     folder = Path(run_dir).resolve()
     manifest = read_manifest(folder)
     check_reference_run(manifest, run_dir)

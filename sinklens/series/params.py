@@ -7,8 +7,11 @@ reads them from the ``.ipynb`` file (for validating a command line before anythi
 
 Values are checked too, by name, with the package's own choices (:data:`VALUE_CHECKS`): the
 runner applies the same checks to a command line before it creates a run folder or starts a
-kernel, and a notebook opened in JupyterLab applies them in its second cell. A parameter that
-is not listed there is only type-checked; the package function that receives it checks the rest.
+kernel, and a notebook opened in JupyterLab applies them in its second cell. Every parameter a
+notebook declares has an entry (``tests/test_params.py`` fails on one without); the package
+function that receives a value still checks what depends on the model (e.g. k <= d_model).
+The choices come from :mod:`sinklens.core.choices`, which imports nothing heavy, so the command
+line refuses a bad value in a moment.
 """
 
 from __future__ import annotations
@@ -19,11 +22,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..assess.selection import REMOVAL, STRATEGIES
+# light modules only: the command line checks a run's values before torch or pandas is imported
+from ..core.choices import BASES, CALIBRATIONS, FILLS, GQA_POLICIES, POLICIES, REMOVAL, STRATEGIES
 from ..core.errors import InputError
 from ..core.validate import as_int, check_choice, check_fraction
-from ..measure.massive import BASES
-from ..prune.spec import GQA_POLICIES
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
 
@@ -49,15 +51,15 @@ def coerce_value(name: str, value: Any, kind: type) -> Any:
 def _at_least(low: int) -> Callable[[str, Any], None]:
     def check(name: str, value: Any) -> None:
         if as_int(value) is None or value < low:
-            raise InputError(f"Parameter {name} must be an int >= {low}, got {value!r}.")
+            raise InputError(f"Parameter {name} must be an int >= {low}, e.g. {name}={max(low, 1)}; got {value!r}.")
     return check
 
 
 def _ints_at_least(low: int) -> Callable[[str, Any], None]:
     def check(name: str, value: Any) -> None:
-        if not isinstance(value, list) or any(as_int(v) is None or v < low for v in value):
-            raise InputError(f"Parameter {name} must be a list of ints >= {low}, e.g. [{max(low, 1)}, 10], "
-                             f"got {value!r}.")
+        if not isinstance(value, list) or not value or any(as_int(v) is None or v < low for v in value):
+            raise InputError(f"Parameter {name} must be a non-empty list of ints >= {low}, e.g. "
+                             f"{name}=[{max(low, 1)}, {max(low, 1) * 10}]; got {value!r}.")
     return check
 
 
@@ -83,21 +85,42 @@ def _choice(choices: Sequence[str]) -> Callable[[str, Any], None]:
 def _choices(choices: Sequence[str]) -> Callable[[str, Any], None]:
     def check(name: str, value: Any) -> None:
         if not isinstance(value, list) or not value:
-            raise InputError(f"Parameter {name} must be a non-empty list drawn from {tuple(choices)}, got {value!r}.")
+            raise InputError(f"Parameter {name} must be a non-empty list drawn from {tuple(choices)}, e.g. "
+                             f"{name}=[{choices[0]}]; got {value!r}.")
         for item in value:
             check_choice(f"entry of {name}", item, choices)
     return check
 
 
-def _existing_file_or_empty(name: str, value: Any) -> None:
-    if value and not Path(value).expanduser().is_file():
-        raise InputError(f"Parameter {name}: {value} is not a file. Pass an existing file, or leave it empty.")
+def _file_or_empty(example: str) -> Callable[[str, Any], None]:
+    def check(name: str, value: Any) -> None:
+        if value and not Path(value).expanduser().is_file():
+            raise InputError(f"Parameter {name}: {value} is not a file. Pass an existing file ({example}), or leave "
+                             "it empty.")
+    return check
 
 
-# Model-independent checks (a model's own limits, such as k <= d_model, are checked where it is loaded).
+def _text(example: str) -> Callable[[str, Any], None]:
+    def check(name: str, value: Any) -> None:
+        if not isinstance(value, str) or not value.strip():
+            raise InputError(f"Parameter {name} must be a non-empty string, e.g. {name}={example}; got {value!r}.")
+    return check
+
+
+def _metric(name: str, value: Any) -> None:
+    # the metric names depend on the suite and the item file: sinklens.layer_selection checks the name itself
+    group, _, rest = value.partition("/") if isinstance(value, str) else ("", "", "")
+    if not group or not rest:
+        raise InputError(f"Parameter {name} must be a metric name group/name, e.g. {name}=acc/mean (or lm/ppl, "
+                         f"mc/acc, copy/acc); got {value!r}.")
+
+
+# Model-independent checks (a model's own limits, such as k <= d_model, are checked where it is loaded). The choice
+# checks name their constants (sinklens.core.choices), so a renamed choice or parameter is a one-line change here.
 VALUE_CHECKS: dict[str, Callable[[str, Any], None]] = {
     **dict.fromkeys(["n_prompts", "batch_size", "n_boot", "top_n", "k", "model_prompts", "limit", "n_lm_prompts",
-                     "n_copy", "greedy_pool", "exhaustive_pool", "exhaustive_size", "patience"], _at_least(1)),
+                     "n_copy", "greedy_pool", "exhaustive_pool", "exhaustive_size", "patience", "top_heads"],
+                    _at_least(1)),
     **dict.fromkeys(["seq_len", "lm_seq_len"], _at_least(2)),
     **dict.fromkeys(["view_prompt", "n_random"], _at_least(0)),
     "layer": _at_least(-1),
@@ -110,8 +133,26 @@ VALUE_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "gqa": _choice(GQA_POLICIES),
     "removal": _choice(REMOVAL),
     **dict.fromkeys(["strategies", "selection_strategy"], _choices(STRATEGIES)),
-    "items_file": _existing_file_or_empty,
+    "metric": _metric,
+    "items_file": _file_or_empty("a JSONL file of multiple-choice items"),
+    "heads_from": _file_or_empty("the specialized_heads.json of a run, written by notebook 02"),
+    # set by the runner (--model, --out); checked here for a notebook run by hand
+    "model_name": _text("smollm2-135m"),
+    "out_dir": _text("runs/scratch"),
+    # 06 long context
+    "lengths": _ints_at_least(2),  # prompt lengths, BOS included
+    **dict.fromkeys(["n_long_prompts", "first_keys", "view_keys"], _at_least(1)),
+    "detail_length": _at_least(2),
+    # 07 beyond-BOS dims
+    **dict.fromkeys(["n_calibration", "n_heldout", "pool"], _at_least(1)),
+    "max_heads": _at_least(0),  # 0: every sink-specialized head
+    "compare_ks": _ints_at_least(1),
+    **dict.fromkeys(["policies", "all_heads_policies"], _choices(POLICIES)),
+    "fills": _choices(FILLS),
+    "calibrations": _choices(CALIBRATIONS),
 }
+# parameters that name a file: the runner passes them as absolute paths (the notebooks run in the checkout)
+PATH_PARAMS = ("items_file", "heads_from")
 
 
 def check_value(name: str, value: Any) -> Any:

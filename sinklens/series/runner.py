@@ -36,17 +36,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import papermill
 import yaml
-from papermill.exceptions import PapermillExecutionError
-from traitlets.config import Config
 
-from ..core.embedded import EMBEDDED_MODELS
+# Only light modules here: `python -m sinklens run` checks its arguments before importing torch, pandas or
+# papermill (those are imported by the functions that run notebooks, read head lists or write the report).
+from ..core.choices import EMBEDDED_MODELS
 from ..core.errors import InputError, SinklensError
-from ..core.sources import resolve_checkpoint
-from .head_list import HEAD_LIST_FILE, check_model_name, read_head_list
-from .params import check_value, coerce_value, notebook_parameters
-from .report import write_report
+from .params import PATH_PARAMS, check_value, coerce_value, notebook_parameters
 
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
 DEFAULT_MODEL = next(iter(EMBEDDED_MODELS))
@@ -73,10 +69,21 @@ EXIT_INPUT = 2
 EXIT_FAILED = 1
 
 
+def source_checkout() -> Path | None:
+    """The source checkout sinklens is imported from: the folder above the package that holds ``pyproject.toml``
+    and ``notebooks/``; None when sinklens is installed without one (e.g. from a wheel)."""
+    root = Path(__file__).resolve().parents[2]  # <checkout>/sinklens/series/runner.py
+    return root if (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir() else None
+
+
 def default_notebooks_dir() -> Path:
-    """``./notebooks`` when it exists, else the ``notebooks`` folder of the source checkout."""
-    here = Path.cwd() / "notebooks"
-    return here if here.is_dir() else Path(__file__).resolve().parents[1] / "notebooks"
+    """The ``notebooks`` folder of the source checkout (whatever the working directory); an InputError naming
+    ``--notebooks`` when sinklens is installed without its checkout."""
+    root = source_checkout()
+    if root is None:
+        raise InputError(f"sinklens is installed without its source checkout ({Path(__file__).resolve().parents[2]} "
+                         "holds no pyproject.toml and notebooks/): pass the notebook series with --notebooks DIR.")
+    return root / "notebooks"
 
 
 def discover_notebooks(folder: str | os.PathLike) -> list[Path]:
@@ -211,6 +218,8 @@ def check_model(model: str) -> str:
         model: the ``--model`` value.
     """
     if model not in EMBEDDED_MODELS:
+        from ..core.sources import resolve_checkpoint  # imports torch: only for a model that is not bundled
+
         try:
             resolve_checkpoint(model)
         except SinklensError as err:
@@ -227,7 +236,8 @@ def plan_run(notebooks_dir: str | os.PathLike | None = None, model: str | None =
     ``params_file`` < ``overrides`` (raw ``-p`` strings, parsed to each notebook's declared type).
 
     Args:
-        notebooks_dir: folder of the series (default ``notebooks/``).
+        notebooks_dir: folder of the series (default the ``notebooks/`` folder of the source checkout, from any
+            working directory: :func:`default_notebooks_dir`).
         model: model name, checkpoint folder or hub id (default the embedded model).
         overrides: ``{name: text}`` from ``-p name=text``.
         params_file: YAML file of ``{name: value}``.
@@ -279,7 +289,11 @@ def plan_run(notebooks_dir: str | os.PathLike | None = None, model: str | None =
                 check_value(name, value)
             except InputError as err:
                 raise InputError(f"{setter[name]}: {err}") from None
+            if name in PATH_PARAMS and value:  # the notebooks run in the checkout, not in this working directory
+                passed[name] = str(Path(value).expanduser().resolve())
         if passed.get(HEADS_FROM):
+            from .head_list import check_model_name, read_head_list  # imports torch (the census)
+
             check_model_name(read_head_list(passed[HEADS_FROM]), model)
         passed["model_name"] = model
         plans.append(NotebookPlan(nb, params, passed))
@@ -369,6 +383,8 @@ def report_hook(run_dir: Path, manifest: dict, log: Callable[[str], None] = prin
         log: where the report's path and warnings go.
     """
     try:
+        from .report import write_report  # imports pandas
+
         log(f"Report: {write_report(run_dir, manifest, log=log)}")
     except Exception as error:
         log(f"warning: the report index.html could not be written: {type(error).__name__}: {error}")
@@ -393,7 +409,7 @@ def _kernel_name(notebook: Path) -> str:
 
 
 @contextlib.contextmanager
-def kernel_config() -> Iterator[Config]:
+def kernel_config() -> Iterator[Any]:
     """Configuration of the notebook kernels, valid inside the ``with`` block.
 
     Kernels talk over local IPC sockets, not TCP ports: nothing listens on the network, and
@@ -402,6 +418,8 @@ def kernel_config() -> Iterator[Config]:
     checkout), numbered from 1 by each process, so two runs side by side would take each other's
     sockets. Here they go to a private temporary folder, removed when the block ends.
     """
+    from traitlets.config import Config
+
     with tempfile.TemporaryDirectory(prefix="sinklens-kernels-") as folder:
         yield Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(folder, "ipc")}})
 
@@ -440,6 +458,11 @@ def execute(plan: RunPlan, log: Callable[[str], None] = print,
         log: progress lines.
         err: failure lines (default: stderr).
     """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    from .head_list import HEAD_LIST_FILE
+
     err = err or (lambda text: print(text, file=sys.stderr, flush=True))
     run_dir = new_run_folder(plan.out_root, plan.model)
     manifest = {
