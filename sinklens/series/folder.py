@@ -1,18 +1,23 @@
 """Writing results into a run folder: figures (offline HTML), tables (CSV) and JSON.
 
 Plotly HTML files reference one ``plotly.min.js`` written beside them (no CDN), so a run folder
-opens offline and stays small however many figures it holds.
+opens offline and stays small however many figures it holds. Every JSON file of a run is written by
+:func:`json_text`: strict JSON (no ``NaN`` or ``Infinity``; a missing value is ``null``), which any
+parser reads.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from ..core.errors import InputError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def project_path(path: str | os.PathLike) -> Path:
@@ -88,17 +93,35 @@ class RunFolder:
             name: file name without ``.json``.
         """
         path = self.path / f"{name}.json"
-        path.write_text(json.dumps(data, indent=2, default=_json_value), encoding="utf-8")
+        path.write_text(json_text(data), encoding="utf-8")
         return path
 
 
-def _json_value(value):
-    """numpy scalars as numbers, missing values (pd.NA, NaT) as null, anything else as text."""
-    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
-        return value.item()
-    try:
-        if pd.isna(value):
-            return None
-    except (TypeError, ValueError):
-        pass
-    return str(value)
+def json_ready(value: Any) -> Any:
+    """``value`` with every number JSON can hold: numpy scalars and arrays as Python numbers and lists, NaN,
+    infinities and missing values (``None``, ``pd.NA``, ``NaT``) as None (JSON ``null``), mappings and sequences
+    converted recursively (mapping keys that are numpy scalars as Python ones); anything else left as it is.
+
+    Args:
+        value: a JSON-ready structure, possibly holding numpy or pandas values.
+    """
+    if isinstance(value, dict):
+        return {json_ready(key) if hasattr(key, "item") else key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    if type(value).__name__ in ("NAType", "NaTType"):  # pd.NA, pd.NaT (without importing pandas)
+        return None
+    if hasattr(value, "tolist") and getattr(value, "ndim", None) is not None:  # numpy scalar or array
+        return json_ready(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def json_text(data: Any) -> str:
+    """``data`` as strict JSON text (indented): :func:`json_ready`, then anything JSON has no type for as its text.
+
+    Args:
+        data: the mapping (or list) to write.
+    """
+    return json.dumps(json_ready(data), indent=2, default=str, allow_nan=False)

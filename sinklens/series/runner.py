@@ -42,6 +42,7 @@ import yaml
 # papermill (those are imported by the functions that run notebooks, read head lists or write the report).
 from ..core.choices import EMBEDDED_MODELS
 from ..core.errors import InputError, SinklensError
+from .folder import json_text
 from .params import PATH_PARAMS, check_value, coerce_value, notebook_parameters
 
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
@@ -440,7 +441,7 @@ def _quiet_progress():
 
 def _write_manifest(run_dir: Path, manifest: dict) -> None:
     tmp = run_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+    tmp.write_text(json_text(manifest), encoding="utf-8")
     os.replace(tmp, run_dir / MANIFEST)
 
 
