@@ -66,7 +66,7 @@ def _run(argv, capsys):
     (["-p", "n_prompts=0"], "-p n_prompts=0: Parameter n_prompts must be an int >= 1, e.g. n_prompts=1; got 0"),
     (["-p", "gqa=both"], "-p gqa=both: Unknown gqa 'both': use one of ('exact', 'shared', 'q_only')"),
     (["-p", "strategies=[greedy, best]"], "Unknown entry of strategies 'best'"),
-    (["-p", "ks=[1, 0]"], "ks must be a non-empty list of ints >= 1"),
+    (["-p", "ks=[1, 0]"], "ks must be a list of ints >= 1 (empty: the default k grid)"),
     (["-p", "items_file=/no/such/items.jsonl"], "items_file: /no/such/items.jsonl is not a file"),
     (["-p", "heads_from=/no/such/specialized_heads.json"], "heads_from: /no/such/specialized_heads.json is not a file"),
     # the model name, before any kernel
@@ -200,6 +200,10 @@ def test_failing_notebook_stops_the_run_and_keeps_what_finished(series, tmp_path
     assert json.loads((second / "gamma.json").read_text())["out_dir"] == str(second)
 
 
+def _refuse_constant(name: str):
+    raise AssertionError(f"{name} in a run's JSON file: not strict JSON")
+
+
 def _git_status() -> str:
     return subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=all"],
                           capture_output=True, text=True, check=True).stdout
@@ -207,13 +211,19 @@ def _git_status() -> str:
 
 @pytest.mark.notebook
 def test_two_real_ci_runs_side_by_side(tmp_path):
-    """Two `python -m sinklens run --ci --only 01` started together from the checkout (its working directory, as
-    `make run` does) both succeed, write nothing into the checkout (no kernel-ipc-N sockets, no README change:
-    `git status` is the same before and after), and each describes itself in its own run folder."""
+    """Two `python -m sinklens run --ci --only 01` started together, one from the checkout (its working directory,
+    as `make run` does), one from a folder elsewhere (the series is the checkout's wherever the command starts),
+    both succeed, write nothing into the checkout (no kernel-ipc-N sockets, no README change: `git status` is the
+    same before and after), each describes itself in its own run folder, and every JSON file they write is strict
+    JSON (no NaN or Infinity)."""
     before = _git_status()
     command = [sys.executable, "-m", "sinklens", "run", "--only", "01", "--ci"]
-    procs = [subprocess.Popen([*command, "--out", str(tmp_path / f"runs{i}")], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in (1, 2)]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([*command, "--out", str(tmp_path / f"runs{i}")], cwd=cwd, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, cwd in ((1, REPO), (2, elsewhere))]
     results = [(proc.wait(timeout=600), proc.stdout.read(), proc.stderr.read()) for proc in procs]
     for proc in procs:
         proc.stdout.close()
@@ -243,6 +253,32 @@ def test_two_real_ci_runs_side_by_side(tmp_path):
         summary = json.loads((run_dir / "sink_discovery.json").read_text())
         assert summary["n_prompts"] == runner.CI_PARAMS["n_prompts"] and summary["model"]["name"] == "smollm2-135m"
         assert (run_dir / "index.html").is_file()
+        for path in run_dir.rglob("*.json"):
+            json.loads(path.read_text(), parse_constant=_refuse_constant)
+
+
+def test_the_series_is_the_checkouts_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notebooks").mkdir()  # another project's notebooks folder here is not the series
+    (tmp_path / "items.jsonl").write_text("")
+    plan = runner.plan_run(only=["05"], overrides={"items_file": "items.jsonl"}, out="runs")
+    (notebook,) = plan.notebooks
+    assert notebook.path == NOTEBOOKS / "05_layer_selection.ipynb" and plan.repo_root == REPO
+    assert plan.out_root == tmp_path / "runs"  # --out is taken from the working directory
+    # the notebooks run in the checkout: a file parameter given relative to here reaches them absolute
+    assert notebook.passed["items_file"] == str(tmp_path / "items.jsonl")
+
+
+def test_default_output_root_is_runs_beside_the_notebooks(series, tmp_path, monkeypatch):
+    monkeypatch.chdir(series)
+    assert runner.plan_run(series).out_root == tmp_path / "runs"
+
+
+def test_installed_without_a_checkout_the_error_names_notebooks(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runner, "source_checkout", lambda: None)
+    code, _, stderr = _run(["run", "--out", str(tmp_path / "runs")], capsys)
+    assert code == 2 and "pass the notebook series with --notebooks DIR" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
 def test_kernel_sockets_live_in_a_private_folder_removed_afterwards():

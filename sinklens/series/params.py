@@ -55,11 +55,13 @@ def _at_least(low: int) -> Callable[[str, Any], None]:
     return check
 
 
-def _ints_at_least(low: int) -> Callable[[str, Any], None]:
+def _ints_at_least(low: int, empty: str = "") -> Callable[[str, Any], None]:
+    """A list of ints >= ``low``; empty only where ``empty`` says what an empty list means."""
     def check(name: str, value: Any) -> None:
-        if not isinstance(value, list) or not value or any(as_int(v) is None or v < low for v in value):
-            raise InputError(f"Parameter {name} must be a non-empty list of ints >= {low}, e.g. "
-                             f"{name}=[{max(low, 1)}, {max(low, 1) * 10}]; got {value!r}.")
+        if not isinstance(value, list) or not (value or empty) or any(as_int(v) is None or v < low for v in value):
+            kind = f"a list of ints >= {low} ({empty})" if empty else f"a non-empty list of ints >= {low}"
+            raise InputError(f"Parameter {name} must be {kind}, e.g. {name}=[{max(low, 1)}, {max(low, 1) * 10}]; "
+                             f"got {value!r}.")
     return check
 
 
@@ -127,7 +129,7 @@ VALUE_CHECKS: dict[str, Callable[[str, Any], None]] = {
     **dict.fromkeys(["eps", "q", "non_first_threshold"], _fraction()),
     "target_retention": _fraction(open_low=True),
     **dict.fromkeys(["thresholds", "targets"], _fractions),
-    **dict.fromkeys(["ks", "k_values"], _ints_at_least(1)),
+    **dict.fromkeys(["ks", "k_values"], _ints_at_least(1, empty="empty: the default k grid")),
     **dict.fromkeys(["seeds", "model_seeds"], _ints_at_least(0)),
     "basis": _choice(BASES),
     "gqa": _choice(GQA_POLICIES),
