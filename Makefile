@@ -45,6 +45,7 @@ lab: $(STAMP)
 # census/forward and sweep costs on the embedded model, then every step's time and peak memory on a random-init
 # Llama-2-7B-shape model with 2 layers on the CPU (bench/scale.py; a GPU host runs all 32: bench/gpu_check.sh)
 bench: $(STAMP)
+	$(PY) bench/import_time.py
 	$(PY) bench/census.py
 	$(PY) bench/sweep.py
 	$(PY) bench/scale.py --shape llama-2-7b --layers 2 --device cpu --dtype fp32 --prompts 16 --long-prompts 2

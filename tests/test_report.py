@@ -9,6 +9,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
@@ -479,3 +480,38 @@ def test_findings_of_long_context_and_beyond_bos(tmp_path):
             "parameters), bos_top/zero/none 51 heads (3,694,848).") in text
     partial = {"beyond_bos_dims.json": {"headline": {"k": 10}}}  # a failed or older run: no sentence
     assert findings.findings(headline.summaries_of(make_series_run(tmp_path / "partial", partial))) == []
+
+
+def _refuse_constant(name: str):
+    raise AssertionError(f"{name} in a JSON file: not strict JSON")
+
+
+def test_summaries_are_written_as_strict_json(tmp_path):
+    """Missing values (NaN, infinities, pd.NA, NaT: e.g. a policy whose median error never falls below the
+    threshold) become null, numpy numbers plain numbers; the file parses under a strict parser."""
+    smallest = pd.Series({"bos_top": 500, "random": pd.NA}, dtype="Int64")
+    data = {"headline": {"smallest_k_median_below_0.2": smallest.to_dict(), "frob_rel": float("nan"),
+                         "ratio": np.float64("inf"), "n": np.int64(3), "when": pd.NaT,
+                         "medians": np.array([0.5, np.nan])}, "ks": (1, 10)}
+    path = RunFolder(tmp_path / "run").save_json(data, "reconstruction_error")
+    read = json.loads(path.read_text(), parse_constant=_refuse_constant)
+    assert read == {"headline": {"smallest_k_median_below_0.2": {"bos_top": 500, "random": None}, "frob_rel": None,
+                                 "ratio": None, "n": 3, "when": None, "medians": [0.5, None]}, "ks": [1, 10]}
+
+
+def test_report_reads_older_run_folders_with_nan(tmp_path):
+    """Run folders written before summaries were strict JSON hold NaN for a missing value: the report and the
+    findings read them as they read null."""
+    recon = json.loads(json.dumps(SUMMARIES["reconstruction_error.json"]))
+    recon["parameters"] = {"ks": [1, 10, 50]}
+    recon["headline"]["smallest_k_median_below_0.2"] = {"bos_top": 500, "random": float("nan"),
+                                                        "weight_norm": float("nan")}
+    selection = json.loads(json.dumps(SUMMARIES["layer_selection.json"]))
+    selection["headline"]["removal_retention_same_heads"] = float("nan")
+    run_dir = make_series_run(tmp_path, {"reconstruction_error.json": recon, "layer_selection.json": selection})
+    assert "NaN" in (run_dir / "reconstruction_error.json").read_text()  # json.dumps writes it, as before
+    text = "\n".join(findings.findings(headline.summaries_of(run_dir)))
+    assert ("falls below 0.2 at k = 500 (BOS top-k dims); never with random dims, largest weight norms "
+            "(k up to 50).") in text
+    page = report.write_report(run_dir, png=False).read_text()
+    assert "reconstruction_error.json" in page and "layer_selection.json" in page
