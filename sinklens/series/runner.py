@@ -42,6 +42,7 @@ from papermill.exceptions import PapermillExecutionError
 from traitlets.config import Config
 
 from ..core.errors import InputError, SinklensError
+from ..core.files import atomic_write_text
 from ..core.loading import EMBEDDED_MODELS, resolve_checkpoint
 from .head_list import HEAD_LIST_FILE, check_model_name, read_head_list
 from .params import check_value, coerce_value, notebook_parameters
@@ -420,9 +421,7 @@ def _quiet_progress():
 
 
 def _write_manifest(run_dir: Path, manifest: dict) -> None:
-    tmp = run_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, run_dir / MANIFEST)
+    atomic_write_text(run_dir / MANIFEST, json.dumps(manifest, indent=2, default=str), what="run manifest")
 
 
 def execute(plan: RunPlan, log: Callable[[str], None] = print,
