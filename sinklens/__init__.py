@@ -20,8 +20,8 @@ import importlib
 # public name -> the module that defines it (one table: __all__, dir() and the lazy import read it)
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "sinklens.core.version": ("__version__",),
-    "sinklens.core.errors": ("HubUnreachableError", "InputError", "SinklensError", "UnknownModelError",
-                             "UnsupportedArchitectureError", "WriteError"),
+    "sinklens.core.errors": ("HandleUsageError", "HubUnreachableError", "InputError", "SinklensError",
+                             "UnknownModelError", "UnsupportedArchitectureError", "WriteError"),
     "sinklens.core.loading": ("ModelInfo", "load_model", "model_info"),
     "sinklens.core.tokens": ("TokenBatch", "token_strings", "tokenize"),
     "sinklens.core.probes": ("probe_provenance", "probe_tokens"),

@@ -42,6 +42,7 @@ import torch
 
 from ..core.edits import active_edits
 from ..core.errors import InputError
+from ..core.files import write_error
 from ..core.loading import model_info
 from ..core.progress import progress
 from ..core.validate import check_choice, check_index, check_int
@@ -54,6 +55,7 @@ from ..prune.removal import remove_heads
 from ..prune.spec import Head, PruneSpec
 from .evaluation import EvalPlan, EvalResult, plan_fingerprint
 
+_WRITE_FIX = "free disk space, make the file and its folder writable, or close the program holding it"
 SCHEMA = 2  # 2: configurations keyed and recorded by their PruneSpec
 Method = Literal["dense", "qk", "remove"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -104,14 +106,19 @@ class ResultsFile:
                               "metrics TEXT NOT NULL, extra TEXT NOT NULL, items BLOB NOT NULL, created REAL NOT NULL)")
             self.conn.commit()
             stored = dict(self.conn.execute("SELECT name, value FROM meta").fetchall())
+        except sqlite3.OperationalError as err:  # read-only folder, full disk, locked by another process
+            raise write_error(self.path, err, "results file", "Nothing was written", _WRITE_FIX) from err
         except sqlite3.DatabaseError as err:
             raise InputError(f"{self.path} is not a sinklens results file ({err}): pass another path, or fresh=True "
                              "to replace it.") from err
         if stored:
             self._check(stored, dict(meta))
         else:
-            with self.conn:
-                self.conn.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
+            try:
+                with self.conn:
+                    self.conn.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
+            except sqlite3.OperationalError as err:
+                raise write_error(self.path, err, "results file", "Nothing was written", _WRITE_FIX) from err
 
     def _check(self, stored: dict, meta: dict) -> None:
         def describe(values: dict, name: str) -> str:
@@ -153,10 +160,15 @@ class ResultsFile:
         buffer = io.BytesIO()
         result.per_item.to_parquet(buffer, index=False)  # exact float64 round trip
         blob = buffer.getvalue()
-        with self.conn:
-            self.conn.execute("INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?, ?)",
-                              (key, json.dumps(config, sort_keys=True), json.dumps(result.metrics),
-                               json.dumps(extra, default=str), blob, time.time()))
+        try:
+            with self.conn:  # one transaction: the row is written whole or not at all
+                self.conn.execute("INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?, ?)",
+                                  (key, json.dumps(config, sort_keys=True), json.dumps(result.metrics),
+                                   json.dumps(extra, default=str), blob, time.time()))
+        except sqlite3.OperationalError as err:  # full disk, read-only file or folder, locked by another process
+            raise write_error(self.path, err, "results file", "This row was not written (its transaction was rolled "
+                              "back); the rows before it are intact and a rerun resumes after them",
+                              _WRITE_FIX) from err
 
     def __contains__(self, key: str) -> bool:
         return self.conn.execute("SELECT 1 FROM results WHERE key = ?", (key,)).fetchone() is not None

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .errors import InputError, SinklensError
+from .errors import HandleUsageError, InputError, SinklensError
 
 Unit = tuple  # ("q" | "k" | "kread" | "o", layer, head or kv head): what an edit writes or reads
 
@@ -127,6 +127,8 @@ class Edit:
     """
 
     kind = "edit"
+    applied_by = "sinklens.apply_pruning(...)"  # the call that made this handle (for messages)
+    scoped_call = "sinklens.prune_qk(model, ...)"  # the context manager applying the same edit for a with block
 
     def __init__(self, model, units: set[Unit]):
         self.model = model
@@ -185,8 +187,28 @@ class Edit:
         self.model.__dict__.setdefault("_sinklens_edits", []).append(self)
         self.active = True
 
+    def __enter__(self):
+        """A handle is no context manager: the edit is already applied. Raises :class:`HandleUsageError` naming the
+        scoped call (``with sinklens.prune_qk(...)``) and ``handle.restore()``."""
+        name = type(self).__name__
+        scoped = f"`with {self.scoped_call} as handle:` for a {self.kind} scoped to a with block"
+        if self.active:
+            raise HandleUsageError(f"A {name} is not a context manager: {self.applied_by} already applied this "
+                                   f"{self.kind}, and it stays until handle.restore(). Use {scoped}, or call "
+                                   "handle.restore() to undo this one.")
+        raise HandleUsageError(f"A {name} is not a context manager, and this {self.kind} was already restored (the "
+                               f"model is back as it was). Use {scoped}, or {self.applied_by} to apply it again "
+                               "(handle.restore() undoes it).")
+
+    def __exit__(self, *exc) -> bool:
+        return False  # never reached: __enter__ raises (defined so that `with` calls __enter__ and its message)
+
     def restore(self) -> None:
-        """Undo the edit: write the saved weights back bitwise and remove the hooks (idempotent)."""
+        """Undo the edit: write the saved weights back bitwise and remove the hooks.
+
+        A second call is a no-op (it changes nothing, not even a later edit of the same heads); ``repr(handle)``
+        says ``restored``.
+        """
         if not self.active and not self._saved and not self._hooks:
             return
         with torch.no_grad():
@@ -200,4 +222,17 @@ class Edit:
         self.active = False
 
 
-__all__ = ["Edit", "PermanentHook", "active_edits", "count_parameters"]
+def heads_text(heads, limit: int = 6) -> str:
+    """``heads=[(0, 1), (2, 3)]`` for a handle's repr; past ``limit`` heads, the first ones and the count.
+
+    Args:
+        heads: ``(layer, head)`` pairs.
+        limit: how many to list in full.
+    """
+    pairs = [tuple(int(x) for x in h) for h in heads]
+    if len(pairs) <= limit:
+        return f"heads={pairs}"
+    return f"heads=[{', '.join(map(str, pairs[:limit]))}, ...] ({len(pairs)} heads)"
+
+
+__all__ = ["Edit", "PermanentHook", "active_edits", "count_parameters", "heads_text"]

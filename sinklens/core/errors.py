@@ -28,3 +28,7 @@ class InputError(SinklensError, ValueError):
 
 class WriteError(SinklensError, OSError):
     """A file or folder could not be written (read-only destination, full disk); nothing half-written is left."""
+
+
+class HandleUsageError(InputError, TypeError):
+    """An edit's handle was used as something it is not (e.g. ``with handle:``); the message names the call to use."""

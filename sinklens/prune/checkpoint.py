@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -30,10 +31,12 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM
 
 from ..core.edits import active_edits, count_parameters
 from ..core.errors import InputError, WriteError
+from ..core.files import OWNER_PATTERN, cause, owner_gone, owner_tag
 from ..core.loading import model_info
 from ..core.qk import drop_mask, head_rows, layout
 from ..core.version import __version__
@@ -122,9 +125,12 @@ def save_pruned(model, folder: str | os.PathLike, *, overwrite: bool = False) ->
 
     Refuses a model without active edits, and a non-empty folder unless ``overwrite``. Returns the folder.
     The checkpoint is written into a temporary folder beside ``folder`` and renamed into place, so a read-only
-    or full destination raises :class:`~sinklens.core.errors.WriteError` and leaves nothing half-written (an earlier
-    checkpoint there stays as it was); ``overwrite=True`` replaces the folder's whole content, so no file of an
-    older checkpoint (e.g. a stale shard index) survives next to the new one.
+    or full destination raises :class:`~sinklens.core.errors.WriteError` (the folder and the cause) whichever file
+    failed (weights, config, tokenizer, manifest) and leaves nothing half-written (an earlier checkpoint there stays
+    as it was); ``overwrite=True`` replaces the folder's whole content, so no file of an older checkpoint (e.g. a
+    stale shard index) survives next to the new one. The temporary folder's name carries the writing process
+    (host, boot, pid, start time): a save that was killed (SIGKILL) leaves it behind, and the next save into the
+    same parent folder removes it once that process has ended (a concurrent save keeps its own).
     The manifest lists every edit's record (for a pruning: the fields of its
     :class:`~sinklens.prune.spec.PruneSpec`, which ``PruneSpec.from_dict`` reads back, and its kept dims).
 
@@ -139,17 +145,58 @@ def save_pruned(model, folder: str | os.PathLike, *, overwrite: bool = False) ->
                          "(handle = sinklens.apply_pruning(...)), then save_pruned(model, folder).")
     folder = Path(folder).expanduser().absolute()
     _check_destination(folder, overwrite)
+    remove_leftovers(folder.parent)
     staging = _staging_folder(folder)
     try:
         _write(model, edits, staging)
-    except OSError as err:
-        raise WriteError(f"Writing the checkpoint for {folder} failed ({err}): nothing was written there (the partial "
-                         "files were removed). Free disk space or pick another folder.") from err
-    finally:
-        if staging.exists() and not (staging / MANIFEST).is_file():
-            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException as err:  # whatever failed (an interrupt too), no partial folder stays behind
+        shutil.rmtree(staging, ignore_errors=True)
+        if _write_failure(err):
+            raise WriteError(f"Writing the checkpoint for {folder} failed ({cause(err)}): nothing was written there "
+                             "(the partial files were removed; an earlier checkpoint there is unchanged). Free disk "
+                             "space or pick another folder.") from err
+        raise
     _publish(staging, folder)
     return folder
+
+
+def _write_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a failed file write: an OSError, a safetensors error (the weights), or the plain Exception
+    the Rust ``tokenizers`` library raises for an I/O error ("No space left on device (os error 28)")."""
+    if isinstance(err, WriteError):
+        return False
+    if isinstance(err, (OSError, SafetensorError)):
+        return True
+    return type(err) is Exception and re.search(r"\(os error \d+\)", str(err)) is not None
+
+
+def remove_leftovers(parent: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders of :func:`save_pruned` calls in ``parent`` whose process has ended (killed
+    mid-save); returns what was removed.
+
+    A ``.<name>.partial-*`` folder is an unfinished checkpoint; a ``.<name>.old-*`` folder the checkpoint an
+    overwrite replaced, removed only once ``<name>`` exists again (before that it may be the only copy). Folders of
+    a live process (a concurrent save), of another machine on a shared file system, or without the writing
+    process in their name (older sinklens versions) are kept.
+
+    Args:
+        parent: the folder checkpoints are saved into.
+    """
+    pattern = re.compile(rf"\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<owner>{OWNER_PATTERN})-[a-z0-9_]+")
+    removed = []
+    try:
+        entries = list(Path(parent).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or not entry.is_dir() or entry.is_symlink() or not owner_gone(match["owner"]):
+            continue
+        if match["kind"] == "old" and not (entry.parent / match["name"]).is_dir():
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
 
 
 def _check_destination(folder: Path, overwrite: bool) -> None:
@@ -170,7 +217,7 @@ def _staging_folder(folder: Path) -> Path:
     """A new empty folder beside ``folder`` to write into (same file system, so the final rename is atomic)."""
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+        return Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-{owner_tag()}-", dir=folder.parent))
     except OSError as err:
         raise WriteError(f"Cannot write a checkpoint into {folder.parent} ({err.strerror or err}): the folder is "
                          "read-only or cannot be created. Pick a writable folder.") from err
@@ -181,14 +228,15 @@ def _publish(staging: Path, folder: Path) -> None:
     old = None
     try:
         if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-{owner_tag()}-", dir=folder.parent))
             os.replace(folder, old)
         os.replace(staging, folder)
     except OSError as err:
         if old is not None and not folder.exists():
             os.replace(old, folder)  # put the earlier checkpoint back
         shutil.rmtree(staging, ignore_errors=True)
-        raise WriteError(f"Cannot move the new checkpoint into {folder} ({err}): nothing was changed there.") from err
+        raise WriteError(f"Cannot move the new checkpoint into {folder} ({cause(err)}): nothing was changed "
+                         "there.") from err
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -44,7 +44,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..core.edits import Edit, count_parameters
+from ..core.edits import Edit, count_parameters, heads_text
 from ..core.errors import InputError, SinklensError
 from ..core.loading import ModelInfo, model_info
 from ..core.qk import (
@@ -355,6 +355,8 @@ class PruneHandle(Edit):
     ``restore()`` undoes it."""
 
     kind = "QK pruning"
+    applied_by = "sinklens.apply_pruning(...)"
+    scoped_call = "sinklens.prune_qk(model, ...)"
 
     def __init__(self, model, plan: PruningPlan):
         info = model_info(model)
@@ -450,7 +452,7 @@ class PruneHandle(Edit):
     def __repr__(self) -> str:
         state = "active" if self.active else "restored"
         spec = self.plan.spec
-        return (f"PruneHandle({len(spec.heads)} heads, k={spec.k}, policy={spec.policy}, gqa={spec.gqa}, "
+        return (f"PruneHandle({heads_text(spec.heads)}, k={spec.k}, policy={spec.policy}, gqa={spec.gqa}, "
                 f"fill={spec.fill}, calibration={spec.calibration}, {state})")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from ..core.edits import Edit, count_parameters
+from ..core.edits import Edit, count_parameters, heads_text
 from ..core.loading import model_info
 from ..core.qk import check_editable, weights
 from .spec import Head, check_heads
@@ -20,6 +20,8 @@ class HeadRemovalHandle(Edit):
     """Whole heads removed (see :func:`apply_head_removal`). ``restore()`` undoes it."""
 
     kind = "head removal"
+    applied_by = "sinklens.apply_head_removal(...)"
+    scoped_call = "sinklens.remove_heads(model, heads)"
 
     def __init__(self, model, heads: Sequence[Head]):
         check_editable(model)
@@ -43,7 +45,7 @@ class HeadRemovalHandle(Edit):
         return {"kind": "head_removal", "heads": [list(p) for p in self.heads], "params_zeroed": self.params_zeroed()}
 
     def __repr__(self) -> str:
-        return f"HeadRemovalHandle({len(self.heads)} heads, {'active' if self.active else 'restored'})"
+        return f"HeadRemovalHandle({heads_text(self.heads)}, {'active' if self.active else 'restored'})"
 
 
 def apply_head_removal(model, heads: Sequence[Head]) -> HeadRemovalHandle:

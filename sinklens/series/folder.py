@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.errors import InputError
+from ..core.files import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -58,9 +59,17 @@ class RunFolder:
         Args:
             fig: the plotly figure.
             name: file name without ``.html`` (the report's captions are keyed by it).
+
+        Raises :class:`~sinklens.core.errors.WriteError` (path and cause) if it cannot be written; nothing
+        half-written is left, also of the shared plotly.min.js.
         """
         path = self.path / "figures" / f"{name}.html"
-        fig.write_html(path, include_plotlyjs="directory", full_html=True)
+        bundle = path.parent / "plotly.min.js"
+        if not bundle.is_file():  # written whole here: plotly's own write would leave a truncated one on a full disk
+            from plotly.offline import get_plotlyjs
+
+            atomic_write_text(bundle, get_plotlyjs(), what="plotly bundle")
+        atomic_write_text(path, fig.to_html(include_plotlyjs="directory", full_html=True), what="figure")
         return path
 
     def save_html(self, html: str, name: str) -> Path:
@@ -71,7 +80,7 @@ class RunFolder:
             name: file name without ``.html``.
         """
         path = self.path / "figures" / f"{name}.html"
-        path.write_text(html, encoding="utf-8")
+        atomic_write_text(path, html, what="page")
         return path
 
     def save_table(self, frame: pd.DataFrame, name: str) -> Path:
@@ -82,7 +91,8 @@ class RunFolder:
             name: file name without ``.csv``.
         """
         path = self.path / "tables" / f"{name}.csv"
-        frame.to_csv(path, index=False)
+        with atomic_path(path, what="table") as tmp:
+            frame.to_csv(tmp, index=False)
         return path
 
     def save_json(self, data: dict, name: str) -> Path:
@@ -93,7 +103,7 @@ class RunFolder:
             name: file name without ``.json``.
         """
         path = self.path / f"{name}.json"
-        path.write_text(json_text(data), encoding="utf-8")
+        atomic_write_text(path, json_text(data), what="JSON file")
         return path
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..core.embedded import EMBEDDED_MODELS
 from ..core.errors import InputError
+from ..core.files import atomic_write_text
 from .findings import findings
 from .outputs import Summary, attribute_outputs, read_manifest, run_summaries
 from .wording import label
@@ -182,7 +183,5 @@ def update_readme_headline(readme: str | os.PathLike, run_dir: str | os.PathLike
     new = f"{head}{HEADLINE_START}\n{headline_markdown(run_dir, manifest)}\n{HEADLINE_END}{tail}"
     if new == text:
         return False
-    tmp = readme.with_name(f".{readme.name}.tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, readme)
+    atomic_write_text(readme, new, what="README")
     return True

@@ -27,6 +27,7 @@ from urllib.parse import quote
 
 import pandas as pd
 
+from ..core.files import atomic_write_text
 from .findings import findings
 from .headline import format_value, headline_numbers, labelled, provenance
 from .outputs import (
@@ -293,8 +294,4 @@ def write_report(run_dir: str | os.PathLike, manifest: dict | None = None, png: 
         notes.append(note)
         if note.startswith(("PNGs skipped", "PNGs failed")):
             log(f"warning: {note}")
-    path = run_dir / INDEX
-    tmp = run_dir / f".{INDEX}.tmp"
-    tmp.write_text(report_html(run_dir, manifest, notes), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(run_dir / INDEX, report_html(run_dir, manifest, notes), what="report")

@@ -42,6 +42,7 @@ import yaml
 # papermill (those are imported by the functions that run notebooks, read head lists or write the report).
 from ..core.choices import EMBEDDED_MODELS
 from ..core.errors import InputError, SinklensError
+from ..core.files import atomic_write_text
 from .folder import json_text
 from .params import PATH_PARAMS, check_value, coerce_value, notebook_parameters
 
@@ -440,9 +441,7 @@ def _quiet_progress():
 
 
 def _write_manifest(run_dir: Path, manifest: dict) -> None:
-    tmp = run_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json_text(manifest), encoding="utf-8")
-    os.replace(tmp, run_dir / MANIFEST)
+    atomic_write_text(run_dir / MANIFEST, json_text(manifest), what="run manifest")
 
 
 def execute(plan: RunPlan, log: Callable[[str], None] = print,
