@@ -18,7 +18,7 @@ import torch
 
 import sinklens as sl
 
-from helpers import TINY_CONFIGS, build_tiny_checkpoint
+from helpers import TINY_CONFIGS, build_tiny_checkpoint, hf_eager
 
 # One thread for torch, here and in the notebook kernels (they inherit OMP_NUM_THREADS): the tiny models and small
 # batches of this suite run several times faster without OpenMP spin-waits on a busy 2-core machine.
@@ -39,15 +39,12 @@ def tiny(tiny_dir):
 
 @pytest.fixture(scope="session")
 def hf_reference_factory():
-    from transformers import AutoModelForCausalLM
-
     cache = {}
 
     def load(folder):
         key = str(folder)
         if key not in cache:
-            cache[key] = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32,
-                                                              attn_implementation="eager").eval().requires_grad_(False)
+            cache[key] = hf_eager(key)
         return cache[key]
     return load
 

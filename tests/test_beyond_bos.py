@@ -9,13 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import sinklens as sl
 from sinklens.assess import beyond_bos
 from sinklens.assess.selection import LayerSelection
 
-from helpers import random_tokens
+from helpers import hf_eager, random_tokens
 
 K = 6
 
@@ -34,7 +33,7 @@ def numpy_mean(x):
 
 def edited_copy(folder, edit):
     """A fresh HF eager model of ``folder`` changed by ``edit(model)``."""
-    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager").eval()
+    hf = hf_eager(folder)
     with torch.no_grad():
         edit(hf)
     return hf
@@ -102,7 +101,7 @@ def test_fill_and_temperature_checkpoint_reloads_exactly(tiny, tmp_path, gqa):
         pruned = tiny(ev)
         folder = sl.save_pruned(tiny, tmp_path / "ck")
         record = handle.record()
-    ref = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager").eval()
+    ref = hf_eager(folder)
     assert ref.config.attention_bias is True
     assert float((ref(ev).logits - pruned).abs().max()) <= 1e-5
     manifest = sl.read_manifest(folder)

@@ -9,15 +9,11 @@ import nbformat
 import pandas as pd
 import pytest
 
-from helpers import build_tiny_checkpoint, execute_notebook
+from helpers import build_tiny_checkpoint, execute_notebook, mc_items, write_items
 
 pytestmark = pytest.mark.notebook
 
-ITEMS = [
-    {"id": f"i{i}", "task": "t" + str(i % 2), "context": f"w{5 + i} w{6 + 2 * i} w{7 + 3 * i}",
-     "choices": [f" w{20 + i}", f" w{40 + i} w{41 + i}", f" w{60 + i}"], "gold": i % 3}
-    for i in range(8)
-]
+ITEMS = mc_items(8)
 FIGURES = ["single_layer_retention", "retention_by_n_layers", "pareto_frontier", "removal_comparison"]
 TABLES = ["configurations", "dense", "frontier", "largest_meeting", "removal_comparison"]
 TARGET = 0.9
@@ -27,8 +23,7 @@ TARGET = 0.9
 def run_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("nb05")
     model = build_tiny_checkpoint(folder / "tiny", 6, 2)
-    items = folder / "items.jsonl"
-    items.write_text("".join(json.dumps(item) + "\n" for item in ITEMS))
+    items = write_items(folder, ITEMS)
     out = folder / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SINKLENS_PROGRESS", "0")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 
 import pytest
 
@@ -11,11 +10,9 @@ import sinklens as sl
 from sinklens.assess import selection
 from sinklens.assess.evaluation import evaluate, retention_value
 
-ITEMS = [
-    {"id": f"i{i}", "task": "t" + str(i % 2), "context": f"w{5 + i} w{6 + 2 * i} w{7 + 3 * i}",
-     "choices": [f" w{20 + i}", f" w{40 + i} w{41 + i}", f" w{60 + i}", f" w{90 + i} w{3 + i}"], "gold": i % 4}
-    for i in range(12)
-]
+from helpers import mc_items, write_items
+
+ITEMS = mc_items(12, n_choices=4)
 PROBE = dict(n_prompts=8, seq_len=16, eps=0.05, q=0.5)
 EVAL = dict(n_lm_prompts=2, lm_seq_len=12, n_copy=3, copy_len=6)
 K, TARGET = 4, 0.9
@@ -25,8 +22,7 @@ K, TARGET = 4, 0.9
 @pytest.fixture(scope="module")
 def setup(tiny_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("selection")
-    items = folder / "items.jsonl"
-    items.write_text("".join(json.dumps(item) + "\n" for item in ITEMS))
+    items = write_items(folder, ITEMS)
     model = sl.load_model(str(tiny_dir), device="cpu")
     kwargs = dict(k=K, target_retention=TARGET, strategy=list(selection.STRATEGIES), **PROBE,
                   eval_kwargs=dict(items=str(items), **EVAL), exhaustive_pool=3, exhaustive_size=3, n_random=2,
