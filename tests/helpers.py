@@ -210,6 +210,20 @@ def padded_mask(n: int, length: int, side: str, seed: int = 0) -> torch.Tensor:
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
 
 
+def write_notebook(path, parameters: str, body: str):
+    """Write a small series notebook: a ``parameters`` cell (source ``parameters``), the check_params cell that every
+    notebook of the series starts with (``P``: the checked parameters), then ``body``."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    params = new_code_cell(parameters)
+    params.metadata["tags"] = ["parameters"]
+    check = new_code_cell("import json, os\nfrom sinklens.series import check_params\nP = check_params(globals())")
+    nb = new_notebook(cells=[params, check, new_code_cell(body)],
+                      metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nbformat.write(nb, str(path))
+
+
 def execute_notebook(name: str, out_dir, **params):
     """Run ``notebooks/<name>`` headless with papermill (kernel python3) and return the executed copy's path.
 
@@ -227,3 +241,20 @@ def execute_notebook(name: str, out_dir, **params):
                                    kernel_name="python3", progress_bar=False, cwd=os.path.dirname(NOTEBOOKS),
                                    config=config)
     return output
+
+
+def ci_params(notebook: str, model: str | None = None, **overrides) -> dict:
+    """Every parameter ``notebooks/<notebook>`` declares, with the value ``python -m sinklens run --ci [--model MODEL]``
+    runs it with (from the runner's own plan: the notebook's default, the series probe, then ``CI_PARAMS``), and
+    ``overrides`` on top; ``out_dir`` is left to :func:`execute_notebook`. A test names each value it overrides, with
+    the reason, where it calls this."""
+    import tempfile
+
+    from sinklens.series.runner import plan_run
+
+    with tempfile.TemporaryDirectory() as out:
+        (plan,) = plan_run(NOTEBOOKS, model=model, only=[notebook], ci=True, out=out).notebooks
+    unknown = sorted(set(overrides) - set(plan.declared))
+    if unknown:
+        raise ValueError(f"{notebook} declares no parameter {', '.join(unknown)}")
+    return {name: value for name, value in plan.effective.items() if name != "out_dir"} | overrides
