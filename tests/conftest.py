@@ -59,3 +59,11 @@ def smollm():
     """The embedded SmolLM2-135M bridge, loaded once for the whole session."""
     return sl.load_model("smollm2-135m", device="cpu")
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses the embedded model through the ``smollm`` fixture (directly or through another fixture) is
+    an integration test: marked here from the fixture name, so that ``-m "not integration"`` leaves every one out."""
+    for item in items:
+        if "smollm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
