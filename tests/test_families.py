@@ -24,7 +24,7 @@ from sinklens.assess.evaluation import build_plan, evaluate, forward_scores
 from sinklens.core.qk import LAYOUTS
 from sinklens.report.views import attention_view
 
-from helpers import FAMILIES, LONG_ITEMS, MODEL_TYPE, build_family_checkpoint, hf_eager, write_items
+from helpers import FAMILIES, LONG_ITEMS, MODEL_TYPE, build_family_checkpoint, hf_eager, random_tokens, write_items
 
 TOL = 1e-5
 PROJECTIONS = ("q_proj", "qkv_proj", "c_attn", "query_key_value")  # the module that multiplies the attention input
@@ -38,10 +38,7 @@ def family(request, tmp_path_factory):
 
 
 def _tokens(n=3, length=14, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(3, 128, (n, length), generator=generator)
-    tokens[:, 0] = 1
-    return tokens
+    return random_tokens(n, length, seed)
 
 
 def _attention_inputs(reference, tokens):
