@@ -1,5 +1,5 @@
-"""Shared test helpers: tiny random checkpoints, the HF eager reference, item files, token and mask makers, the
-notebook executor and its CI parameters.
+"""Shared test helpers: tiny random checkpoints, the HF eager reference, item files, token and mask makers, small
+series notebooks, the notebook executor and the runner's CI parameters.
 
 Tests import these from here (``from helpers import ...``); tests/conftest.py holds only fixtures.
 """
