@@ -18,7 +18,7 @@ import torch
 
 import sinklens as sl
 
-from helpers import TINY_CONFIGS, build_tiny_checkpoint
+from helpers import TINY_CONFIGS, build_tiny_checkpoint, hf_eager
 
 # One thread for torch, here and in the notebook kernels (they inherit OMP_NUM_THREADS): the tiny models and small
 # batches of this suite run several times faster without OpenMP spin-waits on a busy 2-core machine.
@@ -39,15 +39,12 @@ def tiny(tiny_dir):
 
 @pytest.fixture(scope="session")
 def hf_reference_factory():
-    from transformers import AutoModelForCausalLM
-
     cache = {}
 
     def load(folder):
         key = str(folder)
         if key not in cache:
-            cache[key] = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32,
-                                                              attn_implementation="eager").eval().requires_grad_(False)
+            cache[key] = hf_eager(key)
         return cache[key]
     return load
 
@@ -62,3 +59,11 @@ def smollm():
     """The embedded SmolLM2-135M bridge, loaded once for the whole session."""
     return sl.load_model("smollm2-135m", device="cpu")
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses the embedded model through the ``smollm`` fixture (directly or through another fixture) is
+    an integration test: marked here from the fixture name, so that ``-m "not integration"`` leaves every one out."""
+    for item in items:
+        if "smollm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)

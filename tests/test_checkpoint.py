@@ -5,16 +5,10 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
 
 import sinklens as sl
 
-from helpers import random_tokens
-
-
-def reload(folder):
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager")
-    return model.eval().requires_grad_(False)
+from helpers import hf_eager, random_tokens
 
 
 def max_diff(a, b):
@@ -32,7 +26,7 @@ def test_exact_partial_group_is_saved_ungrouped_and_reloads_exactly(tiny, tmp_pa
         counts = handle.params_zeroed()
         assert torch.equal(tiny(tokens), pruned)  # saving changed nothing in the live model
     assert all(torch.equal(v, before[k]) for k, v in tiny.state_dict().items())
-    ref = reload(folder)
+    ref = hf_eager(folder)
     assert max_diff(ref(tokens).logits, pruned) <= 1e-5
     assert max_diff(ref(tokens).logits, tiny(tokens)) > 1e-3  # the checkpoint is not the dense model
     manifest = sl.read_manifest(folder)
@@ -101,7 +95,7 @@ def test_grouped_edits_and_head_removal_keep_the_layout(tiny, tmp_path):
     with sl.prune_qk(tiny, group, 4, dims="bos_top", tokens=tokens), sl.remove_heads(tiny, [(2, 0)]):
         pruned = tiny(tokens)
         folder = sl.save_pruned(tiny, tmp_path / "ck")
-    ref = reload(folder)
+    ref = hf_eager(folder)
     assert max_diff(ref(tokens).logits, pruned) <= 1e-5
     manifest = json.loads((folder / "sinklens_manifest.json").read_text())
     assert manifest["layout"] == "grouped" and ref.config.num_key_value_heads == info.n_kv_heads
@@ -137,7 +131,7 @@ def test_smollm_exact_checkpoint_parity(smollm, tmp_path):
         pruned = smollm(tokens.tokens)
         folder = sl.save_pruned(smollm, tmp_path / "smollm-pruned")
     assert handle.layout == "ungrouped"
-    ref = reload(folder)
+    ref = hf_eager(folder)
     with torch.no_grad():
         diff = max_diff(ref(tokens.tokens).logits, pruned)
     print(f"smollm save/reload max abs logit diff: {diff:.3g}")

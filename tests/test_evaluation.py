@@ -22,21 +22,12 @@ from sinklens.assess.evaluation import (
     retention,
 )
 
-TINY_ITEMS = [
-    {"id": "a", "task": "alpha", "context": "w5 w6 w7", "choices": [" w8", " w9 w10", " w11"], "gold": 0},
-    {"id": "b", "task": "alpha", "context": "w12 w13 ", "choices": [" w14 w15 w16", "w17"], "gold": 1},
-    {"id": "c", "task": "alpha", "context": "w20", "choices": [" w30", " w31", " w32 w33", " w34"], "gold": 2},
-    {"id": "d", "task": "beta", "context": "w40 w41 w42 w43 w44", "choices": [" w50 w51", " w52"], "gold": 1},
-    {"id": "e", "task": "beta", "context": "w60 w61", "choices": [" w62", " w63 w64 w65 w66", " w67"], "gold": 0},
-]
-
+from helpers import TINY_ITEMS, write_items
 
 
 @pytest.fixture
 def item_file(tmp_path):
-    path = tmp_path / "items.jsonl"
-    path.write_text("".join(json.dumps(item) + "\n" for item in TINY_ITEMS))
-    return path
+    return write_items(tmp_path, TINY_ITEMS)
 
 
 def _reference_logp(reference, ids: list[int]) -> torch.Tensor:

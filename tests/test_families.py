@@ -1,6 +1,6 @@
 """Every supported decoder family on a tiny random-init checkpoint, against plain transformers.
 
-For each family (tests/tiny_families.py): the census and massive activations equal HF eager
+For each family (tests/helpers.py FAMILIES): the census and massive activations equal HF eager
 ``output_attentions`` / ``output_hidden_states`` and the input the HF q/k projection actually receives;
 a pruned head's pattern equals that of the checkpoint written by ``save_pruned`` and reloaded with plain
 transformers, with sibling heads untouched; the layer-level reconstruction error equals the model-level
@@ -24,7 +24,7 @@ from sinklens.assess.evaluation import build_plan, evaluate, forward_scores
 from sinklens.core.qk import LAYOUTS
 from sinklens.report.views import attention_view
 
-from tiny_families import FAMILIES, MODEL_TYPE, build_family_checkpoint
+from helpers import FAMILIES, LONG_ITEMS, MODEL_TYPE, build_family_checkpoint, hf_eager, random_tokens, write_items
 
 TOL = 1e-5
 PROJECTIONS = ("q_proj", "qkv_proj", "c_attn", "query_key_value")  # the module that multiplies the attention input
@@ -37,17 +37,8 @@ def family(request, tmp_path_factory):
     return name, folder
 
 
-def _reference(folder):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager").eval()
-
-
 def _tokens(n=3, length=14, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(3, 128, (n, length), generator=generator)
-    tokens[:, 0] = 1
-    return tokens
+    return random_tokens(n, length, seed)
 
 
 def _attention_inputs(reference, tokens):
@@ -75,7 +66,7 @@ def test_census_and_massive_match_hf_eager(family):
     model = sl.load_model(str(folder), device="cpu")
     assert sl.model_info(model).model_type == MODEL_TYPE.get(name, name)
     tokens = _tokens()
-    out, inputs = _attention_inputs(_reference(folder), tokens)
+    out, inputs = _attention_inputs(hf_eager(folder), tokens)
     census = sl.run_census(model, tokens, show_progress=False)
     length = tokens.shape[1]
     n_queries = torch.arange(length, 0, -1, dtype=torch.float64)
@@ -118,7 +109,7 @@ def test_pruned_pattern_equals_reloaded_checkpoint(family, tmp_path):
         pruned = _patterns(model, tokens, layer)
         out = sl.save_pruned(model, tmp_path / f"case{i}")
         handle.restore()
-        reloaded = _reference(out)
+        reloaded = hf_eager(out)
         with torch.no_grad():
             reference = reloaded(tokens, output_attentions=True).attentions[layer]
         assert (pruned - reference).abs().max() <= TOL, (name, kwargs)
@@ -164,26 +155,16 @@ def test_unsupported_model_type_lists_the_supported_ones(tmp_path):
         sl.load_model(str(tmp_path))  # refused from config.json alone: there are no weights to read
 
 
-# contexts and choices long enough that a block-packed choice crosses Gemma 2's sliding window (6)
-EVAL_ITEMS = [
-    {"id": f"i{i}", "task": "t" + str(i % 2), "context": " ".join(f"w{5 + 7 * i + j}" for j in range(3 + i)),
-     "choices": [f" w{60 + i}", f" w{70 + i} w{71 + i} w{72 + i}", f" w{90 + i} w{3 + i}"], "gold": i % 3}
-    for i in range(5)
-]
-
-
 @pytest.fixture(scope="module")
 def item_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("items") / "items.jsonl"
-    path.write_text("".join(json.dumps(item) + "\n" for item in EVAL_ITEMS))
-    return path
+    return write_items(tmp_path_factory.mktemp("items"), LONG_ITEMS)
 
 
 def test_evaluate_scores_equal_plain_hf_forward(family, item_file):
     """Every target of every batch against a plain HF eager forward of the tokens its query may see."""
     name, folder = family
     model = sl.load_model(str(folder), device="cpu")
-    reference = _reference(folder)
+    reference = hf_eager(folder)
     plan = build_plan(model, "default", items=item_file, n_lm_prompts=2, lm_seq_len=12, n_copy=2, copy_len=6)
     n_layers = sl.model_info(model).n_layers
     seen_logp: dict[tuple[int, ...], torch.Tensor] = {}
@@ -209,7 +190,7 @@ def test_evaluate_scores_equal_plain_hf_forward(family, item_file):
     assert n_checked > 60
     # evaluate's per-item log-likelihoods: the gold choice's nll against the same reference
     table = evaluate(model, "mc", items=item_file, show_progress=False).per_item.set_index("item")
-    for item in EVAL_ITEMS:
+    for item in LONG_ITEMS:
         ctx = model.tokenizer(item["context"], add_special_tokens=False)["input_ids"]
         gold = model.tokenizer(item["choices"][item["gold"]], add_special_tokens=False)["input_ids"]
         with torch.no_grad():
@@ -223,7 +204,7 @@ def test_attention_view_and_specialization_table(family):
     model = sl.load_model(str(folder), device="cpu")
     tokens = _tokens(4, 10, seed=4)
     with torch.no_grad():
-        attentions = _reference(folder)(tokens, output_attentions=True).attentions
+        attentions = hf_eager(folder)(tokens, output_attentions=True).attentions
     view = attention_view(model, tokens[0], layer=1, heads=[0, 2])
     assert view.token_ids == tokens[0].tolist()
     assert (view.pattern - attentions[1][0, [0, 2]]).abs().max() <= TOL

@@ -1,6 +1,6 @@
 """The notebook series (`python -m sinklens run --ci`) on two tiny non-Llama families: GPT-2 and Qwen2 (GQA).
 
-Each run executes every notebook of the series on a random-init checkpoint folder of tests/tiny_families.py
+Each run executes every notebook of the series on a random-init checkpoint folder of tests/helpers.py
 (about 100 s per family on 2 busy CPU cores). The probe's eps and q are lowered so that a random model has
 sink-specialized heads, and the k grid stays within the tiny width (48).
 """
@@ -17,7 +17,7 @@ import pytest
 
 from sinklens.series import runner
 
-from tiny_families import build_family_checkpoint
+from helpers import build_family_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 # random weights: a low sink bar; the tiny width (48) and context (96) bound the k grid and 06's lengths

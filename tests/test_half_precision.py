@@ -10,9 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import sinklens as sl
+
+from helpers import hf_eager
 
 N_PROMPTS, SEQ_LEN = 32, 64
 
@@ -85,7 +86,7 @@ def test_bf16_pruned_model_saved_and_reloaded(measured, smollm_bf16, tmp_path):
         expected = smollm_bf16(tokens)
         sl.save_pruned(smollm_bf16, tmp_path)
         dims = handle.dims
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    reloaded = hf_eager(tmp_path, dtype="auto")  # in the dtype it was saved in
     assert reloaded.dtype == torch.bfloat16
     dh = sl.model_info(smollm_bf16).d_head
     for (layer, head), keep in dims.items():

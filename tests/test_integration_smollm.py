@@ -8,15 +8,14 @@ import torch
 import sinklens as sl
 from sinklens.core.embedded import embedded_checkpoint
 
+from helpers import hf_eager
+
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def smollm_eager():
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(embedded_checkpoint("smollm2-135m"), dtype=torch.float32,
-                                                attn_implementation="eager").eval().requires_grad_(False)
+    return hf_eager(embedded_checkpoint("smollm2-135m"))
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,16 @@ import pandas as pd
 import pytest
 
 import sinklens as sl
-from sinklens.series.runner import CI_PARAMS
 
-from helpers import execute_notebook
+from helpers import ci_params, execute_notebook
 
 pytestmark = [pytest.mark.notebook, pytest.mark.integration]
 
 
 def test_notebook_06_long_context(tmp_path, smollm):
     out = tmp_path / "nb06"
-    ci = {name: CI_PARAMS[name] for name in ("lengths", "detail_length")}
+    ci = ci_params("06_long_context.ipynb")  # the runner's --ci parameters
+    shortest, longest = min(ci["lengths"]), max(ci["lengths"])
     execute_notebook("06_long_context.ipynb", out, **ci)
     summary = json.loads((out / "long_context.json").read_text())
     head = summary["headline"]
@@ -26,13 +26,13 @@ def test_notebook_06_long_context(tmp_path, smollm):
     assert len(sweep) == len(ci["lengths"]) * info["n_layers"] * info["n_heads"]
     assert sweep[[f"alpha_{k}" for k in range(4)]].sum(1).between(0, 1 + 1e-5).all()
     # the sweep's shortest length equals a direct census of the same prompt
-    direct = sl.run_census(smollm, sl.probe_tokens(smollm, 1, 64), engine="sdpa", show_progress=False)
-    got = sweep[sweep["length"] == 64].sort_values(["layer", "head"])["alpha_0"].to_numpy()
+    direct = sl.run_census(smollm, sl.probe_tokens(smollm, 1, shortest), engine="sdpa", show_progress=False)
+    got = sweep[sweep["length"] == shortest].sort_values(["layer", "head"])["alpha_0"].to_numpy()
     assert abs(got - direct.sink_scores(0).flatten().numpy()).max() <= 1e-5
     rates = pd.read_csv(out / "tables" / "sink_rate_by_length.csv")
     overall = rates[rates["layer"] == -1].set_index("length")["sink_rate"]
-    assert head["sink_rate_pct_shortest"] == pytest.approx(overall[64], abs=0.01)
-    assert head["sink_rate_pct_longest"] == pytest.approx(overall[256], abs=0.01)
+    assert head["sink_rate_pct_shortest"] == pytest.approx(overall[shortest], abs=0.01)
+    assert head["sink_rate_pct_longest"] == pytest.approx(overall[longest], abs=0.01)
     assert head["n_sink_heads_at_shortest"] > 0 and 0 < head["sink_heads_alpha0_shortest"] <= 1
     non_first = pd.read_csv(out / "tables" / "long_context_non_first_sinks.csv")
     carriers = pd.read_csv(out / "tables" / "massive_tokens.csv")

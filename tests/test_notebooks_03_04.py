@@ -7,11 +7,13 @@ import nbformat
 import pandas as pd
 import pytest
 
-from helpers import execute_notebook
+from helpers import ci_params, execute_notebook
 
 pytestmark = [pytest.mark.notebook, pytest.mark.integration]
 
-CI = dict(n_prompts=4, seq_len=32, batch_size=4)
+# the runner's --ci parameters; 03 overrides k (below)
+PARAMS_03 = ci_params("03_topk_pruning.ipynb", k=8)  # not the default 10: the k passed is the k used
+PARAMS_04 = ci_params("04_reconstruction_error.ipynb")
 
 
 def outputs_text(path):
@@ -23,16 +25,16 @@ def outputs_text(path):
 
 def test_notebook_03_topk_pruning(tmp_path):
     out = tmp_path / "nb03"
-    executed = execute_notebook("03_topk_pruning.ipynb", out, k=8, **CI)
+    executed = execute_notebook("03_topk_pruning.ipynb", out, **PARAMS_03)
     assert "sink-specialized heads" in outputs_text(executed)
     summary = json.loads((out / "topk_pruning.json").read_text())
     layer, heads = summary["layer"], [tuple(h) for h in summary["heads"]]
     assert heads and all(l == layer for l, _ in heads) and summary["n_sink_heads"] >= len(heads)
     record = summary["pruning"]
-    assert record["k"] == 8 and record["policy"] == "bos_top" and record["basis"] == "normalized"
+    assert record["k"] == PARAMS_03["k"] and record["policy"] == "bos_top" and record["basis"] == "normalized"
     assert record["gqa"] == "exact" and record["params_zeroed"]["total"] > 0
     kept = pd.read_csv(out / "tables" / "kept_dims.csv")
-    assert len(kept) == 8 * len(heads)
+    assert len(kept) == PARAMS_03["k"] * len(heads)
     assert all(sorted(part["dim"]) == record["dims"][f"{l}.{h}"] for (l, h), part in kept.groupby(["layer", "head"]))
     errors = pd.read_csv(out / "tables" / "reconstruction_error.csv")
     assert sorted(zip(errors["layer"], errors["head"])) == sorted(heads)
@@ -53,30 +55,33 @@ def test_notebook_03_topk_pruning(tmp_path):
 
 def test_notebook_04_reconstruction_error(tmp_path):
     out = tmp_path / "nb04"
-    execute_notebook("04_reconstruction_error.ipynb", out, k=10, ks=[1, 10, 50], seeds=[0, 1], model_prompts=2, **CI)
+    execute_notebook("04_reconstruction_error.ipynb", out, **PARAMS_04)
+    k, ks, seeds = PARAMS_04["k"], PARAMS_04["ks"], PARAMS_04["seeds"]
     summary = json.loads((out / "reconstruction_error.json").read_text())
     n_heads = summary["n_sink_heads"]
     assert n_heads > 0 and len(summary["sink_heads"]) == n_heads
     sweep = pd.read_csv(out / "tables" / "k_sweep.csv")
     assert set(sweep["policy"]) == {"bos_top", "random", "weight_norm", "whole_head"}
-    assert sorted(sweep["k"].unique()) == [1, 10, 50]
+    assert sorted(sweep["k"].unique()) == sorted(ks) and k in ks
     sizes = sweep.groupby("policy").size()
-    assert sizes["random"] == 2 * 3 * n_heads and sizes["bos_top"] == 3 * n_heads
+    assert sizes["random"] == len(seeds) * len(ks) * n_heads and sizes["bos_top"] == len(ks) * n_heads
     whole = sweep[sweep["policy"] == "whole_head"]
     assert (whole["out_rel"].round(6) == 1).all() and whole["frob_rel"].isna().all()
     # BOS dims: more kept dims, less error; and far less than random dims at the same k
     med = sweep[sweep["policy"] != "whole_head"].groupby(["policy", "k"])["frob_rel"].median().unstack()
-    assert med.loc["bos_top", 50] < med.loc["bos_top", 1] and med.loc["bos_top", 50] < med.loc["random", 50]
+    bos_top, random = med.loc["bos_top"], med.loc["random"]
+    assert bos_top[max(ks)] < bos_top[min(ks)] and bos_top[max(ks)] < random[max(ks)]
     quantiles = pd.read_csv(out / "tables" / "frob_rel_quantiles_at_k.csv")
-    bos = sweep[(sweep["policy"] == "bos_top") & (sweep["k"] == 10)]["frob_rel"]
+    bos = sweep[(sweep["policy"] == "bos_top") & (sweep["k"] == k)]["frob_rel"]
     assert quantiles.set_index("policy").loc["bos_top", "q50"] == pytest.approx(bos.median())
     smallest = pd.read_csv(out / "tables" / "smallest_k.csv")
     assert len(smallest) == 4 * 2 and set(smallest["threshold"]) == {0.2, 0.1}
     every = pd.read_csv(out / "tables" / "all_heads_at_k.csv")
     model = summary["model"]
-    assert len(every) == model["n_layers"] * model["n_heads"] and (every["k"] == 10).all()
+    assert len(every) == model["n_layers"] * model["n_heads"] and (every["k"] == k).all()
     level = pd.read_csv(out / "tables" / "model_level_at_k.csv")
-    assert set(level["level"]) == {"model"} and (level["next_kl"] >= 0).all() and level["n_prompts"].eq(2).all()
+    assert set(level["level"]) == {"model"} and (level["next_kl"] >= 0).all()
+    assert level["n_prompts"].eq(PARAMS_04["model_prompts"]).all()
     assert 0 < summary["params_zeroed_all_sink_heads_at_k"]["share"] < 1
     head = summary["headline"]
     assert head["frob_rel_median_at_k"]["bos_top"] == pytest.approx(bos.median())

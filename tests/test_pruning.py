@@ -5,12 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import sinklens as sl
 from sinklens.core.hooks import pattern_hook
 
-from helpers import padded_mask, random_tokens
+from helpers import hf_eager, padded_mask, random_tokens
 
 # --- an independent implementation (numpy, float64, from the HF weights) ------------------------
 
@@ -191,8 +190,7 @@ def test_mha_weight_edit_equals_exact(tiny, tiny_dir):
     info = sl.model_info(tiny)
     if info.group_size != 1:
         pytest.skip("MHA only")
-    ref = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32, attn_implementation="eager").eval()
-    ref.requires_grad_(False)
+    ref = hf_eager(tiny_dir)
     tokens = random_tokens(2, 12)
     heads = [(0, 1), (2, 3)]
     dh = info.d_head
@@ -250,8 +248,7 @@ def test_q_only_leaves_k_alone(tiny, hf_reference):
 
 def test_remove_heads_zeroes_head_output(tiny, tiny_dir):
     info = sl.model_info(tiny)
-    ref = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32, attn_implementation="eager").eval()
-    ref.requires_grad_(False)
+    ref = hf_eager(tiny_dir)
     tokens = random_tokens(2, 10)
     saved = state_copy(tiny)
     dh = info.d_head

@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import sinklens as sl
 from sinklens.assess import reconstruction
 
-from helpers import padded_mask, random_tokens
+from helpers import hf_eager, padded_mask, random_tokens
 
 METRICS = ["alpha0", "frob_rel", "kl", "d_alpha0", "out_rel"]
 
@@ -20,8 +20,7 @@ METRICS = ["alpha0", "frob_rel", "kl", "d_alpha0", "out_rel"]
 
 def hf_model(folder, ungroup=False):
     """A fresh HF eager model on the tiny weights; ``ungroup`` repeats k/v rows per query head (exact GQA copies)."""
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager").eval()
-    model.requires_grad_(False)
+    model = hf_eager(folder)
     if not ungroup or model.config.num_key_value_heads == model.config.num_attention_heads:
         return model
     config = AutoConfig.from_pretrained(str(folder))

@@ -15,12 +15,13 @@ import plotly.graph_objects as go
 import pytest
 import torch
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-from test_runner import _write_notebook
 
 from sinklens.__main__ import main
 from sinklens.core.errors import InputError
 from sinklens.report.views import AttentionView, views_page
 from sinklens.series import RunFolder, findings, headline, outputs, pngs, report, runner, wording
+
+from helpers import write_notebook as _write_notebook
 
 README = """# project
 

@@ -8,22 +8,14 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from nbformat.v4 import new_code_cell, new_notebook
 
 from sinklens.__main__ import main
 from sinklens.series import RunFolder, runner
 
+from helpers import write_notebook as _write_notebook
+
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
-
-
-def _write_notebook(path, parameters, body):
-    params = new_code_cell(parameters)
-    params.metadata["tags"] = ["parameters"]
-    check = new_code_cell("import json, os\nfrom sinklens.series import check_params\nP = check_params(globals())")
-    nb = new_notebook(cells=[params, check, new_code_cell(body)],
-                      metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
-    nbformat.write(nb, str(path))
 
 
 @pytest.fixture

@@ -18,27 +18,16 @@ import sinklens as sl
 from sinklens.assess.evaluation import build_plan, plan_fingerprint
 from sinklens.assess.sweep import SCHEMA, Sweep
 
-from helpers import build_tiny_checkpoint
+from helpers import build_tiny_checkpoint, mc_items, write_items
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-ITEMS = [
-    {"id": f"i{i}", "task": "t" + str(i % 2), "context": f"w{5 + i} w{6 + i} w{7 + i}",
-     "choices": [f" w{20 + i}", f" w{40 + i} w{41 + i}", f" w{60 + i}"], "gold": i % 3}
-    for i in range(6)
-]
+ITEMS = mc_items(6)
 # (method, layers, split): every single layer, every pair, all three, and head removal
 CONFIGS = ([("qk", (l,), "all") for l in range(3)] + [("qk", p, "all") for p in ((0, 1), (0, 2), (1, 2))]
            + [("qk", (0, 1, 2), "all")] + [("remove", (l,), "all") for l in range(3)])
 # atol on summed log-likelihoods (float32 forward); top-1 hits and acc must be identical
 ATOL = 1e-5
 
-
-
-def write_items(folder) -> str:
-    path = os.path.join(str(folder), "items.jsonl")
-    with open(path, "w") as fh:
-        fh.write("".join(json.dumps(item) + "\n" for item in ITEMS))
-    return path
 
 
 def make_sweep(model, items: str, results=None, **kwargs) -> Sweep:
@@ -67,7 +56,7 @@ def assert_items_close(got: pd.DataFrame, expected: pd.DataFrame) -> None:
 
 
 def test_prefix_reuse_equals_full_forward(tiny, tmp_path):
-    sweep = make_sweep(tiny, write_items(tmp_path))
+    sweep = make_sweep(tiny, write_items(tmp_path, ITEMS))
     for method, layers, split in CONFIGS:
         record = sweep.evaluate(method, layers, split)
         assert_items_close(record.result.per_item, full_forward(tiny, sweep, method, layers))
@@ -78,7 +67,7 @@ def test_prefix_reuse_equals_full_forward(tiny, tmp_path):
 
 
 def test_greedy_extension_starts_at_new_layer(tiny, tmp_path):
-    sweep = make_sweep(tiny, write_items(tmp_path))
+    sweep = make_sweep(tiny, write_items(tmp_path, ITEMS))
     sweep.evaluate("qk", (0,), "all", keep_prefix=True)
     record = sweep.evaluate("qk", (0, 2), "all")
     extra = json.loads(sweep.file.conn.execute("SELECT extra FROM results WHERE key = ?", (record.key,)).fetchone()[0])
@@ -87,7 +76,7 @@ def test_greedy_extension_starts_at_new_layer(tiny, tmp_path):
 
 
 def test_forward_equivalents_of_a_single_layer_sweep(tiny, tmp_path):
-    sweep = make_sweep(tiny, write_items(tmp_path))
+    sweep = make_sweep(tiny, write_items(tmp_path, ITEMS))
     n = sl.model_info(tiny).n_layers
     sweep.run([("qk", (l,), "all") for l in range(n)])
     expected = (1 + sum((n - l) / n for l in range(n))) / n  # one dense pass, then layers l..n-1
@@ -96,7 +85,7 @@ def test_forward_equivalents_of_a_single_layer_sweep(tiny, tmp_path):
 
 def test_rerun_skips_finished_configurations(tiny, tmp_path):
     path = tmp_path / "sweep.sqlite"
-    items = write_items(tmp_path)
+    items = write_items(tmp_path, ITEMS)
     first = make_sweep(tiny, items, results=path)
     done = first.run(CONFIGS[:4])
     first.close()
@@ -111,7 +100,7 @@ def test_rerun_skips_finished_configurations(tiny, tmp_path):
 
 def test_spec_round_trips_through_the_results_file(tiny, tmp_path):
     path = tmp_path / "sweep.sqlite"
-    items = write_items(tmp_path)
+    items = write_items(tmp_path, ITEMS)
     first = make_sweep(tiny, items, results=path)
     record = first.evaluate("qk", (0, 2), "all")
     assert record.spec == sl.PruneSpec([(0, 0), (0, 1), (2, 0), (2, 1)], 4)
@@ -148,7 +137,7 @@ def fitted_sweep(model, items: str, variant=FITTED[0], tokens=None, results=None
 
 @pytest.mark.parametrize("variant", FITTED, ids="/".join)
 def test_fitted_sweep_equals_an_independent_evaluation(tiny, tmp_path, variant):
-    items = write_items(tmp_path)
+    items = write_items(tmp_path, ITEMS)
     sweep = fitted_sweep(tiny, items, variant)
     calibration = sweep.tokens
     assert isinstance(calibration, sl.CalibrationSet)
@@ -169,7 +158,7 @@ def test_fitted_sweep_equals_an_independent_evaluation(tiny, tmp_path, variant):
 
 
 def test_fitted_keys_follow_the_calibration_set_and_the_variant(tiny, tmp_path):
-    items = write_items(tmp_path)
+    items = write_items(tmp_path, ITEMS)
     prompts = sl.probe_tokens(tiny, 4, 16, split="probe")
     first = fitted_sweep(tiny, items, tokens=sl.CalibrationSet(tiny, prompts))
     assert first.settings["calibration"] == {"fingerprint": first.tokens.fingerprint,
@@ -183,7 +172,7 @@ def test_fitted_keys_follow_the_calibration_set_and_the_variant(tiny, tmp_path):
 
 
 def test_resumed_fitted_sweep_reuses_its_rows(tiny, tmp_path):
-    items, path = write_items(tmp_path), tmp_path / "fitted.sqlite"
+    items, path = write_items(tmp_path, ITEMS), tmp_path / "fitted.sqlite"
     configs = [("qk", (0,), "all"), ("qk", (1, 2), "all")]
     first = fitted_sweep(tiny, items, results=path)
     done = first.run(configs)
@@ -200,7 +189,7 @@ def test_resumed_fitted_sweep_reuses_its_rows(tiny, tmp_path):
 
 
 def test_plain_bos_top_settings_and_keys_are_unchanged(tiny, tmp_path):
-    sweep = make_sweep(tiny, write_items(tmp_path))
+    sweep = make_sweep(tiny, write_items(tmp_path, ITEMS))
     assert set(sweep.settings) == {"spec", "dims", "heads"}  # no calibration entry: older results files stay valid
     # the key of a plain bos_top configuration, built as before fitted variants existed
     n = sl.model_info(tiny).n_layers
@@ -256,7 +245,7 @@ CHILD = textwrap.dedent("""
 def test_sigkill_mid_sweep_resumes_without_lost_or_duplicated_rows(tmp_path):
     folder = build_tiny_checkpoint(tmp_path / "gqa", 6, 2)  # one model: this test runs a subprocess
     tiny = sl.load_model(str(folder), device="cpu")
-    items, path = write_items(tmp_path), tmp_path / "killed.sqlite"
+    items, path = write_items(tmp_path, ITEMS), tmp_path / "killed.sqlite"
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=TESTS))
     child = subprocess.Popen([sys.executable, str(script), str(folder), items, str(path)], stdout=subprocess.PIPE,
@@ -285,7 +274,7 @@ def test_sigkill_mid_sweep_resumes_without_lost_or_duplicated_rows(tmp_path):
 
 def test_refuses_results_of_another_model(tiny, tmp_path):
     path = tmp_path / "sweep.sqlite"
-    items = write_items(tmp_path)
+    items = write_items(tmp_path, ITEMS)
     make_sweep(tiny, items, results=path).run(CONFIGS[:1])
     other = sl.load_model(str(build_tiny_checkpoint(tmp_path / "other", 4, 4, seed=7)), device="cpu")
     with pytest.raises(sl.InputError, match="written with model .*fingerprint.*fresh=True"):
@@ -296,7 +285,7 @@ def test_refuses_results_of_another_model(tiny, tmp_path):
 
 def test_refuses_results_of_another_sinklens_version(tiny, tmp_path, monkeypatch):
     path = tmp_path / "sweep.sqlite"
-    items = write_items(tmp_path)
+    items = write_items(tmp_path, ITEMS)
     make_sweep(tiny, items, results=path).close()
     monkeypatch.setattr("sinklens.assess.sweep.__version__", "999.0")
     with pytest.raises(sl.InputError, match="sinklens version.*delete the file"):
@@ -307,7 +296,7 @@ def test_refuses_a_file_that_is_not_a_results_file(tiny, tmp_path):
     path = tmp_path / "junk.sqlite"
     path.write_text("not a database" * 100)
     with pytest.raises(sl.InputError, match="not a sinklens results file"):
-        make_sweep(tiny, write_items(tmp_path), results=path)
+        make_sweep(tiny, write_items(tmp_path, ITEMS), results=path)
 
 
 @pytest.mark.parametrize("config, fragment", [
@@ -317,7 +306,7 @@ def test_refuses_a_file_that_is_not_a_results_file(tiny, tmp_path):
     (("qk", (0,), "test"), "Unknown split"),
 ])
 def test_bad_configurations(tiny, tmp_path, config, fragment):
-    sweep = make_sweep(tiny, write_items(tmp_path))
+    sweep = make_sweep(tiny, write_items(tmp_path, ITEMS))
     with pytest.raises(sl.InputError, match=fragment):
         sweep.run([config])
 
