@@ -81,7 +81,7 @@ def test_notebook_07_beyond_bos_dims(tmp_path):
     for _, row in selection.iterrows():
         assert row["variant"] == "/".join(row[VARIANT])
         if not row["meets"]:
-            assert row["layers"] == "none meets it" and row["n_heads"] == 0 and row["params_zeroed"] == 0
+            assert row["layers"] is None and row["n_heads"] == 0 and row["params_zeroed"] == 0
             continue
         layers = {int(x) for x in row["layers"].split(",")}
         in_layers = [(l, h) for l, h in sink_heads if l in layers]  # every sink head of the chosen layers

@@ -17,7 +17,7 @@ from typing import Any
 from ..core.errors import InputError
 from ..core.loading import EMBEDDED_MODELS
 from .findings import findings
-from .outputs import Summary, attribute_outputs, read_manifest, run_summaries
+from .outputs import Summary, attribute_outputs, read_run_manifest, run_summaries
 from .wording import label
 
 HEADLINE_START = "<!-- headline:start -->"
@@ -110,7 +110,7 @@ def summaries_of(run_dir: str | os.PathLike, manifest: dict | None = None) -> li
     """
     run_dir = Path(run_dir)
     return run_summaries(run_dir, *attribute_outputs(run_dir, manifest if manifest is not None
-                                                      else read_manifest(run_dir)))
+                                                      else read_run_manifest(run_dir)))
 
 
 def headline_markdown(run_dir: str | os.PathLike, manifest: dict | None = None) -> str:
@@ -121,7 +121,7 @@ def headline_markdown(run_dir: str | os.PathLike, manifest: dict | None = None) 
         manifest: its manifest (read from the folder when None).
     """
     run_dir = Path(run_dir)
-    manifest = manifest if manifest is not None else read_manifest(run_dir)
+    manifest = manifest if manifest is not None else read_run_manifest(run_dir)
     name = Path(manifest.get("run_dir") or run_dir).name
     command = " ".join(["python -m sinklens", *map(str, manifest.get("argv") or ["run"])])
     lines = [f"Run `{name}`: `{command}`, model `{manifest.get('model')}`, {provenance(manifest)}, "

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..assess.selection import REMOVAL, STRATEGIES
+from ..assess.selection import HEAD_REMOVAL_CHOICES, STRATEGIES
 from ..core.errors import InputError
 from ..core.validate import as_int, check_choice, check_fraction
 from ..measure.massive import BASES
@@ -108,7 +108,7 @@ VALUE_CHECKS: dict[str, Callable[[str, Any], None]] = {
     **dict.fromkeys(["seeds", "model_seeds"], _ints_at_least(0)),
     "basis": _choice(BASES),
     "gqa": _choice(GQA_POLICIES),
-    "removal": _choice(REMOVAL),
+    "head_removal": _choice(HEAD_REMOVAL_CHOICES),
     **dict.fromkeys(["strategies", "selection_strategy"], _choices(STRATEGIES)),
     "items_file": _existing_file_or_empty,
 }
