@@ -57,9 +57,9 @@ def test_saved_tables_are_consistent(run_dir):
     table = pd.read_csv(run_dir / "tables" / "configurations.csv", dtype={"layers": str})
     assert {"single_layer", "single_layer_rank", "greedy", "exhaustive", "random", "removal"} <= set(table["strategy"])
     summary = json.loads((run_dir / "layer_selection.json").read_text())
-    confirmed = table[(table["split"] == "heldout") & (table["method"] == "qk")]
+    confirmed = table[(table["split"] == "held_out") & (table["method"] == "qk")]
     meeting = confirmed[confirmed["retention"] >= TARGET]
-    removal_rows = table[(table["split"] == "heldout") & (table["method"] == "remove")].astype({"layers": str})
+    removal_rows = table[(table["split"] == "held_out") & (table["method"] == "remove")].astype({"layers": str})
     if meeting.empty:
         assert summary["best"] is None
     else:  # the best configuration is recomputed from the saved table

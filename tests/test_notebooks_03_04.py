@@ -33,7 +33,8 @@ def test_notebook_03_topk_pruning(tmp_path):
     assert record["gqa"] == "exact" and record["params_zeroed"]["total"] > 0
     kept = pd.read_csv(out / "tables" / "kept_dims.csv")
     assert len(kept) == 8 * len(heads)
-    assert all(sorted(part["dim"]) == record["dims"][f"{l}.{h}"] for (l, h), part in kept.groupby(["layer", "head"]))
+    kept_dims = {(d["layer"], d["head"]): d["dims"] for d in record["dims"]}
+    assert all(sorted(part["dim"]) == kept_dims[(l, h)] for (l, h), part in kept.groupby(["layer", "head"]))
     errors = pd.read_csv(out / "tables" / "reconstruction_error.csv")
     assert sorted(zip(errors["layer"], errors["head"])) == sorted(heads)
     assert errors["frob_rel"].between(0, 2).all() and (errors["kl"] >= 0).all()

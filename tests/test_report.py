@@ -357,7 +357,7 @@ SUMMARIES = {  # the shapes notebooks 01-05 write, with made-up numbers; 06 is a
         "k": 10, "n_sink_heads": 140,
         "frob_rel_median_at_k": {"bos_top": 0.4888, "random": 0.9206, "weight_norm": 0.9184},
         "smallest_k_median_below_0.2": {"bos_top": 500, "random": 576, "weight_norm": 500},
-        "d_loss_at_k": {"bos_top": 0.6309, "random": 1.736, "weight_norm": 1.596, "whole_head": 4.079}}},
+        "d_loss_at_k": {"bos_top": 0.6309, "random": 1.736, "weight_norm": 1.596, "head_removal": 4.079}}},
     "layer_selection.json": {"settings": {"k": 10}, "headline": {
         "metric": "acc/mean", "target_retention": 0.91, "n_sink_heads": 140, "n_configurations": 124,
         "best_layers": "15,16,22", "best_n_heads": 57, "best_params_zeroed": 4129536, "best_retention": 0.9217,

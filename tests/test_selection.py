@@ -74,7 +74,7 @@ def test_greedy_adds_the_best_calibration_candidate(setup):
         assert {_layers(r["layers"]) for r in rows} == {tuple(sorted(chosen | {l})) for l in sel.settings["candidates"]
                                                         if l not in chosen}
         best = min(rows, key=_sort_key)
-        confirmed = greedy[(greedy["step"] == step) & (greedy["split"] == "heldout")]
+        confirmed = greedy[(greedy["step"] == step) & (greedy["split"] == "held_out")]
         assert list(confirmed["layers"]) == [best["layers"]]
         chosen = set(_layers(best["layers"]))
 
@@ -87,7 +87,7 @@ def test_exhaustive_confirms_the_best_subset_of_each_size(setup):
         rows = ex[(ex["step"] == size) & (ex["split"] == "calibration")].to_dict("records")
         assert sorted(_layers(r["layers"]) for r in rows) == sorted(tuple(sorted(c)) for c in
                                                                   itertools.combinations(pool, size))
-        confirmed = ex[(ex["step"] == size) & (ex["split"] == "heldout")]
+        confirmed = ex[(ex["step"] == size) & (ex["split"] == "held_out")]
         assert list(confirmed["layers"]) == [min(rows, key=_sort_key)["layers"]]
 
 
@@ -113,10 +113,10 @@ def test_table_numbers_match_an_independent_evaluation(setup):
     model, kwargs, sel = setup
     row = sel.confirmed().sort_values("n_heads").iloc[-1]
     heads = [(l, h) for l, h in sel.heads if l in _layers(row["layers"])]
-    eval_kwargs = dict(kwargs["eval_kwargs"], split="heldout", show_progress=False)
+    eval_kwargs = dict(kwargs["eval_kwargs"], split="held_out", show_progress=False)
     dense = evaluate(model, **eval_kwargs)
     probe = sl.probe_tokens(model, PROBE["n_prompts"], PROBE["seq_len"])
-    with sl.prune_qk(model, heads, K, dims="bos_top", tokens=probe) as handle:  # dims measured again here
+    with sl.prune_qk(model, heads, K, dims="bos_top", calibration=probe) as handle:  # dims measured again here
         pruned = evaluate(model, **eval_kwargs)
         zeroed = handle.params_zeroed()["total"]
     assert row["params_zeroed"] == zeroed
@@ -141,7 +141,7 @@ def test_frontier_best_and_summaries(setup):
         assert best["retention"] >= TARGET and best["n_heads"] == meeting["n_heads"].max()
     largest = sel.largest_meeting([TARGET])
     assert set(largest["strategy"]) == set(confirmed["strategy"])
-    assert set(sel.dense_table()["metric"]) == set(sel.dense["heldout"])
+    assert set(sel.dense_table()["metric"]) == set(sel.dense["held_out"])
 
 
 def test_rerun_reuses_every_configuration(setup):
@@ -218,14 +218,14 @@ def test_a_fitted_variant_selects_with_its_own_pruning(setup, tmp_path):
     calibration = sl.CalibrationSet(model, probe)  # the probe prompts, the census's: the same fingerprint
     assert sel.settings["calibration_tokens"] == calibration.describe()
     heads = [(l, h) for l, h in sel.heads if l in sel.settings["candidates"]]
-    kept = sl.select_dims(model, spec.replace(heads=heads), tokens=calibration)
+    kept = sl.select_dims(model, spec.replace(heads=heads), calibration=calibration)
     assert sel.dims == {f"{l}.{h}": kept[(l, h)].tolist() for l, h in heads}
     # every confirmed row is the variant's pruning of its layers' heads, evaluated independently
     row = sel.confirmed().sort_values("n_heads").iloc[-1]
     pruned_heads = [(l, h) for l, h in heads if l in _layers(row["layers"])]
-    eval_kwargs = dict(kwargs["eval_kwargs"], split="heldout", show_progress=False)
+    eval_kwargs = dict(kwargs["eval_kwargs"], split="held_out", show_progress=False)
     dense = evaluate(model, **eval_kwargs)
-    with sl.prune_qk(model, spec.replace(heads=pruned_heads), tokens=calibration) as handle:
+    with sl.prune_qk(model, spec.replace(heads=pruned_heads), calibration=calibration) as handle:
         pruned = evaluate(model, **eval_kwargs)
         assert row["params_zeroed"] == handle.params_zeroed()["total"]
     assert row["retention"] == pytest.approx(retention_value(dense, pruned, sel.metric), abs=1e-6)

@@ -228,7 +228,7 @@ class PruneSpec:
                           '"temperature") or temperature=False (was "none").', DeprecationWarning, stacklevel=3)
             set_("temperature", old_temperature(calibration, "PruneSpec"))
         heads = self.heads
-        template = isinstance(heads, (tuple, list)) and len(heads) == 0
+        template = isinstance(heads, tuple) and len(heads) == 0  # PruneSpec.template; a list [] is refused
         set_("heads", () if template else tuple(head_pairs(heads)))
         set_("k", check_int("k", self.k, meaning="input dims kept per head"))
         if self.k < 1:
@@ -310,7 +310,7 @@ class PruneSpec:
         extra = dict(basis=basis, gqa=gqa, seed=seed, force=force, fill=fill, temperature=temperature,
                      objective=objective, pool=pool)
         if isinstance(dims, str):
-            return cls(heads, k, dims, **extra)
+            return cls(head_pairs(heads), k, dims, **extra)
         pairs = head_pairs(heads)
         if isinstance(dims, Mapping):
             given = {}

@@ -148,7 +148,8 @@ def attention_view(model, prompt: str | Tensor | TokenBatch, heads: Sequence[tup
     else:
         if layer is not None:
             raise InputError("Pass heads= or layer=, not both: heads are (layer, head) pairs and name their layer.")
-        pairs = check_heads(heads, info)
+        check_heads(heads, info)
+        pairs = [(int(l), int(h)) for l, h in heads]  # in the caller's order
         layers = sorted({l for l, _ in pairs})
         if len(layers) != 1:
             raise InputError(f"An attention view shows one layer, but heads span layers {layers}: make one view per "
