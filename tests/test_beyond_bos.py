@@ -234,7 +234,8 @@ def test_bad_input_is_refused_clearly(tiny, case):
     calls = {
         "mean_no_tokens": (lambda: sl.apply_pruning(tiny, heads, K, dims="random", fill="mean"), "calibration="),
         "optimized_no_tokens": (lambda: sl.apply_pruning(tiny, heads, K, dims="optimized"), "calibration="),
-        "no_bos": (lambda: sl.apply_pruning(tiny, heads, K, dims="act_weight", calibration=random_tokens(3, 10, bos=False)),
+        "no_bos": (lambda: sl.apply_pruning(tiny, heads, K, dims="act_weight",
+                                            calibration=random_tokens(3, 10, bos=False)),
                    "BOS"),
         "massive_for_mean": (lambda: sl.reconstruction_error(
             tiny, cal, heads, K, fill="mean", calibration=sl.massive_activations(tiny, cal, show_progress=False)),

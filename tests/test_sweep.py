@@ -46,8 +46,8 @@ def make_sweep(model, items: str, results=None, **kwargs) -> Sweep:
     plan = build_plan(model, "default", items=items, n_lm_prompts=2, lm_seq_len=12, n_copy=2, copy_len=6)
     massive = sl.massive_activations(model, sl.probe_tokens(model, 4, 16), show_progress=False)
     heads = [(layer, h) for layer in range(sl.model_info(model).n_layers) for h in (0, 1)]
-    return Sweep(model, {"all": plan}, sl.PruneSpec(heads, 4), calibration=massive, results=results, show_progress=False,
-                 **kwargs)
+    return Sweep(model, {"all": plan}, sl.PruneSpec(heads, 4), calibration=massive, results=results,
+                 show_progress=False, **kwargs)
 
 
 def full_forward(model, sweep: Sweep, method: str, layers) -> pd.DataFrame:
@@ -121,7 +121,7 @@ def test_spec_round_trips_through_the_results_file(tiny, tmp_path):
     assert again.cached and again.spec == record.spec
     (config,) = second.file.conn.execute("SELECT config FROM results WHERE key = ?", (again.key,)).fetchone()
     assert sl.PruneSpec.from_dict(json.loads(config)["spec"]) == record.spec
-    with sl.prune_qk(tiny, again.spec, calibration=second.calibration) as handle:  # the stored spec prunes the same dims
+    with sl.prune_qk(tiny, again.spec, calibration=second.calibration) as handle:  # the stored spec: the same dims
         assert handle.params_zeroed() == again.params
     # another spec is another configuration: nothing is reused
     other = Sweep(tiny, second.plans, second.spec.replace(k=5), calibration=second.calibration, results=path,

@@ -226,8 +226,8 @@ def reconstruction_error(model, tokens, heads: Sequence[Head] | PruneSpec, k: in
         show_progress: show a progress bar.
         dims_tokens: deprecated spelling of ``calibration``.
     """
-    calibration = calibration_argument(calibration, where="reconstruction_error", dims_tokens=dims_tokens)
     calibration, temperature = temperature_argument(calibration, temperature, where="reconstruction_error")
+    calibration = calibration_argument(calibration, where="reconstruction_error", dims_tokens=dims_tokens)
     spec = as_spec(heads, k, dims, basis=basis, gqa=gqa, seed=seed, force=force, fill=fill, temperature=temperature,
                    objective=objective, pool=pool)
     info, batch, heads = _prepare(model, tokens, attention_mask, spec.heads)

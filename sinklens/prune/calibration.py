@@ -320,8 +320,8 @@ def resolve_calibration(model, specs: PruneSpec | Sequence[PruneSpec], calibrati
 def calibration_argument(calibration=None, *, where: str, **old) -> object:
     """The ``calibration=`` value of a call that may still use a former keyword (``tokens=``, ``dims_tokens=``,
     ``calibration_tokens=``): the old keyword's value with a DeprecationWarning naming ``calibration=``, refused
-    when both are given. A ``calibration="none"|"temperature"`` string (the former temperature option) is left to
-    :func:`temperature_argument`.
+    when both are given. Callers with a temperature read a ``calibration="none"|"temperature"`` string (the former
+    temperature option) with :func:`temperature_argument` first.
 
     Args:
         calibration: the value passed as ``calibration=``.
@@ -332,7 +332,7 @@ def calibration_argument(calibration=None, *, where: str, **old) -> object:
     if not given:
         return calibration
     name, value = next(iter(given.items()))
-    if calibration is not None and not isinstance(calibration, str):
+    if calibration is not None:
         raise InputError(f"{where}: both {name}= and calibration= were given; they are the same input (the "
                          f"calibration prompts). Pass calibration= only ({name}= is its deprecated spelling).")
     warnings.warn(f"{where}({name}=...) is deprecated: use calibration=... (the same calibration prompts, the same "

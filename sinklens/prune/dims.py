@@ -74,8 +74,8 @@ def select_dims(model, heads: Sequence[Head] | PruneSpec, k: int | None = None, 
         attention_mask: 0/1 mask of real tokens when ``calibration`` is ids.
         tokens: deprecated spelling of ``calibration``.
     """
-    calibration = calibration_argument(calibration, where="select_dims", tokens=tokens)
     calibration, temperature = temperature_argument(calibration, temperature, where="select_dims")
+    calibration = calibration_argument(calibration, where="select_dims", tokens=tokens)
     spec = as_spec(heads, k, dims, basis=basis, gqa=gqa, seed=seed, force=force, fill=fill, temperature=temperature,
                    objective=objective, pool=pool)
     spec.check(model_info(model))

@@ -190,8 +190,8 @@ def plan_pruning(model, heads: Sequence[Head] | PruneSpec, k: int | None = None,
         tokens: deprecated spelling of ``calibration``.
     """
     check_editable(model)
-    calibration = calibration_argument(calibration, where="plan_pruning", tokens=tokens)
     calibration, temperature = temperature_argument(calibration, temperature, where="plan_pruning")
+    calibration = calibration_argument(calibration, where="plan_pruning", tokens=tokens)
     spec = as_spec(heads, k, dims, basis=basis, gqa=gqa, seed=seed, force=force, fill=fill, temperature=temperature,
                    objective=objective, pool=pool)
     info = model_info(model)
@@ -488,6 +488,7 @@ def apply_pruning(model, heads: Sequence[Head] | PruneSpec | PruningPlan, k: int
             :func:`plan_pruning`.
         tokens: deprecated spelling of ``calibration``.
     """
+    calibration, temperature = temperature_argument(calibration, temperature, where="apply_pruning")
     calibration = calibration_argument(calibration, where="apply_pruning", tokens=tokens)
     if isinstance(heads, PruningPlan):
         given = {name for name, value in dict(k=k, dims=dims, calibration=calibration, basis=basis, gqa=gqa,
@@ -497,7 +498,6 @@ def apply_pruning(model, heads: Sequence[Head] | PruneSpec | PruningPlan, k: int
         if given:
             raise InputError(f"A PruningPlan is complete: pass it alone, without {sorted(given)}.")
         return PruneHandle(model, heads)
-    calibration, temperature = temperature_argument(calibration, temperature, where="apply_pruning")
     plan = plan_pruning(model, heads, k, dims, calibration=calibration, basis=basis, gqa=gqa, seed=seed, force=force,
                         fill=fill, temperature=temperature, objective=objective, pool=pool,
                         attention_mask=attention_mask)
@@ -521,8 +521,8 @@ def prune_qk(model, heads: Sequence[Head] | PruneSpec | PruningPlan, k: int | No
             attention_mask: as in :func:`apply_pruning`.
         tokens: deprecated spelling of ``calibration``.
     """
-    calibration = calibration_argument(calibration, where="prune_qk", tokens=tokens)
     calibration, temperature = temperature_argument(calibration, temperature, where="prune_qk")
+    calibration = calibration_argument(calibration, where="prune_qk", tokens=tokens)
     handle = apply_pruning(model, heads, k, dims, calibration=calibration, basis=basis, gqa=gqa, seed=seed,
                            force=force, fill=fill, temperature=temperature, objective=objective, pool=pool,
                            attention_mask=attention_mask)
