@@ -18,8 +18,8 @@ ITEMS = [
      "choices": [f" w{20 + i}", f" w{40 + i} w{41 + i}", f" w{60 + i}"], "gold": i % 3}
     for i in range(8)
 ]
-FIGURES = ["single_layer_retention", "retention_by_n_layers", "pareto_frontier", "removal_comparison"]
-TABLES = ["configurations", "dense", "frontier", "largest_meeting", "removal_comparison"]
+FIGURES = ["single_layer_retention", "retention_by_n_layers", "pareto_frontier", "head_removal_comparison"]
+TABLES = ["configurations", "dense", "frontier", "largest_meeting", "head_removal_comparison"]
 TARGET = 0.9
 
 
@@ -54,12 +54,16 @@ def test_outputs_exist_offline_and_notebook_ran_clean(run_dir):
 
 
 def test_saved_tables_are_consistent(run_dir):
-    table = pd.read_csv(run_dir / "tables" / "configurations.csv", dtype={"layers": str})
-    assert {"single_layer", "single_layer_rank", "greedy", "exhaustive", "random", "removal"} <= set(table["strategy"])
+    table = pd.read_csv(run_dir / "tables" / "configurations.csv",
+                        converters={"layers": json.loads, "heads": json.loads})
+    table["layers"] = table["layers"].map(tuple)  # layer sets are lists of ints ([1, 3]), heads [layer, head] lists
+    assert {"single_layer", "single_layer_rank", "greedy", "exhaustive", "random", "head_removal"} <= set(
+        table["strategy"])
+    assert all(isinstance(h, list) and len(h) == 2 for heads in table["heads"] for h in heads)
     summary = json.loads((run_dir / "layer_selection.json").read_text())
     confirmed = table[(table["split"] == "held_out") & (table["method"] == "qk")]
     meeting = confirmed[confirmed["retention"] >= TARGET]
-    removal_rows = table[(table["split"] == "held_out") & (table["method"] == "remove")].astype({"layers": str})
+    removal_rows = table[(table["split"] == "held_out") & (table["method"] == "head_removal")]
     if meeting.empty:
         assert summary["best"] is None
     else:  # the best configuration is recomputed from the saved table
@@ -67,16 +71,18 @@ def test_saved_tables_are_consistent(run_dir):
         assert summary["best"]["retention"] >= TARGET
         head = summary["headline"]
         assert head["best_retention"] == summary["best"]["retention"]
-        assert head["best_layers"] == str(summary["best"]["layers"])
-        same = removal_rows[removal_rows["layers"] == head["best_layers"]]["retention"]
-        assert head["removal_retention_same_heads"] == (pytest.approx(same.iloc[0]) if len(same) else None)
+        assert head["best_layers"] == ",".join(map(str, summary["best"]["layers"]))
+        same = removal_rows[removal_rows["layers"] == tuple(summary["best"]["layers"])]["retention"]
+        assert head["head_removal_retention_same_heads"] == (pytest.approx(same.iloc[0]) if len(same) else None)
     assert summary["parameters"]["k"] == 4 and summary["settings"]["k"] == 4
     assert len(summary["heads"]) == table[table["strategy"] == "single_layer"]["n_heads"].sum()
     frontier = pd.read_csv(run_dir / "tables" / "frontier.csv")
     assert frontier["n_heads"].is_monotonic_increasing and frontier["retention"].is_monotonic_decreasing
     dense = pd.read_csv(run_dir / "tables" / "dense.csv")
     assert {"acc/mean", "lm/ppl", "copy/acc", "mc/acc"} <= set(dense["metric"])
-    removal = pd.read_csv(run_dir / "tables" / "removal_comparison.csv", dtype={"layers": str})
-    largest = pd.read_csv(run_dir / "tables" / "largest_meeting.csv", dtype={"layers": str})
-    meeting_sets = set(largest.loc[(largest["n_layers"] > 0) & (largest["target"] == TARGET), "layers"])
-    assert meeting_sets <= set(removal["layers"]) <= set(confirmed["layers"]) and len(removal) > 0
+    removal = pd.read_csv(run_dir / "tables" / "head_removal_comparison.csv", converters={"layers": json.loads})
+    largest = pd.read_csv(run_dir / "tables" / "largest_meeting.csv")
+    meeting = largest.loc[(largest["n_layers"] > 0) & (largest["target"] == TARGET), "layers"]
+    meeting_sets = {tuple(json.loads(v)) for v in meeting}
+    removal_sets = {tuple(v) for v in removal["layers"]}
+    assert meeting_sets <= removal_sets <= set(confirmed["layers"]) and len(removal) > 0

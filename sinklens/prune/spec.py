@@ -24,6 +24,7 @@ fills in the heads of each configuration.
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import InitVar, dataclass
@@ -409,23 +410,30 @@ def parse_head(text: str) -> Head:
 
 
 def parse_layers(value) -> list[int]:
-    """A layer set as a list of ints: a list as written now, or the ``"1,3"`` string of older results.
+    """A layer set as a list of ints: a list as written now (or its JSON text, ``"[1, 3]"``, as a CSV holds it), or
+    the ``"1,3"`` string of older results.
 
     Args:
-        value: a list of ints, or a comma-separated string.
+        value: a list of ints, its JSON text, or a comma-separated string.
     """
+    if isinstance(value, str) and value.strip().startswith("["):
+        value = json.loads(value)
     if isinstance(value, str):
         return [int(part) for part in value.split(",") if part.strip()]
+    if isinstance(value, (int, float)):  # a one-layer set read from a CSV column of numbers
+        return [int(value)]
     return [int(v) for v in value]
 
 
 def parse_heads(value) -> list[Head]:
-    """Heads as ``(layer, head)`` pairs: ``[[l, h], ...]`` as written now, or the ``"l.h l.h"`` string of older
-    results.
+    """Heads as ``(layer, head)`` pairs: ``[[l, h], ...]`` as written now (or its JSON text), or the ``"l.h l.h"``
+    string of older results.
 
     Args:
-        value: a list of pairs, or a space-separated string of ``layer.head``.
+        value: a list of pairs, its JSON text, or a space-separated string of ``layer.head``.
     """
+    if isinstance(value, str) and value.strip().startswith("["):
+        value = json.loads(value)
     if isinstance(value, str):
         return [parse_head(part) for part in value.split()]
     return [(int(l), int(h)) for l, h in value]
