@@ -242,8 +242,9 @@ def test_layer_selection_on_a_non_llama_family(tmp_path, item_file):
     model = sl.load_model(str(folder), device="cpu")
     heads = [(0, 1), (1, 0), (1, 2), (2, 3)]
     eval_kwargs = dict(items=str(item_file), n_lm_prompts=2, lm_seq_len=12, n_copy=2, copy_len=6)
-    sel = sl.layer_selection(model, k=4, target_retention=0.5, strategy=["single_layer_rank", "greedy"], heads=heads,
-                             n_prompts=4, seq_len=16, eval_kwargs=eval_kwargs, n_boot=20,
+    sel = sl.layer_selection(model, sl.PruneSpec.template(4), target_retention=0.5, heads=heads, n_prompts=4,
+                             seq_len=16, evaluation=sl.EvalOptions(**eval_kwargs),
+                             search=sl.SearchOptions(strategy=["single_layer_rank", "greedy"]), n_boot=20,
                              results=tmp_path / "sweep.sqlite", show_progress=False)
     with sqlite3.connect(tmp_path / "sweep.sqlite") as conn:
         starts = [json.loads(extra)["start_layer"] for (extra,) in
@@ -254,7 +255,7 @@ def test_layer_selection_on_a_non_llama_family(tmp_path, item_file):
     dense = evaluate(model, **eval_kwargs, split="held_out", show_progress=False)
     checked = 0
     for row in sel.confirmed().to_dict("records"):
-        layers = tuple(int(x) for x in row["layers"].split(","))
+        layers = tuple(row["layers"])
         chosen = [(l, h) for l, h in heads if l in layers]
         with sl.prune_qk(model, chosen, 4, dims="bos_top", calibration=probe):
             pruned = evaluate(model, **eval_kwargs, split="held_out", show_progress=False)
