@@ -59,14 +59,14 @@ def test_notebook_04_reconstruction_error(tmp_path):
     n_heads = summary["n_sink_heads"]
     assert n_heads > 0 and len(summary["sink_heads"]) == n_heads
     sweep = pd.read_csv(out / "tables" / "k_sweep.csv")
-    assert set(sweep["policy"]) == {"bos_top", "random", "weight_norm", "whole_head"}
+    assert set(sweep["policy"]) == {"bos_top", "random", "weight_norm", "head_removal"}
     assert sorted(sweep["k"].unique()) == [1, 10, 50]
     sizes = sweep.groupby("policy").size()
     assert sizes["random"] == 2 * 3 * n_heads and sizes["bos_top"] == 3 * n_heads
-    whole = sweep[sweep["policy"] == "whole_head"]
+    whole = sweep[sweep["policy"] == "head_removal"]
     assert (whole["out_rel"].round(6) == 1).all() and whole["frob_rel"].isna().all()
     # BOS dims: more kept dims, less error; and far less than random dims at the same k
-    med = sweep[sweep["policy"] != "whole_head"].groupby(["policy", "k"])["frob_rel"].median().unstack()
+    med = sweep[sweep["policy"] != "head_removal"].groupby(["policy", "k"])["frob_rel"].median().unstack()
     assert med.loc["bos_top", 50] < med.loc["bos_top", 1] and med.loc["bos_top", 50] < med.loc["random", 50]
     quantiles = pd.read_csv(out / "tables" / "frob_rel_quantiles_at_k.csv")
     bos = sweep[(sweep["policy"] == "bos_top") & (sweep["k"] == 10)]["frob_rel"]

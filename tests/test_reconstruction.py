@@ -241,7 +241,7 @@ def test_plots_from_sweeps(tiny):
     medians = {t.name: list(t.y) for t in by_dims.data if t.name.endswith("(median)")}
     assert set(medians) == {f"{p} (median)" for p in ("bos_top", "random", "weight_norm", "head_removal")}
     assert medians["bos_top (median)"] == list(sweep[sweep["policy"] == "bos_top"].groupby("k")["out_rel"].median())
-    assert "whole_head (median)" not in {t.name for t in plots.error_vs_k(sweep, "frob_rel").data}
+    assert "head_removal (median)" not in {t.name for t in plots.error_vs_k(sweep, "frob_rel").data}
     by_layer = plots.error_vs_k(sweep, "frob_rel", group="layer")
     assert len(by_layer.data) == 3 * 2  # three policies with pattern errors, two layers each
     assert len(plots.error_vs_k(sweep, "frob_rel", group="head", policies="bos_top").data) == 3
