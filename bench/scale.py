@@ -127,12 +127,12 @@ def main(argv=None) -> dict:
     layer = info.n_layers // 2
     heads = [(layer, h) for h in range(info.n_heads)]
     with meter.step(f"select_dims bos_top k=10, layer {layer}"):
-        sl.select_dims(model, heads, k=10, dims="bos_top", tokens=probe)
+        sl.select_dims(model, heads, k=10, dims="bos_top", calibration=probe)
     with meter.step(f"prune_qk all {info.n_heads} heads of layer {layer}, k=10", "apply + restore"):
-        with sl.prune_qk(model, heads, k=10, dims="bos_top", tokens=stats):
+        with sl.prune_qk(model, heads, k=10, dims="bos_top", calibration=stats):
             pass
     with meter.step(f"reconstruction_error k=10, {len(heads)} heads", f"model level, {short}"):
-        sl.reconstruction_error(model, probe, heads, k=10, dims_tokens=stats, batch_size=CENSUS_BATCH,
+        sl.reconstruction_error(model, probe, heads, k=10, calibration=stats, batch_size=CENSUS_BATCH,
                                 show_progress=False)
     with meter.step(f"evaluate(limit={args.eval_limit})"):
         sl.evaluate(model, limit=args.eval_limit, show_progress=False)

@@ -46,14 +46,14 @@ def main() -> int:
         by_layer.setdefault(layer, []).append(head)
     layers = sorted(by_layer)
     massive = sl.massive_activations(model, probe, layers=layers, show_progress=False)
-    plan = build_plan(model, "default", limit=args.limit, split="heldout", n_lm_prompts=args.limit, lm_seq_len=64,
+    plan = build_plan(model, "default", limit=args.limit, split="held_out", n_lm_prompts=args.limit, lm_seq_len=64,
                       n_copy=args.limit)
     print(f"model {args.model}: {info.n_layers} layers, {len(heads)} sink-specialized heads in layers {layers}; "
           f"plan {plan.n_tokens} tokens; {torch.get_num_threads()} threads")
 
-    sweep = Sweep(model, {"heldout": plan}, sl.PruneSpec(heads, args.k), tokens=massive, show_progress=False)
+    sweep = Sweep(model, {"held_out": plan}, sl.PruneSpec(heads, args.k), calibration=massive, show_progress=False)
     start = time.perf_counter()
-    records = sweep.run([("qk", (layer,), "heldout") for layer in layers])
+    records = sweep.run([("qk", (layer,), "held_out") for layer in layers])
     cached_time = time.perf_counter() - start
     cost = sweep.cost()
 
@@ -63,7 +63,7 @@ def main() -> int:
     for layer in checked:
         record = records[layers.index(layer)]
         begin = time.perf_counter()
-        with sl.prune_qk(model, sweep.heads_of((layer,)), args.k, dims="bos_top", tokens=massive):
+        with sl.prune_qk(model, sweep.heads_of((layer,)), args.k, dims="bos_top", calibration=massive):
             full = plan.run(model).per_item
         naive_times.append(time.perf_counter() - begin)
         got = record.result.per_item

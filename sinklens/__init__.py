@@ -42,7 +42,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
                                        "reconstruction_headline", "smallest_k"),
     "sinklens.assess.evaluation": ("EvalResult", "evaluate", "retention"),
     "sinklens.assess.lm_eval_bridge": ("evaluate_lm_eval",),
-    "sinklens.assess.selection": ("LayerSelection", "layer_selection"),
+    "sinklens.assess.selection": ("EvalOptions", "LayerSelection", "SearchOptions", "layer_selection"),
 }
 # modules reached as attributes (sl.plots.census, sl.views): the figure helpers and views notebooks call
 _MODULES: dict[str, str] = {

@@ -64,7 +64,7 @@ def test_mean_fill_equals_hand_edited_hf_model(tiny, tiny_dir, hf_reference):
             proj.weight.data[rows, torch.as_tensor(drop)] = 0
 
     expected = edited_copy(tiny_dir, edit)(ev).logits
-    with sl.prune_qk(tiny, heads, K, dims=dims, fill="mean", tokens=cal) as handle:
+    with sl.prune_qk(tiny, heads, K, dims=dims, fill="mean", calibration=cal) as handle:
         got = tiny(ev)
         assert set(handle.plan.k_bias) == {(layer, 0)} and not handle.plan.k_copies
     assert float((got - expected).abs().max()) <= 1e-5
@@ -86,7 +86,7 @@ def test_mean_fill_q_only_and_restore(tiny, tiny_dir, hf_reference):
         q.weight.data[rows, torch.as_tensor(drop)] = 0
 
     dense = tiny(ev)
-    with sl.prune_qk(tiny, [(layer, head)], K, dims=dims, fill="mean", gqa="q_only", tokens=cal):
+    with sl.prune_qk(tiny, [(layer, head)], K, dims=dims, fill="mean", gqa="q_only", calibration=cal):
         assert float((tiny(ev) - edited_copy(tiny_dir, edit)(ev).logits).abs().max()) <= 1e-5
     assert torch.equal(tiny(ev), dense)  # hooks removed, weights restored bitwise
 
@@ -96,18 +96,18 @@ def test_fill_and_temperature_checkpoint_reloads_exactly(tiny, tmp_path, gqa):
     info = sl.model_info(tiny)
     cal, ev = random_tokens(5, 16, seed=7), random_tokens(3, 16, seed=8)
     heads = [(0, 0), (1, info.n_heads - 1), (2, 1)]  # partial groups under GQA: private K copies (ungrouped)
-    with sl.prune_qk(tiny, heads, K, dims="act_weight", fill="mean", calibration="temperature", gqa=gqa, force=True,
-                     tokens=cal) as handle:
+    with sl.prune_qk(tiny, heads, K, dims="act_weight", fill="mean", temperature=True, gqa=gqa, force=True,
+                     calibration=cal) as handle:
         pruned = tiny(ev)
         folder = sl.save_pruned(tiny, tmp_path / "ck")
-        record = handle.record()
+        record = handle.as_dict()
     ref = hf_eager(folder)
     assert ref.config.attention_bias is True
     assert float((ref(ev).logits - pruned).abs().max()) <= 1e-5
     manifest = sl.read_manifest(folder)
     (edit,) = manifest["edits"]
-    assert edit["fill"] == "mean" and edit["calibration"] == "temperature" and edit["policy"] == "act_weight"
-    assert set(edit["q_scale"]) == {f"{l}.{h}" for l, h in heads} and record["calibration_tokens"]["n_prompts"] == 5
+    assert edit["fill"] == "mean" and edit["temperature"] is True and edit["policy"] == "act_weight"
+    assert {(s["layer"], s["head"]) for s in edit["q_scale"]} == set(heads) and record["calibration"]["n_prompts"] == 5
     assert sl.PruneSpec.from_dict(edit) == handle.plan.spec
     # biases elsewhere are zero: v_proj and o_proj everywhere
     state = ref.state_dict()
@@ -120,7 +120,7 @@ def test_act_weight_dims_are_the_wanda_scores(tiny, hf_reference):
     info = sl.model_info(tiny)
     cal = random_tokens(4, 16, seed=9)
     heads = [(1, 0), (2, info.n_heads - 1)]
-    got = sl.select_dims(tiny, heads, K, dims="act_weight", tokens=cal)
+    got = sl.select_dims(tiny, heads, K, dims="act_weight", calibration=cal)
     for layer, head in heads:
         x = attention_inputs(hf_reference, cal, layer)
         norm = np.sqrt((x ** 2).reshape(-1, x.shape[-1]).sum(0))  # every real token, BOS included
@@ -139,11 +139,11 @@ def test_optimized_is_greedy_on_the_calibration_error(tiny):
     head, pool = (1, 1), 12
     calibration = sl.CalibrationSet(tiny, cal)
     spec = sl.PruneSpec([head], 3, "optimized", pool=pool, gqa="q_only")
-    ranking = sl.select_dims(tiny, spec, tokens=calibration)[head]
+    ranking = sl.select_dims(tiny, spec, calibration=calibration)[head]
     (key,) = calibration.rankings
     order = list(calibration.rankings[key])
     assert sorted(order) == ranking.tolist()
-    candidates = sl.select_dims(tiny, [head], pool, dims="act_weight", tokens=calibration)[head].tolist()
+    candidates = sl.select_dims(tiny, [head], pool, dims="act_weight", calibration=calibration)[head].tolist()
     for step in range(3):
         errors = {}
         for d in candidates:
@@ -155,9 +155,9 @@ def test_optimized_is_greedy_on_the_calibration_error(tiny):
         assert errors[order[step]] == pytest.approx(min(errors.values()), abs=1e-6)
     # a smaller k reuses the prefix (no new search); a larger one extends it
     cost = dict(calibration.search_cost[key])
-    assert sl.select_dims(tiny, spec.replace(k=2), tokens=calibration)[head].tolist() == sorted(order[:2])
+    assert sl.select_dims(tiny, spec.replace(k=2), calibration=calibration)[head].tolist() == sorted(order[:2])
     assert calibration.search_cost[key] == cost
-    sl.select_dims(tiny, spec.replace(k=4), tokens=calibration)
+    sl.select_dims(tiny, spec.replace(k=4), calibration=calibration)
     assert len(calibration.rankings[key]) == 4 and calibration.rankings[key][:3] == order
     assert calibration.search_cost[key]["candidates"] > cost["candidates"]
 
@@ -169,7 +169,7 @@ def test_temperature_minimises_the_kl(tiny, tiny_dir, hf_reference):
     cal = random_tokens(4, 14, seed=11)
     layer, head = 1, 0
     dims = [2, 4, 9, 17, 25, 33]
-    plan = sl.plan_pruning(tiny, [(layer, head)], K, dims=dims, gqa="q_only", calibration="temperature", tokens=cal)
+    plan = sl.plan_pruning(tiny, [(layer, head)], K, dims=dims, gqa="q_only", temperature=True, calibration=cal)
     scale = plan.q_scale[(layer, head)]
     assert scale != 1.0
     rows = slice(head * info.d_head, (head + 1) * info.d_head)
@@ -197,50 +197,51 @@ def test_layer_level_equals_the_pruned_model_for_every_option(tiny):
     heads = [(1, h) for h in range(info.n_heads)][:3]
     for gqa in ("exact", "shared", "q_only"):
         frame = sl.k_sweep(tiny, ev, heads, ks=[4, 8], policies=["act_weight", "optimized"], fills=["zero", "mean"],
-                           calibrations=["none", "temperature"], gqa=gqa, force=True, pool=16, dims_tokens=cal,
+                           temperatures=[False, True], gqa=gqa, force=True, pool=16, calibration=cal,
                            show_progress=False)
         assert len(frame) == 2 * 2 * 2 * 2 * len(heads) and set(frame["fit"]) == {"held_out"}
         model = sl.k_sweep(tiny, ev, heads, ks=[4], policies=["optimized"], fills=["mean"],
-                           calibrations=["temperature"], gqa=gqa, force=True, pool=16, dims_tokens=cal, level="model",
+                           temperatures=[True], gqa=gqa, force=True, pool=16, calibration=cal, level="model",
                            show_progress=False)
         layer = frame[(frame["k"] == 4) & (frame["policy"] == "optimized") & (frame["fill"] == "mean")
-                      & (frame["calibration"] == "temperature")]
+                      & (frame["temperature"] == True)]  # noqa: E712 (a column of bools)
         assert np.allclose(layer["frob_rel"].to_numpy(), model["frob_rel"].to_numpy(), atol=1e-5)
 
 
 def test_records_say_what_was_fitted_on_what(tiny):
     cal, ev = random_tokens(4, 12, seed=14), random_tokens(2, 12, seed=15)
     heads = [(1, 0)]
-    held = sl.reconstruction_error(tiny, ev, heads, K, dims="optimized", fill="mean", dims_tokens=cal, level="layer",
+    held = sl.reconstruction_error(tiny, ev, heads, K, dims="optimized", fill="mean", calibration=cal, level="layer",
                                    show_progress=False)
     same = sl.reconstruction_error(tiny, ev, heads, K, dims="act_weight", level="layer", show_progress=False)
     control = sl.reconstruction_error(tiny, ev, heads, K, dims="random", level="layer", show_progress=False)
     row = held.iloc[0]
-    assert (row["policy"], row["fill"], row["calibration"], row["fit"]) == ("optimized", "mean", "none", "held_out")
+    assert (row["policy"], row["fill"], row["temperature"], row["fit"]) == ("optimized", "mean", False, "held_out")
     assert same["fit"].iloc[0] == "in_sample" and control["fit"].iloc[0] is None
-    spec = sl.PruneSpec(heads, K, "optimized", fill="mean", calibration="temperature", objective="kl", pool=20)
+    spec = sl.PruneSpec(heads, K, "optimized", fill="mean", temperature=True, objective="kl", pool=20)
     assert sl.PruneSpec.from_dict(spec.as_dict()) == spec
     assert sl.PruneSpec(heads, K, "act_weight", objective="kl", pool=3).objective is None  # ignored fields normalized
 
 
 @pytest.mark.parametrize("case", ["mean_no_tokens", "optimized_no_tokens", "no_bos", "massive_for_mean",
-                                  "unknown_fill", "unknown_calibration", "unknown_policy", "k_over_pool",
+                                  "unknown_fill", "unknown_temperature", "unknown_policy", "k_over_pool",
                                   "sweep_k_over_pool"])
 def test_bad_input_is_refused_clearly(tiny, case):
     cal = random_tokens(3, 10, seed=16)
     heads = [(1, 0)]
     dense = {k: v.clone() for k, v in tiny.state_dict().items()}
     calls = {
-        "mean_no_tokens": (lambda: sl.apply_pruning(tiny, heads, K, dims="random", fill="mean"), "tokens="),
-        "optimized_no_tokens": (lambda: sl.apply_pruning(tiny, heads, K, dims="optimized"), "tokens="),
-        "no_bos": (lambda: sl.apply_pruning(tiny, heads, K, dims="act_weight", tokens=random_tokens(3, 10, bos=False)),
+        "mean_no_tokens": (lambda: sl.apply_pruning(tiny, heads, K, dims="random", fill="mean"), "calibration="),
+        "optimized_no_tokens": (lambda: sl.apply_pruning(tiny, heads, K, dims="optimized"), "calibration="),
+        "no_bos": (lambda: sl.apply_pruning(tiny, heads, K, dims="act_weight",
+                                            calibration=random_tokens(3, 10, bos=False)),
                    "BOS"),
         "massive_for_mean": (lambda: sl.reconstruction_error(
-            tiny, cal, heads, K, fill="mean", dims_tokens=sl.massive_activations(tiny, cal, show_progress=False)),
-            "dims_tokens="),
+            tiny, cal, heads, K, fill="mean", calibration=sl.massive_activations(tiny, cal, show_progress=False)),
+            "calibration="),
         "unknown_fill": (lambda: sl.PruneSpec(heads, K, fill="median"), "fill"),
-        "unknown_calibration": (lambda: sl.PruneSpec(heads, K, calibration="platt"), "calibration"),
-        "unknown_policy": (lambda: sl.select_dims(tiny, heads, K, dims="wanda", tokens=cal), "wanda"),
+        "unknown_temperature": (lambda: sl.PruneSpec(heads, K, temperature="platt"), "temperature"),
+        "unknown_policy": (lambda: sl.select_dims(tiny, heads, K, dims="wanda", calibration=cal), "wanda"),
         "k_over_pool": (lambda: sl.PruneSpec(heads, 30, "optimized", pool=20), "pool"),
         "sweep_k_over_pool": (lambda: sl.k_sweep(tiny, cal, heads, ks=[K, 40], policies=["optimized"], pool=32,
                                                  show_progress=False), "pool"),
@@ -256,71 +257,72 @@ def test_bad_input_is_refused_clearly(tiny, case):
 
 def synthetic_sweep() -> pd.DataFrame:
     """A k_sweep-shaped frame: three heads per variant and k with known errors, and whole-head rows (no fill)."""
-    medians = {("bos_top", "zero", "none"): 0.5, ("bos_top", "mean", "none"): 0.3,
-               ("act_weight", "zero", "none"): 0.3, ("act_weight", "mean", "temperature"): 0.2}
+    medians = {("bos_top", "zero", False): 0.5, ("bos_top", "mean", False): 0.3,
+               ("act_weight", "zero", False): 0.3, ("act_weight", "mean", True): 0.2}
     rows = []
-    for (policy, fill, calibration), median in medians.items():
+    for (policy, fill, temperature), median in medians.items():
         for k in (5, 10):
             shift = 0.4 if (k == 10 and policy == "bos_top" and fill == "mean") else 0.0  # best at 10: another one
             for offset in (-0.1, 0.0, 0.2):
                 value = median - shift + offset if k == 10 else median + offset
-                rows.append({"policy": policy, "fill": fill, "calibration": calibration, "k": k, "frob_rel": value,
+                rows.append({"policy": policy, "fill": fill, "temperature": temperature, "k": k, "frob_rel": value,
                              "kl": 2 * value})
-    rows += [{"policy": "whole_head", "fill": None, "calibration": None, "k": k, "frob_rel": 0.0, "kl": 0.0}
+    rows += [{"policy": "head_removal", "fill": None, "temperature": None, "k": k, "frob_rel": 0.0, "kl": 0.0}
              for k in (5, 10)]
     return pd.DataFrame(rows)
 
 
 def test_best_variant_is_the_lowest_median_at_k():
     table = beyond_bos.variant_table(synthetic_sweep(), [5, 10])
-    assert beyond_bos.best_variant(table, 5) == {"policy": "act_weight", "fill": "mean", "calibration": "temperature"}
-    assert beyond_bos.best_variant(table, 10) == {"policy": "bos_top", "fill": "mean", "calibration": "none"}
+    assert beyond_bos.best_variant(table, 5) == {"policy": "act_weight", "fill": "mean", "temperature": True}
+    assert beyond_bos.best_variant(table, 10) == {"policy": "bos_top", "fill": "mean", "temperature": False}
     label = beyond_bos.variant_label(beyond_bos.best_variant(table, 5))
     assert label == "act_weight/mean/temperature" == beyond_bos.beyond_bos_headline(table, 5)["best_variant"]
     tied = table[~((table["policy"] == "act_weight") & (table["fill"] == "mean"))]  # two variants at 0.3 at k=5
-    assert beyond_bos.best_variant(tied, 5) == {"policy": "act_weight", "fill": "zero", "calibration": "none"}
+    assert beyond_bos.best_variant(tied, 5) == {"policy": "act_weight", "fill": "zero", "temperature": False}
     assert beyond_bos.variant_label(beyond_bos.best_variant(tied, 5)) == beyond_bos.beyond_bos_headline(tied, 5)[
         "best_variant"]  # ties broken the same way as the headline
     with pytest.raises(sl.InputError, match="no median frob_rel at k=20"):
         beyond_bos.best_variant(table, 20)
 
 
-def fake_selection(rows, policy="bos_top", fill="zero", calibration="none"):
+def fake_selection(rows, policy="bos_top", fill="zero", temperature=False):
     """A LayerSelection holding only the given table rows (strategy, split, method, layers, n_heads, retention)."""
     table = pd.DataFrame([{"strategy": strategy, "split": split, "method": method, "layers": layers,
-                           "n_layers": len(layers.split(",")), "n_heads": n_heads,
-                           "heads": " ".join(f"{l}.0" for l in layers.split(",")), "params_zeroed": 100 * n_heads,
+                           "n_layers": len(layers), "n_heads": n_heads,
+                           "heads": [[l, 0] for l in layers], "params_zeroed": 100 * n_heads,
                            "params_share": n_heads / 1000, "retention": retention, "ci_low": retention - 0.05,
                            "ci_high": retention + 0.05, "key": f"{method}:{layers}:{split}"}
                           for strategy, split, method, layers, n_heads, retention in rows])
-    spec = sl.PruneSpec([(1, 0), (3, 0), (5, 0)], 4, policy, fill=fill, calibration=calibration).as_dict()
+    spec = sl.PruneSpec([(1, 0), (3, 0), (5, 0)], 4, policy, fill=fill, temperature=temperature).as_dict()
     return LayerSelection(table=table, single_layer=table.iloc[:0], heads=[(1, 0), (3, 0), (5, 0)], dims={},
                           dense={}, settings={"spec": spec, "k": 4, "metric": "acc/mean", "target_retention": 0.91})
 
 
 def test_selection_comparison_reads_the_best_confirmed_set_per_variant():
-    baseline = fake_selection([("single_layer_rank", "heldout", "qk", "1", 2, 0.95),
-                               ("single_layer_rank", "heldout", "qk", "1,3", 4, 0.92),
-                               ("single_layer_rank", "heldout", "qk", "1,3,5", 6, 0.85),
-                               ("single_layer", "calibration", "qk", "1,3,5", 6, 0.99),  # decisions, not confirmed
-                               ("removal", "heldout", "remove", "1,3,5", 6, 0.97)])  # whole heads, not QK
-    best = fake_selection([("greedy", "heldout", "qk", "5", 2, 0.90), ("greedy", "heldout", "qk", "3,5", 4, 0.93),
-                           ("greedy", "heldout", "qk", "1,3,5", 6, 0.92)], "act_weight", "mean")
+    baseline = fake_selection([("single_layer_rank", "held_out", "qk", [1], 2, 0.95),
+                               ("single_layer_rank", "held_out", "qk", [1, 3], 4, 0.92),
+                               ("single_layer_rank", "held_out", "qk", [1, 3, 5], 6, 0.85),
+                               ("single_layer", "search", "qk", [1, 3, 5], 6, 0.99),  # decisions, not confirmed
+                               ("head_removal", "held_out", "head_removal", [1, 3, 5], 6, 0.97)])  # not QK
+    best = fake_selection([("greedy", "held_out", "qk", [5], 2, 0.90), ("greedy", "held_out", "qk", [3, 5], 4, 0.93),
+                           ("greedy", "held_out", "qk", [1, 3, 5], 6, 0.92)], "act_weight", "mean")
     table = beyond_bos.selection_comparison({"bos_top/zero/none": baseline, "act_weight/mean/none": best},
                                             [0.91, 0.99])
     assert len(table) == 4 and list(table["variant"]) == ["bos_top/zero/none"] * 2 + ["act_weight/mean/none"] * 2
     rows = table.set_index(["variant", "target"])
     met = rows.loc[("bos_top/zero/none", 0.91)]
-    assert (met["layers"], met["n_heads"], met["params_zeroed"], met["retention"]) == ("1,3", 4, 400, 0.92)
+    assert (met["layers"], met["n_heads"], met["params_zeroed"], met["retention"]) == ([1, 3], 4, 400, 0.92)
+    assert met["heads"] == [[1, 0], [3, 0]]
     assert met["ci_low"] == pytest.approx(0.87) and met["meets"] and met["policy"] == "bos_top"
-    assert rows.loc[("act_weight/mean/none", 0.91), "layers"] == "1,3,5"  # most heads meeting it, not best retention
+    assert rows.loc[("act_weight/mean/none", 0.91), "layers"] == [1, 3, 5]  # most heads meeting it, not best retention
     assert rows.loc[("act_weight/mean/none", 0.91), "fill"] == "mean"
     for variant in ("bos_top/zero/none", "act_weight/mean/none"):
         none = rows.loc[(variant, 0.99)]
-        assert none["layers"] == beyond_bos.NONE_MEETS and none["n_heads"] == 0 and not none["meets"]
+        assert none["layers"] is None and none["n_heads"] == 0 and not none["meets"]
     # by hand: 1,3,5 (0.92) has the most heads meeting 0.91; best() on the same constructed tables agrees
     assert rows.loc[("act_weight/mean/none", 0.91), "n_heads"] == 6
-    assert [baseline.best(0.91)["layers"], best.best(0.91)["layers"]] == ["1,3", "1,3,5"]
+    assert [list(baseline.best(0.91)["layers"]), list(best.best(0.91)["layers"])] == [[1, 3], [1, 3, 5]]
     head = beyond_bos.selection_headline(table, "act_weight/mean/none")
     assert head == {"selection_heads_bos_top": 4,
                     "selection_heads_best": 6, "selection_params_bos_top": 400, "selection_params_best": 600}

@@ -35,7 +35,7 @@ def test_exact_partial_group_is_saved_ungrouped_and_reloads_exactly(tiny, tmp_pa
     (edit,) = manifest["edits"]
     assert edit["heads"] == [list(p) for p in heads] and edit["k"] == 5 and edit["gqa"] == "exact"
     assert edit["policy"] == "random" and edit["seed"] == 4
-    assert edit["dims"] == {f"{l}.{h}": handle.dims[(l, h)].tolist() for l, h in heads}
+    assert edit["dims"] == [{"layer": l, "head": h, "dims": handle.dims[(l, h)].tolist()} for l, h in heads]
     ungrouped = info.group_size > 1
     assert manifest["layout"] == ("ungrouped" if ungrouped else "grouped")
     assert ref.config.num_key_value_heads == (info.n_heads if ungrouped else info.n_kv_heads)
@@ -65,11 +65,11 @@ def test_plan_record_and_counts_equal_the_handle_and_the_manifest(tiny, tmp_path
     heads = [(0, 1), (1, 0), (1, info.n_heads - 1), (2, 2)]
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
     plan = sl.plan_pruning(tiny, heads, 6, tokens=tokens)
-    record, counts = plan.record(), plan.params_zeroed()
+    record, counts = plan.as_dict(), plan.params_zeroed()
     assert all(torch.equal(v, before[k]) for k, v in tiny.state_dict().items()) and not sl.active_edits(tiny)
     handle = sl.apply_pruning(tiny, plan)
     try:
-        assert handle.record() == record and handle.params_zeroed() == counts
+        assert handle.as_dict() == record and handle.params_zeroed() == counts
         folder = sl.save_pruned(tiny, tmp_path / "ck")
     finally:
         handle.restore()

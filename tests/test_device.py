@@ -30,12 +30,12 @@ def readme_steps(model, out_dir) -> dict:
     scores = sl.sink_scores(model, probe)
     heads = sl.sink_specialized_heads(census.sink_scores(0), eps=0.3, q=0.9)[:4]
     stats = sl.massive_activations(model, probe, show_progress=False)
-    dims = sl.select_dims(model, heads, k=10, tokens=probe)
+    dims = sl.select_dims(model, heads, k=10, calibration=probe)
     errors = sl.reconstruction_error(model, probe, heads, k=10, show_progress=False)
     dense = sl.evaluate(model, **EVAL)
-    with sl.prune_qk(model, heads, k=10, dims="bos_top", tokens=probe):
+    with sl.prune_qk(model, heads, k=10, dims="bos_top", calibration=probe):
         pruned = sl.evaluate(model, **EVAL)
-    handle = sl.apply_pruning(model, heads, k=10, tokens=probe)
+    handle = sl.apply_pruning(model, heads, k=10, calibration=probe)
     sl.save_pruned(model, out_dir)
     handle.restore()
     manifest = json.loads((out_dir / "sinklens_manifest.json").read_text())

@@ -104,7 +104,7 @@ def test_lm_and_copy_match_hf_eager(tiny, hf_reference):
                       seed=5, show_progress=False)
     items = result.per_item
     # LM: the held-out probe split (not the probe prompts), every text token scored
-    batch = sl.probe_tokens(tiny, n_prompts=2, seq_len=12, split="heldout")
+    batch = sl.probe_tokens(tiny, n_prompts=2, seq_len=12, split="held_out")
     nll, n, hits = 0.0, 0, 0
     for row in batch.tokens:
         ids = row.tolist()
@@ -282,7 +282,7 @@ def test_lm_eval_local_task_matches_evaluate_and_sees_pruning(harness, tiny, ite
     info = sl.model_info(tiny)
     heads = [(layer, 0) for layer in range(info.n_layers)]  # one head of a KV group: private K copies under GQA
     probe = sl.probe_tokens(tiny, 4, 16)
-    with sl.prune_qk(tiny, heads, 3, dims="bos_top", tokens=probe):
+    with sl.prune_qk(tiny, heads, 3, dims="bos_top", calibration=probe):
         pruned_ours = evaluate(tiny, "mc", items=item_file, show_progress=False).per_item.set_index("item")
         pruned = _harness_lls(evaluate_lm_eval(tiny, ["sinklens_items"], include_path=folder, batch_size=4,
                                                log_samples=True))
@@ -364,10 +364,10 @@ def test_lm_eval_agrees_on_bundled_items_with_smollm(harness, smollm, tmp_path):
         assert -float(sample["resps"][sample["doc"]["gold"]][0][0]) == pytest.approx(row["nll"], abs=2e-3)
 
 
-def test_calibration_and_heldout_splits_are_disjoint_halves(tiny, item_file):
+def test_search_and_held_out_splits_are_disjoint_halves(tiny, item_file):
     kwargs = dict(items=item_file, n_lm_prompts=3, lm_seq_len=8, n_copy=3, copy_len=4, show_progress=False)
-    cal = evaluate(tiny, split="calibration", **kwargs).per_item
-    held = evaluate(tiny, split="heldout", **kwargs).per_item
+    cal = evaluate(tiny, split="search", **kwargs).per_item
+    held = evaluate(tiny, split="held_out", **kwargs).per_item
     every = evaluate(tiny, split="all", n_lm_prompts=6, lm_seq_len=8, n_copy=6, copy_len=4, items=item_file,
                      show_progress=False).per_item
     assert not set(cal["item"]) & set(held["item"])

@@ -205,7 +205,7 @@ def test_attention_view_and_specialization_table(family):
     tokens = _tokens(4, 10, seed=4)
     with torch.no_grad():
         attentions = hf_eager(folder)(tokens, output_attentions=True).attentions
-    view = attention_view(model, tokens[0], layer=1, heads=[0, 2])
+    view = attention_view(model, tokens[0], heads=[(1, 0), (1, 2)])
     assert view.token_ids == tokens[0].tolist()
     assert (view.pattern - attentions[1][0, [0, 2]]).abs().max() <= TOL
     scores = sl.sink_scores(model, tokens)
@@ -223,8 +223,9 @@ def test_layer_selection_on_a_non_llama_family(tmp_path, item_file):
     model = sl.load_model(str(folder), device="cpu")
     heads = [(0, 1), (1, 0), (1, 2), (2, 3)]
     eval_kwargs = dict(items=str(item_file), n_lm_prompts=2, lm_seq_len=12, n_copy=2, copy_len=6)
-    sel = sl.layer_selection(model, k=4, target_retention=0.5, strategy=["single_layer_rank", "greedy"], heads=heads,
-                             n_prompts=4, seq_len=16, eval_kwargs=eval_kwargs, n_boot=20,
+    sel = sl.layer_selection(model, sl.PruneSpec.template(4), target_retention=0.5, heads=heads, n_prompts=4,
+                             seq_len=16, evaluation=sl.EvalOptions(**eval_kwargs),
+                             search=sl.SearchOptions(strategy=["single_layer_rank", "greedy"]), n_boot=20,
                              results=tmp_path / "sweep.sqlite", show_progress=False)
     with sqlite3.connect(tmp_path / "sweep.sqlite") as conn:
         starts = [json.loads(extra)["start_layer"] for (extra,) in
@@ -232,13 +233,13 @@ def test_layer_selection_on_a_non_llama_family(tmp_path, item_file):
     assert max(starts) > 0  # configurations resumed from stored residuals
     assert not sl.active_edits(model)
     probe = sl.probe_tokens(model, 4, 16)
-    dense = evaluate(model, **eval_kwargs, split="heldout", show_progress=False)
+    dense = evaluate(model, **eval_kwargs, split="held_out", show_progress=False)
     checked = 0
     for row in sel.confirmed().to_dict("records"):
-        layers = tuple(int(x) for x in row["layers"].split(","))
+        layers = tuple(row["layers"])
         chosen = [(l, h) for l, h in heads if l in layers]
-        with sl.prune_qk(model, chosen, 4, dims="bos_top", tokens=probe):
-            pruned = evaluate(model, **eval_kwargs, split="heldout", show_progress=False)
+        with sl.prune_qk(model, chosen, 4, dims="bos_top", calibration=probe):
+            pruned = evaluate(model, **eval_kwargs, split="held_out", show_progress=False)
         for metric in ("lm/ppl", "copy/acc", "mc/acc"):
             assert row[f"retention:{metric}"] == pytest.approx(
                 evaluation.retention_value(dense, pruned, metric), abs=1e-6, nan_ok=True)
@@ -259,11 +260,11 @@ def test_optimized_dims_search_per_family(family):
     family_layout = LAYOUTS[MODEL_TYPE.get(name, name)]
     if family_layout.qk_norm or family_layout.softcap:
         with pytest.raises(sl.InputError, match=f'dims="optimized".*{family_layout.name}'):
-            sl.select_dims(model, spec, tokens=calibration)
+            sl.select_dims(model, spec, calibration=calibration)
         return
-    sl.select_dims(model, spec, tokens=calibration)
+    sl.select_dims(model, spec, calibration=calibration)
     (order,) = [list(ranking) for ranking in calibration.rankings.values()]
-    candidates = sl.select_dims(model, [head], pool, dims="act_weight", tokens=calibration)[head].tolist()
+    candidates = sl.select_dims(model, [head], pool, dims="act_weight", calibration=calibration)[head].tolist()
     for step in range(2):
         errors = {}
         for d in candidates:

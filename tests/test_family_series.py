@@ -48,4 +48,4 @@ def test_series_ci_runs_on_a_tiny_family(family, tmp_path):
     assert discovery["model"]["model_type"] == family
     selection = json.loads((run_dir / "layer_selection.json").read_text())
     assert selection["heads"] and selection["cost"]["configs_evaluated"] > 0  # evaluate ran on the family
-    assert all(math.isfinite(selection["dense"][split]["lm/ppl"]) for split in ("calibration", "heldout"))
+    assert all(math.isfinite(selection["dense"][split]["lm/ppl"]) for split in ("search", "held_out"))

@@ -82,7 +82,7 @@ def test_bf16_pruned_model_saved_and_reloaded(measured, smollm_bf16, tmp_path):
     probe, _ = measured
     heads = [(14, 0), (14, 4), (20, 2)]
     tokens = probe.tokens[:2, :24]
-    with sl.prune_qk(smollm_bf16, heads, k=10, dims="bos_top", tokens=probe) as handle:
+    with sl.prune_qk(smollm_bf16, heads, k=10, dims="bos_top", calibration=probe) as handle:
         expected = smollm_bf16(tokens)
         sl.save_pruned(smollm_bf16, tmp_path)
         dims = handle.dims

@@ -66,7 +66,7 @@ def test_hook_reset_under_an_active_edit_never_goes_silent(tiny, kind):
 
 def test_plain_reset_keeps_hooked_edits(tiny):
     tokens = random_tokens(2, 10, seed=5)
-    with sl.prune_qk(tiny, [(0, 0)], 5, dims="random", fill="mean", tokens=random_tokens(4, 12, seed=3)):
+    with sl.prune_qk(tiny, [(0, 0)], 5, dims="random", fill="mean", calibration=random_tokens(4, 12, seed=3)):
         edited = tiny(tokens)
         tiny.reset_hooks()
         assert torch.equal(tiny(tokens), edited)
@@ -96,13 +96,12 @@ INT_CASES = {
                                   "batch_size"),
     "PruneSpec k": (lambda m, v: sl.PruneSpec([(0, 0)], v), "k"),
     "PruneSpec seed": (lambda m, v: sl.PruneSpec([(0, 0)], 3, "random", seed=v), "seed"),
-    "attention_view layer": (lambda m, v: attention_view(m, random_tokens(1, 8)[0], v), "layer"),
-    "attention_view head": (lambda m, v: attention_view(m, random_tokens(1, 8)[0], 0, heads=v), "head"),
+    "attention_view layer": (lambda m, v: attention_view(m, random_tokens(1, 8)[0], layer=v), "layer"),
     "spread_heads n": (lambda m, v: spread_heads([(0, 0), (1, 1)], v), "n"),
 }
 
 
-ALLOW_NONE = {"tokenize seq_len", "attention_view head"}
+ALLOW_NONE = {"tokenize seq_len", "attention_view layer"}  # None: not given (heads= instead)
 
 
 @pytest.mark.parametrize("bad", [2.0, "2", None, True])
@@ -169,7 +168,7 @@ def test_bos_dims_need_bos(tiny, measure):
     calls = {
         "bos_top_dims": lambda: sl.bos_top_dims(tiny, no_bos, 1, 3),
         "calibration": lambda: sl.CalibrationSet(tiny, no_bos),
-        "apply_pruning": lambda: sl.apply_pruning(tiny, [(1, 0)], 3, tokens=no_bos),
+        "apply_pruning": lambda: sl.apply_pruning(tiny, [(1, 0)], 3, calibration=no_bos),
     }
     with pytest.raises(sl.InputError, match=r"needs every prompt to start with BOS \(id 1\).*prepend_bos=True"):
         calls[measure]()
@@ -285,7 +284,7 @@ def test_overwrite_removes_an_older_checkpoints_files(tiny, tmp_path):
     with sl.prune_qk(tiny, [(1, 0)], 4, dims="random"):
         sl.save_pruned(tiny, target, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == written
-    assert sl.read_manifest(target)["edits"][0]["dims"].keys() == {"1.0"}
+    assert [(d["layer"], d["head"]) for d in sl.read_manifest(target)["edits"][0]["dims"]] == [(1, 0)]
     assert _leftovers(tmp_path, "ckpt") == []
     reloaded = sl.load_model(str(target), device="cpu")  # a valid checkpoint, with no trace of the old shards
     assert sl.model_info(reloaded).n_layers == sl.model_info(tiny).n_layers

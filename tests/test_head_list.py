@@ -49,7 +49,7 @@ def test_measured_heads_match_hf_and_round_trip_through_the_file(tiny, hf_refere
     path = write(tmp_path, record)
     listed = head_list.specialized_heads(tiny, probe, heads_from=str(path), eps=EPS, q=Q)
     assert listed.heads == expected and listed.source == str(path) and listed.probe["n_prompts"] == 6
-    assert listed.record() == {"heads_from": str(path), "n_sink_heads": len(expected), "eps": EPS, "q": Q,
+    assert listed.as_dict() == {"heads_from": str(path), "n_sink_heads": len(expected), "eps": EPS, "q": Q,
                                "probe": {"n_prompts": 6, "seq_len": 12}}
     assert head_list.series_head_list("", tiny, eps=EPS, q=Q) is None  # standalone: the notebook measures
 

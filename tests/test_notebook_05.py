@@ -14,11 +14,11 @@ from helpers import build_tiny_checkpoint, ci_params, execute_notebook, mc_items
 pytestmark = pytest.mark.notebook
 
 ITEMS = mc_items(8)
-FIGURES = ["single_layer_retention", "retention_by_n_layers", "pareto_frontier", "removal_comparison"]
+FIGURES = ["single_layer_retention", "retention_by_n_layers", "pareto_frontier", "head_removal_comparison"]
 # the runner's --ci parameters, with a low sink bar (eps, q): random weights have weak sinks
 PARAMS = ci_params("05_layer_selection.ipynb", eps=0.05, q=0.5)
 TARGET = PARAMS["target_retention"]
-TABLES = ["configurations", "dense", "frontier", "largest_meeting", "removal_comparison"]
+TABLES = ["configurations", "dense", "frontier", "largest_meeting", "head_removal_comparison"]
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +50,16 @@ def test_outputs_exist_offline_and_notebook_ran_clean(run_dir):
 
 
 def test_saved_tables_are_consistent(run_dir):
-    table = pd.read_csv(run_dir / "tables" / "configurations.csv", dtype={"layers": str})
-    assert {"single_layer", "single_layer_rank", "greedy", "exhaustive", "random", "removal"} <= set(table["strategy"])
+    table = pd.read_csv(run_dir / "tables" / "configurations.csv",
+                        converters={"layers": json.loads, "heads": json.loads})
+    table["layers"] = table["layers"].map(tuple)  # layer sets are lists of ints ([1, 3]), heads [layer, head] lists
+    assert {"single_layer", "single_layer_rank", "greedy", "exhaustive", "random", "head_removal"} <= set(
+        table["strategy"])
+    assert all(isinstance(h, list) and len(h) == 2 for heads in table["heads"] for h in heads)
     summary = json.loads((run_dir / "layer_selection.json").read_text())
-    confirmed = table[(table["split"] == "heldout") & (table["method"] == "qk")]
+    confirmed = table[(table["split"] == "held_out") & (table["method"] == "qk")]
     meeting = confirmed[confirmed["retention"] >= TARGET]
-    removal_rows = table[(table["split"] == "heldout") & (table["method"] == "remove")].astype({"layers": str})
+    removal_rows = table[(table["split"] == "held_out") & (table["method"] == "head_removal")]
     # on this model and these parameters some configuration meets the target (the case of none: test_selection's
     # constructed one); the best configuration is recomputed from the saved table
     assert not meeting.empty and summary["best"] is not None
@@ -63,16 +67,18 @@ def test_saved_tables_are_consistent(run_dir):
     assert summary["best"]["retention"] >= TARGET
     head = summary["headline"]
     assert head["best_retention"] == summary["best"]["retention"]
-    assert head["best_layers"] == str(summary["best"]["layers"])
-    same = removal_rows[removal_rows["layers"] == head["best_layers"]]["retention"]
-    assert head["removal_retention_same_heads"] == (pytest.approx(same.iloc[0]) if len(same) else None)
+    assert head["best_layers"] == ",".join(map(str, summary["best"]["layers"]))
+    same = removal_rows[removal_rows["layers"] == tuple(summary["best"]["layers"])]["retention"]
+    assert head["head_removal_retention_same_heads"] == (pytest.approx(same.iloc[0]) if len(same) else None)
     assert summary["parameters"]["k"] == PARAMS["k"] and summary["settings"]["k"] == PARAMS["k"]
     assert len(summary["heads"]) == table[table["strategy"] == "single_layer"]["n_heads"].sum()
     frontier = pd.read_csv(run_dir / "tables" / "frontier.csv")
     assert frontier["n_heads"].is_monotonic_increasing and frontier["retention"].is_monotonic_decreasing
     dense = pd.read_csv(run_dir / "tables" / "dense.csv")
     assert {"acc/mean", "lm/ppl", "copy/acc", "mc/acc"} <= set(dense["metric"])
-    removal = pd.read_csv(run_dir / "tables" / "removal_comparison.csv", dtype={"layers": str})
-    largest = pd.read_csv(run_dir / "tables" / "largest_meeting.csv", dtype={"layers": str})
-    meeting_sets = set(largest.loc[(largest["n_layers"] > 0) & (largest["target"] == TARGET), "layers"])
-    assert meeting_sets <= set(removal["layers"]) <= set(confirmed["layers"]) and len(removal) > 0
+    removal = pd.read_csv(run_dir / "tables" / "head_removal_comparison.csv", converters={"layers": json.loads})
+    largest = pd.read_csv(run_dir / "tables" / "largest_meeting.csv")
+    meeting = largest.loc[(largest["n_layers"] > 0) & (largest["target"] == TARGET), "layers"]
+    meeting_sets = {tuple(json.loads(v)) for v in meeting}
+    removal_sets = {tuple(v) for v in removal["layers"]}
+    assert meeting_sets <= removal_sets <= set(confirmed["layers"]) and len(removal) > 0

@@ -6,15 +6,26 @@ import json
 import pandas as pd
 import pytest
 
+from sinklens.prune.spec import variant_label
+
 from helpers import ci_params, execute_notebook
 
 pytestmark = [pytest.mark.notebook, pytest.mark.integration]
 
 CI = ci_params("07_beyond_bos_dims.ipynb")  # the runner's --ci parameters
 K = CI["k"]
-# rows per head of the k sweep and per variant: the grid of policies, fills, calibrations and ks
-GRID = len(CI["fills"]) * len(CI["calibrations"]) * len(CI["compare_ks"])
-VARIANT = ["policy", "fill", "calibration"]
+# rows per head of the k sweep and per variant: the grid of policies, fills, temperatures and ks
+GRID = len(CI["fills"]) * len(CI["temperatures"]) * len(CI["compare_ks"])
+VARIANT = ["policy", "fill", "temperature"]
+
+
+def variant_of(row) -> str:
+    return variant_label(row["policy"], row["fill"], bool(row["temperature"]))
+
+
+def named(table, label):
+    """The rows of ``table`` whose variant label is ``label``."""
+    return table[[variant_of(row) == label for _, row in table.iterrows()]]
 
 
 def test_notebook_07_beyond_bos_dims(tmp_path):
@@ -29,15 +40,15 @@ def test_notebook_07_beyond_bos_dims(tmp_path):
     table = pd.read_csv(out / "tables" / "variants.csv")
     for _, row in table.iterrows():
         part = sweep[(sweep["policy"] == row["policy"]) & (sweep["fill"] == row["fill"])
-                     & (sweep["calibration"] == row["calibration"]) & (sweep["k"] == row["k"])]
+                     & (sweep["temperature"] == row["temperature"]) & (sweep["k"] == row["k"])]
         assert row["frob_rel_q50"] == pytest.approx(part["frob_rel"].median())
         assert row["frob_rel_q10"] <= row["frob_rel_q50"] <= row["frob_rel_q90"]
     head = summary["headline"]
     at_k = table[table["k"] == K]  # the sample's best, the optimized search included
     assert head["sample_best_frob_rel_median"] == pytest.approx(at_k["frob_rel_q50"].min())
     # the named variant has the lowest median at k (the tie-break is test_beyond_bos's, on a constructed table)
-    named = at_k.set_index(VARIANT).loc[tuple(head["sample_best_variant"].split("/")), "frob_rel_q50"]
-    assert named == at_k["frob_rel_q50"].min()
+    chosen = named(at_k, head["sample_best_variant"])
+    assert len(chosen) == 1 and chosen["frob_rel_q50"].iloc[0] == at_k["frob_rel_q50"].min()
     in_sample = pd.read_csv(out / "tables" / "optimized_in_sample.csv")  # fitted on the evaluated prompts
     assert set(in_sample["policy"]) == {"optimized"} and len(in_sample) == GRID
     assert (in_sample["n_heads"] == len(heads)).all()
@@ -73,25 +84,27 @@ def test_notebook_07_beyond_bos_dims(tmp_path):
     assert [r["frob_rel_q50"] for r in summary["variants_all_heads"]] == pytest.approx(list(all_heads["frob_rel_q50"]))
 
     # layer selection: the all-heads table's best variant at k against bos_top/zero/none, one results file
-    at_k = all_heads[all_heads["k"] == K].set_index(VARIANT)  # the headline's medians: every sink head
+    at_k = all_heads[all_heads["k"] == K]  # the headline's medians: every sink head
     best_label = head["best_variant"]  # the lowest median at k (the tie-break: test_beyond_bos)
-    best = at_k.loc[tuple(best_label.split("/"))]
+    best = named(at_k, best_label).iloc[0]
     assert best["frob_rel_q50"] == at_k["frob_rel_q50"].min()
-    assert summary["selection"]["best_variant"] == dict(zip(VARIANT, best_label.split("/")))
+    assert summary["selection"]["best_variant"] == {"policy": best["policy"], "fill": best["fill"],
+                                                    "temperature": bool(best["temperature"])}
     assert head["best_frob_rel_median"] == pytest.approx(best["frob_rel_q50"])
-    assert head["baseline_frob_rel_median"] == pytest.approx(at_k.loc[("bos_top", "zero", "none"), "frob_rel_q50"])
-    selection = pd.read_csv(out / "tables" / "selection_comparison.csv", dtype={"layers": str, "heads": str})
+    baseline = named(at_k, "bos_top/zero/none")["frob_rel_q50"].iloc[0]
+    assert head["baseline_frob_rel_median"] == pytest.approx(baseline)
+    selection = pd.read_csv(out / "tables" / "selection_comparison.csv")
     assert set(selection["variant"]) == {"bos_top/zero/none", best_label}
     assert (selection["target"] == CI["target_retention"]).all()
     assert (selection["k"] == K).all() and (selection["n_candidate_heads"] == len(sink_heads)).all()
     for _, row in selection.iterrows():
-        assert row["variant"] == "/".join(row[VARIANT])
+        assert row["variant"] == variant_of(row)
         if not row["meets"]:
-            assert row["layers"] == "none meets it" and row["n_heads"] == 0 and row["params_zeroed"] == 0
+            assert pd.isna(row["layers"]) and row["n_heads"] == 0 and row["params_zeroed"] == 0
             continue
-        layers = {int(x) for x in row["layers"].split(",")}
-        in_layers = [(l, h) for l, h in sink_heads if l in layers]  # every sink head of the chosen layers
-        assert row["n_heads"] == len(in_layers) and row["heads"] == " ".join(f"{l}.{h}" for l, h in in_layers)
+        layers = set(json.loads(row["layers"]))  # a list of ints, [layer, head] lists for heads
+        in_layers = [[int(l), int(h)] for l, h in sink_heads if l in layers]  # every sink head of the chosen layers
+        assert row["n_heads"] == len(in_layers) and json.loads(row["heads"]) == in_layers
         assert row["retention"] >= CI["target_retention"] and row["ci_low"] <= row["retention"] <= row["ci_high"]
         assert row["params_zeroed"] > 0
     by_variant = selection.set_index("variant")

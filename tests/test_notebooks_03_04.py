@@ -35,7 +35,8 @@ def test_notebook_03_topk_pruning(tmp_path):
     assert record["gqa"] == "exact" and record["params_zeroed"]["total"] > 0
     kept = pd.read_csv(out / "tables" / "kept_dims.csv")
     assert len(kept) == PARAMS_03["k"] * len(heads)
-    assert all(sorted(part["dim"]) == record["dims"][f"{l}.{h}"] for (l, h), part in kept.groupby(["layer", "head"]))
+    kept_dims = {(d["layer"], d["head"]): d["dims"] for d in record["dims"]}
+    assert all(sorted(part["dim"]) == kept_dims[(l, h)] for (l, h), part in kept.groupby(["layer", "head"]))
     errors = pd.read_csv(out / "tables" / "reconstruction_error.csv")
     assert sorted(zip(errors["layer"], errors["head"])) == sorted(heads)
     assert errors["frob_rel"].between(0, 2).all() and (errors["kl"] >= 0).all()
@@ -61,14 +62,14 @@ def test_notebook_04_reconstruction_error(tmp_path):
     n_heads = summary["n_sink_heads"]
     assert n_heads > 0 and len(summary["sink_heads"]) == n_heads
     sweep = pd.read_csv(out / "tables" / "k_sweep.csv")
-    assert set(sweep["policy"]) == {"bos_top", "random", "weight_norm", "whole_head"}
+    assert set(sweep["policy"]) == {"bos_top", "random", "weight_norm", "head_removal"}
     assert sorted(sweep["k"].unique()) == sorted(ks) and k in ks
     sizes = sweep.groupby("policy").size()
     assert sizes["random"] == len(seeds) * len(ks) * n_heads and sizes["bos_top"] == len(ks) * n_heads
-    whole = sweep[sweep["policy"] == "whole_head"]
+    whole = sweep[sweep["policy"] == "head_removal"]
     assert (whole["out_rel"].round(6) == 1).all() and whole["frob_rel"].isna().all()
     # BOS dims: more kept dims, less error; and far less than random dims at the same k
-    med = sweep[sweep["policy"] != "whole_head"].groupby(["policy", "k"])["frob_rel"].median().unstack()
+    med = sweep[sweep["policy"] != "head_removal"].groupby(["policy", "k"])["frob_rel"].median().unstack()
     bos_top, random = med.loc["bos_top"], med.loc["random"]
     assert bos_top[max(ks)] < bos_top[min(ks)] and bos_top[max(ks)] < random[max(ks)]
     quantiles = pd.read_csv(out / "tables" / "frob_rel_quantiles_at_k.csv")

@@ -50,7 +50,7 @@ BAD = [
     ("06", "detail_length", "1"),
     ("06", "view_keys", "0"),
     ("07", "n_calibration", "0"),
-    ("07", "n_heldout", "0"),
+    ("07", "n_held_out", "0"),
     ("07", "max_heads", "-1"),
     ("07", "compare_ks", "[5, 0]"),
     ("07", "pool", "0"),
@@ -58,7 +58,8 @@ BAD = [
     ("07", "policies", "bos_top"),
     ("07", "all_heads_policies", "[]"),
     ("07", "fills", "[median]"),
-    ("07", "calibrations", "[platt]"),
+    ("07", "temperatures", "[platt]"),
+    ("07", "temperatures", "[True, True]"),
     ("07", "heads_from", "/no/such/specialized_heads.json"),
 ]
 
@@ -75,7 +76,7 @@ def test_a_bad_value_is_refused_before_a_run_folder_exists(tmp_path, notebook, n
 
 
 @pytest.mark.parametrize("name, constant", [("policies", choices.POLICIES), ("all_heads_policies", choices.POLICIES),
-                                            ("fills", choices.FILLS), ("calibrations", choices.CALIBRATIONS)])
+                                            ("fills", choices.FILLS)])
 def test_choice_parameters_take_the_package_choices(name, constant):
     check_value(name, list(constant))  # every choice of the package passes
     with pytest.raises(InputError, match=f"use one of {tuple(constant)}".replace("(", r"\(").replace(")", r"\)")):

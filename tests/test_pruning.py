@@ -95,7 +95,7 @@ def test_full_k_changes_no_logit(tiny):
     heads = [(0, 0), (1, 1), (2, info.n_heads - 1)]
     for gqa in ("exact", "shared", "q_only"):
         for dims in ("random", "weight_norm", "bos_top"):
-            with sl.prune_qk(tiny, heads, info.d_model, dims=dims, tokens=tokens, gqa=gqa, force=True):
+            with sl.prune_qk(tiny, heads, info.d_model, dims=dims, calibration=tokens, gqa=gqa, force=True):
                 assert torch.equal(tiny(tokens), dense)
 
 
@@ -240,7 +240,7 @@ def test_q_only_leaves_k_alone(tiny, hf_reference):
         assert torch.equal(tiny.blocks[layer].attn.k.original_component.weight, k_before)
         assert not torch.equal(tiny.blocks[layer].attn.q.original_component.weight, q_before)
         got = patterns(tiny, tokens, layer)[:, 1].double().numpy()
-        assert handle.record()["gqa"] == "q_only" and handle.params_zeroed()["k"] == 0
+        assert handle.as_dict()["gqa"] == "q_only" and handle.params_zeroed()["k"] == 0
     want = independent_pattern(hf_reference.config, hf_weights(hf_reference, layer), hidden, 1,
                                handle.dims[(layer, 1)].numpy(), None)
     np.testing.assert_allclose(got, want, atol=2e-6)
@@ -269,7 +269,7 @@ def test_remove_heads_zeroes_head_output(tiny, tiny_dir):
 def test_bos_top_dims_are_the_largest_normalized_bos_dims(tiny, hf_reference):
     tokens = random_tokens(4, 10, seed=5)
     heads = [(0, 0), (2, 1)]
-    dims = sl.select_dims(tiny, heads, 6, "bos_top", tokens=tokens)
+    dims = sl.select_dims(tiny, heads, 6, "bos_top", calibration=tokens)
     for layer, head in heads:
         hidden = hf_reference(tokens, output_hidden_states=True).hidden_states[layer].double()
         w = hf_weights(hf_reference, layer)
@@ -277,12 +277,12 @@ def test_bos_top_dims_are_the_largest_normalized_bos_dims(tiny, hf_reference):
         xn = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + w["eps"]) * w["gain"]
         want = np.sort(np.argsort(-np.abs(xn).mean(0))[:6])
         assert dims[(layer, head)].tolist() == want.tolist()
-    resid = sl.select_dims(tiny, heads, 6, "bos_top", tokens=tokens, basis="resid")
+    resid = sl.select_dims(tiny, heads, 6, "bos_top", calibration=tokens, basis="resid")
     x = hf_reference(tokens, output_hidden_states=True).hidden_states[2][:, 0].double().numpy()
     assert resid[(2, 1)].tolist() == np.sort(np.argsort(-np.abs(x).mean(0))[:6]).tolist()
     # a MassiveActivations measured once gives the same dims without another forward
     stats = sl.massive_activations(tiny, tokens, layers=[0, 2], show_progress=False)
-    assert all(torch.equal(sl.select_dims(tiny, heads, 6, "bos_top", tokens=stats)[p], dims[p]) for p in heads)
+    assert all(torch.equal(sl.select_dims(tiny, heads, 6, "bos_top", calibration=stats)[p], dims[p]) for p in heads)
 
 
 def test_weight_norm_dims(tiny, hf_reference):
@@ -313,7 +313,7 @@ def test_explicit_dims_forms(tiny):
     per_head = sl.select_dims(tiny, [(0, 0), (1, 0)], 2, {(0, 0): [1, 2], (1, 0): torch.tensor([3, 4])})
     assert per_head[(1, 0)].tolist() == [3, 4]
     with sl.prune_qk(tiny, [(0, 0)], 3, dims=torch.tensor([9, 2, 4])) as handle:
-        assert handle.record()["policy"] == "explicit"
+        assert handle.as_dict()["policy"] == "explicit"
 
 
 def test_params_zeroed_counts(tiny, hf_reference):
@@ -396,24 +396,24 @@ def test_spec_and_keyword_calls_prune_bitwise_identically(tiny, case):
         return tiny(tokens), cache[pattern_hook(1)], cache[pattern_hook(2)]
 
     dense = run()
-    with sl.prune_qk(tiny, heads, 4, tokens=tokens, **kwargs) as by_keywords:
+    with sl.prune_qk(tiny, heads, 4, calibration=tokens, **kwargs) as by_keywords:
         want = run()
-        record = by_keywords.record()
+        record = by_keywords.as_dict()
     spec = make_spec(heads)
-    plan = sl.plan_pruning(tiny, spec, tokens=tokens)
-    for apply in (lambda: sl.prune_qk(tiny, spec, tokens=tokens), lambda: sl.prune_qk(tiny, plan)):
+    plan = sl.plan_pruning(tiny, spec, calibration=tokens)
+    for apply in (lambda: sl.prune_qk(tiny, spec, calibration=tokens), lambda: sl.prune_qk(tiny, plan)):
         with apply() as handle:
             got = run()
-            assert handle.record() == record
+            assert handle.as_dict() == record
         assert all(torch.equal(g, w) for g, w in zip(got, want))
-    handle = sl.apply_pruning(tiny, spec, tokens=tokens)
+    handle = sl.apply_pruning(tiny, spec, calibration=tokens)
     assert all(torch.equal(g, w) for g, w in zip(run(), want))
     handle.restore()
     assert all(torch.equal(g, d) for g, d in zip(run(), dense))
     assert not torch.equal(want[1], dense[1])  # the pruning changed the patterns
     # the record reads back into the spec, also through JSON
     assert sl.PruneSpec.from_dict(record) == spec == sl.PruneSpec.from_dict(json.loads(json.dumps(spec.as_dict())))
-    assert torch.equal(sl.select_dims(tiny, spec, tokens=tokens)[heads[0]], plan.dims[heads[0]])
+    assert torch.equal(sl.select_dims(tiny, spec, calibration=tokens)[heads[0]], plan.dims[heads[0]])
 
 
 def test_spec_fields_are_normalized_and_checked():
@@ -443,7 +443,7 @@ def test_plan_changes_nothing_until_applied(tiny):
 SPEC_MISUSE = {
     "spec and k": (lambda m, spec: sl.apply_pruning(m, spec, 3), "not both"),
     "spec and gqa": (lambda m, spec: sl.apply_pruning(m, spec, gqa="q_only"), r"not both.*gqa"),
-    "plan and tokens": (lambda m, spec: sl.apply_pruning(m, sl.plan_pruning(m, spec), tokens=random_tokens(1, 4)),
+    "plan and tokens": (lambda m, spec: sl.apply_pruning(m, sl.plan_pruning(m, spec), calibration=random_tokens(1, 4)),
                         "complete"),
     "no k": (lambda m, spec: sl.apply_pruning(m, [(0, 1)]), "k is missing"),
 }
@@ -470,8 +470,8 @@ BAD_CALLS = {
     "empty heads": (dict(heads=[]), "heads is empty"),
     "single pair": (dict(heads=(0, 1)), "single pair"),
     "not pairs": (dict(heads=[0, 1, 2]), "pair"),
-    "bos_top without tokens": (dict(dims="bos_top", tokens=None), "needs tokens"),
-    "bos_top without BOS": (dict(dims="bos_top", tokens=random_tokens(2, 8, bos=False)), "start with BOS"),
+    "bos_top without tokens": (dict(dims="bos_top", calibration=None), "calibration="),
+    "bos_top without BOS": (dict(dims="bos_top", calibration=random_tokens(2, 8, bos=False)), "start with BOS"),
     "dims out of range": (dict(dims=[0, 1, 999]), r"\[0, "),
     "dims wrong length": (dict(dims=[0, 1]), "got 2 dims but k=3"),
     "dims duplicates": (dict(dims=[0, 1, 1]), "duplicates"),
@@ -487,7 +487,7 @@ BAD_CALLS = {
 @pytest.mark.parametrize("case", sorted(BAD_CALLS))
 def test_bad_input_is_refused_and_the_model_left_unchanged(tiny, case):
     kwargs, match = BAD_CALLS[case]
-    args = dict(heads=[(0, 1)], k=3, dims="random", tokens=None) | kwargs
+    args = dict(heads=[(0, 1)], k=3, dims="random", calibration=None) | kwargs
     saved, hooks = state_copy(tiny), hook_count(tiny)
     with pytest.raises(sl.InputError, match=match):
         with sl.prune_qk(tiny, **args):
@@ -531,7 +531,7 @@ def test_bos_top_refused_on_an_edited_model(tiny):
     tokens = random_tokens(2, 8)
     with sl.remove_heads(tiny, [(0, 0)]):
         with pytest.raises(sl.InputError, match="active edits"):
-            sl.apply_pruning(tiny, [(1, 0)], 3, dims="bos_top", tokens=tokens)
+            sl.apply_pruning(tiny, [(1, 0)], 3, dims="bos_top", calibration=tokens)
 
 
 def test_layer_heads():
@@ -556,9 +556,9 @@ def test_smollm_exact_partial_group_pattern_and_full_k(smollm):
     layer = info.n_layers // 2
     name = f"blocks.{layer}.hook_resid_pre"
     dense_logits, cache = smollm.run_with_cache(tokens.tokens, names_filter=[name, pattern_hook(layer)])
-    with sl.prune_qk(smollm, [(layer, 0), (layer, 1)], info.d_model, dims="bos_top", tokens=tokens):
+    with sl.prune_qk(smollm, [(layer, 0), (layer, 1)], info.d_model, dims="bos_top", calibration=tokens):
         assert torch.equal(smollm(tokens.tokens), dense_logits)
-    with sl.prune_qk(smollm, [(layer, 1)], 10, dims="bos_top", tokens=tokens, gqa="exact") as handle:
+    with sl.prune_qk(smollm, [(layer, 1)], 10, dims="bos_top", calibration=tokens, gqa="exact") as handle:
         got = patterns(smollm, tokens.tokens, layer)
         assert handle.plan.k_copies and handle.layout == "ungrouped"
     config = smollm.original_model.config

@@ -137,7 +137,7 @@ def test_model_level_whole_head_removal_matches_numpy(tiny, tiny_dir, hf_referen
     info = sl.model_info(tiny)
     tokens, mask = random_tokens(3, 12, seed=4), padded_mask(3, 12, "right")
     heads = [(0, 0), (2, 1)]
-    frame = sl.k_sweep(tiny, tokens, heads, ks=[3], policies=["whole_head"], level="model", attention_mask=mask,
+    frame = sl.k_sweep(tiny, tokens, heads, ks=[3], policies=["head_removal"], level="model", attention_mask=mask,
                        show_progress=False)
     removed = hf_model(tiny_dir)
     with torch.no_grad():
@@ -202,7 +202,7 @@ def test_k_sweep_frame_and_passes(tiny):
         sweep = sl.k_sweep(tiny, tokens, heads, ks=ks, seeds=[0, 1], batch_size=2, show_progress=False)
         layer_passes = len(forwards)
         forwards.clear()
-        model_sweep = sl.k_sweep(tiny, tokens, heads, ks=[4], policies=["random", "whole_head"], seeds=[0, 1],
+        model_sweep = sl.k_sweep(tiny, tokens, heads, ks=[4], policies=["random", "head_removal"], seeds=[0, 1],
                                  level="model", batch_size=2, show_progress=False)
         model_passes = len(forwards)
     finally:
@@ -211,14 +211,14 @@ def test_k_sweep_frame_and_passes(tiny):
     assert model_passes == 3 * (1 + 3)  # per batch: the dense reference and one pass per configuration
     assert list(sweep.columns) == reconstruction.COLUMNS
     counts = sweep.groupby("policy").size()
-    assert counts.to_dict() == {"bos_top": 9, "random": 18, "weight_norm": 9, "whole_head": 9}
+    assert counts.to_dict() == {"bos_top": 9, "random": 18, "weight_norm": 9, "head_removal": 9}
     assert set(sweep.loc[sweep["policy"] == "random", "seed"]) == {0, 1}
     assert sweep.loc[sweep["policy"] != "random", "seed"].isna().all()
     full = sweep[sweep["k"] == info.d_model]
-    assert (full.loc[full["policy"] != "whole_head", ["frob_rel", "kl", "out_rel"]].abs() < 1e-6).all().all()
-    whole = sweep[sweep["policy"] == "whole_head"]
+    assert (full.loc[full["policy"] != "head_removal", ["frob_rel", "kl", "out_rel"]].abs() < 1e-6).all().all()
+    whole = sweep[sweep["policy"] == "head_removal"]
     assert whole[["frob_rel", "kl", "d_alpha0"]].isna().all().all() and np.allclose(whole["out_rel"], 1.0)
-    assert (sweep.loc[(sweep["k"] == 1) & (sweep["policy"] != "whole_head"), "frob_rel"] > 1e-3).all()
+    assert (sweep.loc[(sweep["k"] == 1) & (sweep["policy"] != "head_removal"), "frob_rel"] > 1e-3).all()
     assert sweep["alpha0"].between(0, 1).all()
     # the dense reference is shared: alpha0 is the same for every configuration of a head
     assert sweep.groupby(["layer", "head"])["alpha0"].nunique().eq(1).all()
@@ -238,9 +238,9 @@ def test_plots_from_sweeps(tiny):
     sweep = sl.k_sweep(tiny, tokens, heads, ks=[1, 5], seeds=[0, 1], show_progress=False)
     by_dims = plots.error_vs_k(sweep, "out_rel")
     medians = {t.name: list(t.y) for t in by_dims.data if t.name.endswith("(median)")}
-    assert set(medians) == {f"{p} (median)" for p in ("bos_top", "random", "weight_norm", "whole_head")}
+    assert set(medians) == {f"{p} (median)" for p in ("bos_top", "random", "weight_norm", "head_removal")}
     assert medians["bos_top (median)"] == list(sweep[sweep["policy"] == "bos_top"].groupby("k")["out_rel"].median())
-    assert "whole_head (median)" not in {t.name for t in plots.error_vs_k(sweep, "frob_rel").data}
+    assert "head_removal (median)" not in {t.name for t in plots.error_vs_k(sweep, "frob_rel").data}
     by_layer = plots.error_vs_k(sweep, "frob_rel", group="layer")
     assert len(by_layer.data) == 3 * 2  # three policies with pattern errors, two layers each
     assert len(plots.error_vs_k(sweep, "frob_rel", group="head", policies="bos_top").data) == 3
@@ -252,7 +252,9 @@ def test_plots_from_sweeps(tiny):
     stats = sl.massive_activations(tiny, tokens, layers=[1], show_progress=False)
     assert plots.kept_dims(stats, 1, [3, 7]).data[0].marker.color.count("#1f77b4") == 2
     dense = torch.rand(2, 4, 4)
-    assert len(plots.pattern_pairs(dense, dense, 1, [0, 1], ["a", "b", "c", "d"]).data) == 4
+    assert len(plots.pattern_pairs(dense, dense, [(1, 0), (1, 1)], ["a", "b", "c", "d"]).data) == 4
+    with pytest.raises(sl.InputError, match="one layer"):
+        plots.pattern_pairs(dense, dense, [(1, 0), (2, 1)])
     with pytest.raises(sl.InputError):
         plots.error_vs_k(sweep, "frob_rel", group="prompt")
 

@@ -169,7 +169,7 @@ def test_outputs_of_older_manifests_go_by_modification_time(tmp_path):
               "02_beta.ipynb": 40, "extra.sqlite": 50}
     for rel, offset in stamps.items():
         os.utime(run_dir / rel, (base + offset, base + offset))
-    notebooks, unclaimed = outputs.attribute_outputs(run_dir, outputs.read_manifest(run_dir))
+    notebooks, unclaimed = outputs.attribute_outputs(run_dir, outputs.read_run_manifest(run_dir))
     assert [p.name for p in notebooks[0].summaries] == ["alpha_summary.json"]
     assert [p.name for p in notebooks[0].tables] == ["scores.csv"]
     assert sorted((f.path.name, f.kind) for f in notebooks[0].figures) == [("alpha_curve.html", "plotly"),
@@ -321,7 +321,7 @@ def test_a_run_writes_the_report_and_never_the_readme(series, tmp_path, capsys):
     readme = tmp_path / "README.md"
     assert main(["run", "--notebooks", str(series), "--out", str(out), "-p", "fail=true"]) == 1
     run_dir = (out / "latest").resolve()
-    manifest = outputs.read_manifest(run_dir)
+    manifest = outputs.read_run_manifest(run_dir)
     assert manifest["default_run"] is False
     assert manifest["notebooks"][0]["outputs"] == ["alpha.json", "tables/rows.csv"]  # recorded for a failure too
     page = (run_dir / "index.html").read_text()
@@ -330,7 +330,7 @@ def test_a_run_writes_the_report_and_never_the_readme(series, tmp_path, capsys):
     assert main(["run", "--notebooks", str(series), "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
     run_dir = (out / "latest").resolve()
-    assert outputs.read_manifest(run_dir)["default_run"] is True and "Report: " in stdout
+    assert outputs.read_run_manifest(run_dir)["default_run"] is True and "Report: " in stdout
     assert readme.read_text() == README  # even the reference run leaves the checkout alone
     # the explicit command takes the block from it
     assert main(["headline", str(out / "latest"), "--readme", str(readme)]) == 0
@@ -359,7 +359,7 @@ SUMMARIES = {  # the shapes notebooks 01-05 write, with made-up numbers; 06 is a
         "k": 10, "n_sink_heads": 140,
         "frob_rel_median_at_k": {"bos_top": 0.4888, "random": 0.9206, "weight_norm": 0.9184},
         "smallest_k_median_below_0.2": {"bos_top": 500, "random": 576, "weight_norm": 500},
-        "d_loss_at_k": {"bos_top": 0.6309, "random": 1.736, "weight_norm": 1.596, "whole_head": 4.079}}},
+        "d_loss_at_k": {"bos_top": 0.6309, "random": 1.736, "weight_norm": 1.596, "head_removal": 4.079}}},
     "layer_selection.json": {"settings": {"k": 10}, "headline": {
         "metric": "acc/mean", "target_retention": 0.91, "n_sink_heads": 140, "n_configurations": 124,
         "best_layers": "15,16,22", "best_n_heads": 57, "best_params_zeroed": 4129536, "best_retention": 0.9217,

@@ -24,7 +24,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 ITEMS = mc_items(6)
 # (method, layers, split): every single layer, every pair, all three, and head removal
 CONFIGS = ([("qk", (l,), "all") for l in range(3)] + [("qk", p, "all") for p in ((0, 1), (0, 2), (1, 2))]
-           + [("qk", (0, 1, 2), "all")] + [("remove", (l,), "all") for l in range(3)])
+           + [("qk", (0, 1, 2), "all")] + [("head_removal", (l,), "all") for l in range(3)])
 # atol on summed log-likelihoods (float32 forward); top-1 hits and acc must be identical
 ATOL = 1e-5
 
@@ -35,14 +35,14 @@ def make_sweep(model, items: str, results=None, **kwargs) -> Sweep:
     plan = build_plan(model, "default", items=items, n_lm_prompts=2, lm_seq_len=12, n_copy=2, copy_len=6)
     massive = sl.massive_activations(model, sl.probe_tokens(model, 4, 16), show_progress=False)
     heads = [(layer, h) for layer in range(sl.model_info(model).n_layers) for h in (0, 1)]
-    return Sweep(model, {"all": plan}, sl.PruneSpec(heads, 4), tokens=massive, results=results, show_progress=False,
-                 **kwargs)
+    return Sweep(model, {"all": plan}, sl.PruneSpec(heads, 4), calibration=massive, results=results,
+                 show_progress=False, **kwargs)
 
 
 def full_forward(model, sweep: Sweep, method: str, layers) -> pd.DataFrame:
     """The naive evaluation: edit the model, run the whole plan from the embeddings."""
     heads = list(sweep.heads_of(layers))
-    edit = (sl.prune_qk(model, heads, 4, dims="bos_top", tokens=sweep.tokens) if method == "qk"
+    edit = (sl.prune_qk(model, heads, 4, dims="bos_top", calibration=sweep.calibration) if method == "qk"
             else sl.remove_heads(model, heads))
     with edit:
         return sweep.plans["all"].run(model).per_item
@@ -110,46 +110,46 @@ def test_spec_round_trips_through_the_results_file(tiny, tmp_path):
     assert again.cached and again.spec == record.spec
     (config,) = second.file.conn.execute("SELECT config FROM results WHERE key = ?", (again.key,)).fetchone()
     assert sl.PruneSpec.from_dict(json.loads(config)["spec"]) == record.spec
-    with sl.prune_qk(tiny, again.spec, tokens=second.tokens) as handle:  # the stored spec prunes the same dims
+    with sl.prune_qk(tiny, again.spec, calibration=second.calibration) as handle:  # the stored spec: the same dims
         assert handle.params_zeroed() == again.params
     # another spec is another configuration: nothing is reused
-    other = Sweep(tiny, second.plans, second.spec.replace(k=5), tokens=second.tokens, results=path,
+    other = Sweep(tiny, second.plans, second.spec.replace(k=5), calibration=second.calibration, results=path,
                   show_progress=False)
     assert not other.has("qk", (0, 2), "all") and other.has("dense", (), "all")
 
 
 # --- fitted variants: kept dims, fill means and temperatures measured on a CalibrationSet ----------------------
 
-FITTED = [("act_weight", "mean", "temperature"), ("bos_top", "zero", "temperature")]
+FITTED = [("act_weight", "mean", True), ("bos_top", "zero", True)]
 EVAL = dict(n_lm_prompts=2, lm_seq_len=12, n_copy=2, copy_len=6)
 
 
-def fitted_sweep(model, items: str, variant=FITTED[0], tokens=None, results=None) -> Sweep:
+def fitted_sweep(model, items: str, variant=FITTED[0], calibration=None, results=None) -> Sweep:
     """Heads 0-1 of each layer at k=4 with a fitted variant, on a calibration set of 4 probe prompts."""
-    policy, fill, calibration = variant
+    policy, fill, temperature = variant
     plan = build_plan(model, "default", items=items, **EVAL)
     heads = [(layer, h) for layer in range(sl.model_info(model).n_layers) for h in (0, 1)]
-    if tokens is None:
-        tokens = sl.CalibrationSet(model, sl.probe_tokens(model, 4, 16, split="probe"))
-    spec = sl.PruneSpec(heads, 4, policy, fill=fill, calibration=calibration)
-    return Sweep(model, {"all": plan}, spec, tokens=tokens, results=results, show_progress=False)
+    if calibration is None:
+        calibration = sl.CalibrationSet(model, sl.probe_tokens(model, 4, 16, split="probe"))
+    spec = sl.PruneSpec(heads, 4, policy, fill=fill, temperature=temperature)
+    return Sweep(model, {"all": plan}, spec, calibration=calibration, results=results, show_progress=False)
 
 
-@pytest.mark.parametrize("variant", FITTED, ids="/".join)
+@pytest.mark.parametrize("variant", FITTED, ids=lambda v: "/".join(map(str, v)))
 def test_fitted_sweep_equals_an_independent_evaluation(tiny, tmp_path, variant):
     items = write_items(tmp_path, ITEMS)
     sweep = fitted_sweep(tiny, items, variant)
-    calibration = sweep.tokens
+    calibration = sweep.calibration
     assert isinstance(calibration, sl.CalibrationSet)
     for layers in ((0,), (2,), (1, 2)):
         record = sweep.evaluate("qk", layers, "all")
         assert record.spec == sweep.spec.replace(heads=sweep.heads_of(layers))
-        assert (record.spec.policy, record.spec.fill, record.spec.calibration) == variant
+        assert (record.spec.policy, record.spec.fill, record.spec.temperature) == variant
         # independent: the model edited by prune_qk, evaluated from the embeddings by sl.evaluate
-        with sl.prune_qk(tiny, record.spec, tokens=calibration) as handle:
+        with sl.prune_qk(tiny, record.spec, calibration=calibration) as handle:
             expected = sl.evaluate(tiny, items=items, show_progress=False, **EVAL)
             assert handle.params_zeroed() == record.params
-            assert len(handle.record()["q_scale"]) == len(record.heads)  # a temperature was fitted per head
+            assert len(handle.as_dict()["q_scale"]) == len(record.heads)  # a temperature was fitted per head
         assert_items_close(record.result.per_item, expected.per_item)
         assert set(record.metrics) == set(expected.metrics)
         for name, value in expected.metrics.items():
@@ -160,12 +160,12 @@ def test_fitted_sweep_equals_an_independent_evaluation(tiny, tmp_path, variant):
 def test_fitted_keys_follow_the_calibration_set_and_the_variant(tiny, tmp_path):
     items = write_items(tmp_path, ITEMS)
     prompts = sl.probe_tokens(tiny, 4, 16, split="probe")
-    first = fitted_sweep(tiny, items, tokens=sl.CalibrationSet(tiny, prompts))
-    assert first.settings["calibration"] == {"fingerprint": first.tokens.fingerprint,
-                                             "n_tokens": int(first.tokens.batch.attention_mask.sum())}
-    same = fitted_sweep(tiny, items, tokens=prompts)  # ids are made into a calibration set of the same prompts
-    other = fitted_sweep(tiny, items, tokens=sl.CalibrationSet(tiny, sl.probe_tokens(tiny, 5, 16, split="probe")))
-    variant = fitted_sweep(tiny, items, FITTED[1], tokens=first.tokens)
+    first = fitted_sweep(tiny, items, calibration=sl.CalibrationSet(tiny, prompts))
+    assert first.settings["calibration"] == {"fingerprint": first.calibration.fingerprint,
+                                             "n_tokens": int(first.calibration.batch.attention_mask.sum())}
+    same = fitted_sweep(tiny, items, calibration=prompts)  # ids are made into a calibration set of the same prompts
+    other = fitted_sweep(tiny, items, calibration=sl.CalibrationSet(tiny, sl.probe_tokens(tiny, 5, 16, split="probe")))
+    variant = fitted_sweep(tiny, items, FITTED[1], calibration=first.calibration)
     keys = [s.key("qk", (0, 1), "all") for s in (first, same, other, variant)]
     assert keys[0] == keys[1] and len(set(keys)) == 3
     assert len({s.key("dense", (), "all") for s in (first, same, other, variant)}) == 1  # the dense row is shared
@@ -184,19 +184,20 @@ def test_resumed_fitted_sweep_reuses_its_rows(tiny, tmp_path):
         pd.testing.assert_frame_equal(a.result.per_item, b.result.per_item)
         assert a.spec == b.spec and a.params == b.params
     other = fitted_sweep(tiny, items, results=path,
-                         tokens=sl.CalibrationSet(tiny, sl.probe_tokens(tiny, 5, 16, split="probe")))
+                         calibration=sl.CalibrationSet(tiny, sl.probe_tokens(tiny, 5, 16, split="probe")))
     assert not other.has(*configs[0]) and other.has("dense", (), "all")  # fitted on other tokens: not reused
 
 
-def test_plain_bos_top_settings_and_keys_are_unchanged(tiny, tmp_path):
+def test_plain_bos_top_key_is_its_spec_dims_and_heads(tiny, tmp_path):
     sweep = make_sweep(tiny, write_items(tmp_path, ITEMS))
-    assert set(sweep.settings) == {"spec", "dims", "heads"}  # no calibration entry: older results files stay valid
+    assert set(sweep.settings) == {"spec", "dims", "heads"}  # BOS vectors only: no calibration fingerprint
     # the key of a plain bos_top configuration, built as before fitted variants existed
     n = sl.model_info(tiny).n_layers
-    top = {layer: sweep.tokens.top_dims(layer, 4, "normalized").sort().values.tolist() for layer in range(n)}
+    massive = sweep.calibration.massive(range(n))
+    top = {layer: massive.top_dims(layer, 4, "normalized").sort().values.tolist() for layer in range(n)}
     settings = {"spec": {**sl.PruneSpec([(0, 0)], 4).as_dict(), "heads": None},
-                "dims": {f"{l}.{h}": top[l] for l in range(n) for h in (0, 1)},
-                "heads": {str(l): [0, 1] for l in range(n)}}
+                "dims": [{"layer": l, "head": h, "dims": top[l]} for l in range(n) for h in (0, 1)],
+                "heads": [[l, [0, 1]] for l in range(n)]}
     payload = {"schema": SCHEMA, "model": sweep.fingerprint, "plan": plan_fingerprint(sweep.plans["all"]),
                "settings": settings, "method": "qk", "layers": [0, 2]}
     expected = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
@@ -210,15 +211,15 @@ def test_fitted_spec_without_calibration_tokens_is_refused_before_any_forward(ti
     monkeypatch.setattr(sl.CalibrationSet, "inputs", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
     for spec in (sl.PruneSpec([(0, 1)], 4, "random", fill="mean"), sl.PruneSpec([(0, 1)], 4, "act_weight"),
                  sl.PruneSpec([(0, 1)], 4, "bos_top")):
-        with pytest.raises(sl.InputError, match="tokens= is None: pass tokens= as"):
+        with pytest.raises(sl.InputError, match="fitted on calibration prompts.*pass .*as calibration="):
             Sweep(tiny, {"all": plan}, spec, show_progress=False)
     massive = sl.massive_activations(tiny, sl.probe_tokens(tiny, 2, 8), show_progress=False)
-    with pytest.raises(sl.InputError, match="tokens= is a MassiveActivations.*CalibrationSet"):
-        Sweep(tiny, {"all": plan}, sl.PruneSpec([(0, 1)], 4, "bos_top", fill="mean"), tokens=massive,
+    with pytest.raises(sl.InputError, match="calibration= holds only BOS vectors.*pass the prompts"):
+        Sweep(tiny, {"all": plan}, sl.PruneSpec([(0, 1)], 4, "bos_top", fill="mean"), calibration=massive,
               show_progress=False)
     no_bos = sl.probe_tokens(tiny, 2, 8, prepend_bos=False)
-    with pytest.raises(sl.InputError, match=r"tokens="):
-        Sweep(tiny, {"all": plan}, sl.PruneSpec([(0, 1)], 4, "act_weight"), tokens=no_bos, show_progress=False)
+    with pytest.raises(sl.InputError, match=r"calibration="):
+        Sweep(tiny, {"all": plan}, sl.PruneSpec([(0, 1)], 4, "act_weight"), calibration=no_bos, show_progress=False)
 
 
 CHILD = textwrap.dedent("""
@@ -315,4 +316,4 @@ def test_layer_without_heads_is_refused(tiny, tmp_path):
     plan = build_plan(tiny, "copy", n_copy=2, copy_len=4)
     sweep = Sweep(tiny, {"all": plan}, sl.PruneSpec([(0, 1)], 4, "random"), show_progress=False)
     with pytest.raises(sl.InputError, match="no heads to prune"):
-        sweep.evaluate("remove", (1,), "all")
+        sweep.evaluate("head_removal", (1,), "all")

@@ -63,7 +63,7 @@ def test_probe_set_is_deterministic_and_splits_are_disjoint(smollm):
     assert (a.tokens[:, 0] == bos).all() and a.prepend_bos
     no_bos = sl.probe_tokens(smollm, n_prompts=16, seq_len=32, prepend_bos=False)
     assert torch.equal(no_bos.tokens, a.tokens[:, 1:])  # the same text, one token shorter
-    held = sl.probe_tokens(smollm, n_prompts=16, seq_len=32, split="heldout")
+    held = sl.probe_tokens(smollm, n_prompts=16, seq_len=32, split="held_out")
     probe_rows = {tuple(r) for r in a.tokens[:, 1:].tolist()}
     assert not probe_rows & {tuple(r) for r in held.tokens[:, 1:].tolist()}
     text = smollm.tokenizer.decode(a.tokens[0, 1:])

@@ -38,7 +38,7 @@ def test_view_pattern_is_the_models_hook_pattern(tiny, hf_reference):
     info = sl.model_info(tiny)
     ids = random_tokens(1, 12, seed=3)[0]
     layer, heads = info.n_layers - 1, [info.n_heads - 1, 0]
-    view = views.attention_view(tiny, ids, layer, heads)
+    view = views.attention_view(tiny, ids, [(layer, h) for h in heads])
     hooked = _captured_pattern(tiny, ids, layer)
     assert torch.equal(view.pattern, hooked[heads])
     reference = hf_reference(ids.unsqueeze(0), output_attentions=True).attentions[layer][0, heads]
@@ -46,12 +46,13 @@ def test_view_pattern_is_the_models_hook_pattern(tiny, hf_reference):
     assert view.token_ids == ids.tolist()
     assert view.tokens == [f"w{i}" if i > 2 else tiny.tokenizer.decode([i]) for i in ids.tolist()]
     assert view.head_names() == [f"L{layer}H{h}" for h in heads]
+    assert view.heads == [(layer, h) for h in heads]  # (layer, head) pairs, in the order given
 
 
 def test_view_html_is_self_contained_and_carries_the_pattern(tiny):
     ids = random_tokens(1, 10, seed=4)[0]
-    first = views.attention_view(tiny, ids, 0, 1)
-    second = views.attention_view(tiny, ids, 1)
+    first = views.attention_view(tiny, ids, [(0, 1)])
+    second = views.attention_view(tiny, ids, layer=1)
     page = views.views_page([first, second], title="two views")
     assert not re.search(r"<script[^>]*\bsrc\s*=", page), "no external script"
     assert "unpkg.com" not in page and "import {" not in page
@@ -74,7 +75,7 @@ def test_view_of_a_padded_batch_row_drops_the_padding(tiny):
     mask = padded_mask(3, 16, "left", seed=5)
     row = int(mask.sum(1).argmin())
     batch = sl.TokenBatch(tokens, mask, True)
-    view = views.attention_view(tiny, batch, 2, [0], row=row)
+    view = views.attention_view(tiny, batch, [(2, 0)], row=row)
     real = tokens[row][mask[row].bool()]
     assert view.token_ids == real.tolist()
     assert torch.equal(view.pattern, _captured_pattern(tiny, real, 2)[[0]])
@@ -84,13 +85,19 @@ def test_view_rejects_bad_input_before_running(tiny):
     info = sl.model_info(tiny)
     ids = random_tokens(1, 8)[0]
     with pytest.raises(sl.InputError, match="layer"):
-        views.attention_view(tiny, ids, info.n_layers)
+        views.attention_view(tiny, ids, layer=info.n_layers)
     with pytest.raises(sl.InputError, match="head"):
-        views.attention_view(tiny, ids, 0, info.n_heads)
+        views.attention_view(tiny, ids, [(0, info.n_heads)])
     with pytest.raises(sl.InputError, match="heads is empty"):
-        views.attention_view(tiny, ids, 0, [])
+        views.attention_view(tiny, ids, [])
+    with pytest.raises(sl.InputError, match="one layer, but heads span layers"):
+        views.attention_view(tiny, ids, [(0, 0), (1, 0)])
+    with pytest.raises(sl.InputError, match=r"Pass heads=.*or layer="):
+        views.attention_view(tiny, ids)
+    with pytest.raises(sl.InputError, match="looks like a single pair"):
+        views.attention_view(tiny, ids, [0, 1])  # head indices of the former call form
     with pytest.raises(sl.InputError, match="one prompt"):
-        views.attention_view(tiny, random_tokens(2, 8), 0)
+        views.attention_view(tiny, random_tokens(2, 8), layer=0)
     with pytest.raises(sl.InputError, match="non-empty list of AttentionView"):
         views.views_page([])
 

@@ -1,8 +1,10 @@
 """Summaries of the kept-dims comparison beyond the BOS dims (notebook 07): per-variant quantiles, overlaps, headline,
 the best variant and the layer selections it is compared with ``bos_top`` in.
 
-A variant is one (policy, fill, calibration) of a :func:`sinklens.k_sweep` frame; its label is
-``policy/fill/calibration`` (e.g. ``optimized/mean/temperature``).
+A variant is one (policy, fill, temperature) of a :func:`sinklens.k_sweep` frame; its label is
+``policy/fill/temperature`` or ``policy/fill/none`` (e.g. ``optimized/mean/temperature``), built by
+:func:`sinklens.prune.spec.variant_label` (``PruneSpec.variant_label``). Frames written before the vocabulary change
+(a ``calibration`` column of ``"none"``/``"temperature"``) are read.
 """
 
 from __future__ import annotations
@@ -17,31 +19,34 @@ from torch import Tensor
 from ..core.errors import InputError
 from ..core.validate import check_fraction, check_int
 from ..prune.calibration import CalibrationSet
-from ..prune.spec import Head
+from ..prune.spec import Head, old_temperature, parse_heads, parse_layers
+from ..prune.spec import variant_label as label_of
 from .selection import LayerSelection
 
-VARIANT = ["policy", "fill", "calibration"]
-BASELINE = {"policy": "bos_top", "fill": "zero", "calibration": "none"}  # the thesis' choice
-NONE_MEETS = "none meets it"
+VARIANT = ["policy", "fill", "temperature"]
+BASELINE = {"policy": "bos_top", "fill": "zero", "temperature": False}  # the thesis' choice
 
 
 def _check(frame, columns: Sequence[str]) -> pd.DataFrame:
+    if isinstance(frame, pd.DataFrame) and "temperature" not in frame.columns and "calibration" in frame.columns:
+        frame = frame.copy()  # written before the vocabulary change: calibration "none"/"temperature"
+        frame["temperature"] = [None if pd.isna(v) else old_temperature(v, "the frame's calibration column")
+                                for v in frame.pop("calibration")]
     if not isinstance(frame, pd.DataFrame) or frame.empty or not set(columns) <= set(frame.columns):
         raise InputError(f"Expected a non-empty sinklens.k_sweep frame with columns {list(columns)}.")
     return frame
 
 
 def variant_labels(sweep: pd.DataFrame) -> pd.DataFrame:
-    """A copy of a k_sweep frame whose ``policy`` column holds the variant label ``policy/fill/calibration``
-    (whole-head removal keeps its name), for figures that draw one line per policy.
+    """A copy of a k_sweep frame whose ``policy`` column holds the variant label (:func:`variant_label`; whole-head
+    removal keeps its name), for figures that draw one line per policy.
 
     Args:
         sweep: a :func:`sinklens.k_sweep` frame.
     """
     sweep = _check(sweep, VARIANT).copy()
     fitted = sweep["fill"].notna()
-    sweep.loc[fitted, "policy"] = (sweep.loc[fitted, "policy"] + "/" + sweep.loc[fitted, "fill"] + "/"
-                                   + sweep.loc[fitted, "calibration"])
+    sweep.loc[fitted, "policy"] = [label_of(p, f, t) for p, f, t in sweep.loc[fitted, VARIANT].itertuples(index=False)]
     return sweep
 
 
@@ -64,22 +69,27 @@ def variant_table(sweep: pd.DataFrame, ks: Sequence[int], metrics: Sequence[str]
     return table.reset_index()
 
 
-def variant_label(variant: Mapping[str, str]) -> str:
-    """``policy/fill/calibration`` of a variant.
+def variant_label(variant: Mapping) -> str:
+    """The label of a variant mapping (``policy/fill/temperature`` or ``policy/fill/none``, built by
+    :func:`sinklens.prune.spec.variant_label`).
 
     Args:
-        variant: a mapping with ``policy``, ``fill`` and ``calibration`` (e.g. from :func:`best_variant`).
+        variant: a mapping with ``policy``, ``fill`` and ``temperature`` (e.g. from :func:`best_variant`; a former
+            ``calibration`` key is read).
     """
+    variant = dict(variant)
+    if "temperature" not in variant and "calibration" in variant:
+        variant["temperature"] = old_temperature(variant.pop("calibration"), "variant")
     missing = [name for name in VARIANT if name not in variant]
     if missing:
         raise InputError(f"A variant needs {VARIANT}, this one lacks {missing}.")
-    return "/".join(str(variant[name]) for name in VARIANT)
+    return label_of(variant["policy"], variant["fill"], variant["temperature"])
 
 
-def best_variant(table: pd.DataFrame, k: int) -> dict[str, str]:
-    """The variant with the lowest median frob_rel at ``k`` (ties: the first in policy, fill, calibration order, as
-    :func:`beyond_bos_headline`): ``{"policy", "fill", "calibration"}``, the keyword arguments of
-    :func:`sinklens.layer_selection` that prune with it.
+def best_variant(table: pd.DataFrame, k: int) -> dict:
+    """The variant with the lowest median frob_rel at ``k`` (ties: the first in policy, fill, temperature order, as
+    :func:`beyond_bos_headline`): ``{"policy", "fill", "temperature"}``, the fields of the
+    :meth:`PruneSpec.template <sinklens.prune.spec.PruneSpec.template>` that prunes with it.
 
     Args:
         table: from :func:`variant_table`.
@@ -90,13 +100,14 @@ def best_variant(table: pd.DataFrame, k: int) -> dict[str, str]:
     if at_k.empty:
         raise InputError(f"The table has no median frob_rel at k={k} (its ks: {sorted(table['k'].unique())}).")
     best = at_k.sort_values(["frob_rel_q50", *VARIANT], kind="stable").iloc[0]
-    return {name: str(best[name]) for name in VARIANT}
+    return {"policy": str(best["policy"]), "fill": str(best["fill"]), "temperature": bool(best["temperature"])}
 
 
 def selection_comparison(selections: Mapping[str, LayerSelection], targets: Sequence[float]) -> pd.DataFrame:
     """Per variant and target, the held-out layer set with the most QK-pruned heads meeting the target
     (:meth:`LayerSelection.best`): its layers, heads, Q/K parameters zeroed, retention and CI, or
-    ``layers="none meets it"`` (no heads, no parameters) when no confirmed set meets it.
+    ``meets=False`` with ``layers=None`` (no heads, no parameters) when no confirmed set meets it. Layers are lists of
+    ints and heads ``[layer, head]`` lists.
 
     Args:
         selections: layer selections by variant label (same k, heads, evaluation and strategies).
@@ -115,16 +126,19 @@ def selection_comparison(selections: Mapping[str, LayerSelection], targets: Sequ
         spec = selection.settings["spec"]
         for target in targets:
             best = selection.best(target)
-            row = {"variant": label, **{name: spec[name] for name in VARIANT}, "k": spec["k"],
+            temperature = spec["temperature"] if "temperature" in spec else old_temperature(
+                spec.get("calibration") or "none", "the selection's spec")
+            row = {"variant": label, "policy": spec["policy"], "fill": spec["fill"], "temperature": temperature,
+                   "k": spec["k"],
                    "metric": selection.metric, "target": target, "n_candidate_heads": len(spec["heads"]),
                    "meets": best is not None}
             if best is None:
-                row |= {"layers": NONE_MEETS, "n_layers": 0, "n_heads": 0, "heads": "", "params_zeroed": 0,
+                row |= {"layers": None, "n_layers": 0, "n_heads": 0, "heads": [], "params_zeroed": 0,
                         "params_share": 0.0, "retention": np.nan, "ci_low": np.nan, "ci_high": np.nan,
                         "strategy": None}
             else:
-                row |= {"layers": str(best["layers"]), "n_layers": int(best["n_layers"]),
-                        "n_heads": int(best["n_heads"]), "heads": best["heads"],
+                row |= {"layers": parse_layers(best["layers"]), "n_layers": int(best["n_layers"]),
+                        "n_heads": int(best["n_heads"]), "heads": [list(p) for p in parse_heads(best["heads"])],
                         "params_zeroed": int(best["params_zeroed"]), "params_share": float(best["params_share"]),
                         "retention": float(best["retention"]), "ci_low": float(best["ci_low"]),
                         "ci_high": float(best["ci_high"]), "strategy": best["strategy"]}
@@ -209,7 +223,7 @@ def beyond_bos_headline(table: pd.DataFrame, k: int, baseline: str = "bos_top/ze
     at_k = table[table["k"] == k]
     if at_k.empty:
         raise InputError(f"The table has no rows at k={k}.")
-    labels = at_k["policy"] + "/" + at_k["fill"] + "/" + at_k["calibration"]
+    labels = [label_of(p, f, t) for p, f, t in at_k[VARIANT].itertuples(index=False)]
     medians = dict(zip(labels, at_k["frob_rel_q50"].astype(float)))
     best = min(medians, key=medians.get)
     return {"k": int(k), "frob_rel_median_at_k": medians, "best_variant": best,
@@ -217,6 +231,6 @@ def beyond_bos_headline(table: pd.DataFrame, k: int, baseline: str = "bos_top/ze
             "baseline_frob_rel_median": medians.get(baseline)}
 
 
-__all__ = ["BASELINE", "NONE_MEETS", "beyond_bos_headline", "best_variant", "dims_overlap", "search_cost_table",
+__all__ = ["BASELINE", "beyond_bos_headline", "best_variant", "dims_overlap", "search_cost_table",
            "selection_comparison", "selection_headline", "spread_heads", "variant_label", "variant_labels",
            "variant_table"]

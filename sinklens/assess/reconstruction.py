@@ -32,6 +32,7 @@ Patterns are reduced inside the hooks; only the layers involved are hooked.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -48,19 +49,22 @@ from ..core.loading import model_info
 from ..core.qk import check_editable, head_rows, layout, masked_like, weights
 from ..core.tokens import TokenBatch, as_batch
 from ..core.validate import check_choice, check_fraction, check_int
-from ..measure.massive import BASES, Basis, MassiveActivations
-from ..prune.calibration import calibration_set, fingerprint
-from ..prune.dims import bos_activations
+from ..measure.massive import BASES, Basis
+from ..prune.calibration import (
+    calibration_argument,
+    calibration_need,
+    fingerprint,
+    resolve_calibration,
+    temperature_argument,
+)
 from ..prune.pattern_error import pattern_errors, softmax_pair
 from ..prune.pruning import PruningPlan, apply_pruning, plan_pruning
 from ..prune.removal import apply_head_removal
 from ..prune.spec import (
-    CALIBRATIONS,
     DEFAULT_POOL,
     FILLS,
     GQA_POLICIES,
     POLICIES,
-    Calibration,
     DimsArg,
     Fill,
     GQAPolicy,
@@ -69,18 +73,20 @@ from ..prune.spec import (
     PruneSpec,
     as_spec,
     check_heads,
+    old_temperature,
 )
 
-SweepPolicy = Literal["bos_top", "random", "weight_norm", "act_weight", "optimized", "whole_head"]
+SweepPolicy = Literal["bos_top", "random", "weight_norm", "act_weight", "optimized", "head_removal"]
 SWEEP_POLICIES: tuple[str, ...] = get_args(SweepPolicy)  # the kept-dims policies and whole-head removal
-assert SWEEP_POLICIES == POLICIES + ("whole_head",)
-DEFAULT_SWEEP_POLICIES = ("bos_top", "random", "weight_norm", "whole_head")  # k_sweep's default: the thesis' controls
+assert SWEEP_POLICIES == POLICIES + ("head_removal",)
+HEAD_REMOVAL = "head_removal"
+DEFAULT_SWEEP_POLICIES = ("bos_top", "random", "weight_norm", HEAD_REMOVAL)  # k_sweep's default: the thesis' controls
 Level = Literal["layer", "model"]
 LEVELS: tuple[str, ...] = get_args(Level)
 Metric = Literal["frob_rel", "kl", "d_alpha0", "out_rel", "alpha0", "next_kl", "loss", "d_loss"]
 METRICS = ("frob_rel", "kl", "d_alpha0", "out_rel")
 K_GRID = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
-COLUMNS = ["level", "policy", "k", "seed", "gqa", "basis", "fill", "calibration", "fit", "layer", "head", "alpha0",
+COLUMNS = ["level", "policy", "k", "seed", "gqa", "basis", "fill", "temperature", "fit", "layer", "head", "alpha0",
            "frob_rel", "kl", "d_alpha0", "out_rel", "next_kl", "loss", "d_loss", "n_prompts"]
 
 
@@ -164,22 +170,22 @@ def _prepare(model, tokens, attention_mask, heads):
     return info, batch, heads
 
 
-def _calibration_source(model, batch: TokenBatch, dims_tokens, specs: Sequence[PruneSpec]) -> tuple[object, str | None]:
+def _calibration_source(model, batch: TokenBatch, calibration, specs: Sequence[PruneSpec]) -> tuple[object, str | None]:
     """What the specs' kept dims, means and temperatures are fitted on, and whether that is the evaluated text.
 
-    ``dims_tokens`` (ids, a TokenBatch, a CalibrationSet, or for plain ``bos_top`` a MassiveActivations), else
-    ``batch`` itself; measured once for every spec, through the same checks as :func:`apply_pruning`.
-    Returns (source, fit): fit is ``"in_sample"`` (fitted on the evaluated prompts), ``"held_out"`` (on other
-    prompts), ``"unknown"`` (a MassiveActivations of unknown prompts), or None when nothing is fitted."""
-    fitted = [spec for spec in specs if spec.needs_calibration()]
+    ``calibration`` (see :func:`~sinklens.prune.calibration.resolve_calibration`), else ``batch`` itself; measured
+    once for every spec. Returns (calibration set, fit): fit is ``"in_sample"`` (fitted on the evaluated prompts),
+    ``"held_out"`` (on other prompts), ``"unknown"`` (BOS vectors of unknown prompts), or None when nothing is
+    fitted."""
+    fitted = [spec for spec in specs if calibration_need(spec) != "nothing"]
     if not fitted:
         return None, None
+    source = resolve_calibration(model, fitted, batch if calibration is None else calibration)
     layers = sorted({l for spec in fitted for l, _ in spec.heads})
-    plain_bos = all(spec.policy == "bos_top" and not spec.fits_inputs() for spec in fitted)
-    if isinstance(dims_tokens, MassiveActivations) and plain_bos:
-        return bos_activations(model, dims_tokens, layers), "unknown"
-    source = calibration_set(model, batch if dims_tokens is None else dims_tokens, argument="dims_tokens")
-    if plain_bos:
+    if source.bos_only:
+        source.massive(layers)
+        return source, "unknown"
+    if all(calibration_need(spec) == "bos" for spec in fitted):
         source.massive(layers)
     else:
         source.inputs(layers)  # one forward for every layer, before any plan
@@ -189,14 +195,15 @@ def _calibration_source(model, batch: TokenBatch, dims_tokens, specs: Sequence[P
 # --- public API ---------------------------------------------------------------------------------
 
 def reconstruction_error(model, tokens, heads: Sequence[Head] | PruneSpec, k: int | None = None,
-                         dims: DimsArg | None = None, *, basis: Basis | None = None, gqa: GQAPolicy | None = None,
-                         seed: int | None = None, force: bool | None = None, fill: Fill | None = None,
-                         calibration: Calibration | None = None, level: Level = "model",
-                         attention_mask: Int[Tensor, "batch pos"] | None = None, dims_tokens=None, batch_size: int = 8,
-                         show_progress: bool = True) -> pd.DataFrame:
+                         dims: DimsArg | None = None, *, calibration=None, basis: Basis | None = None,
+                         gqa: GQAPolicy | None = None, seed: int | None = None, force: bool | None = None,
+                         fill: Fill | None = None, temperature: bool | None = None, objective: Objective | None = None,
+                         pool: int | None = None, level: Level = "model",
+                         attention_mask: Int[Tensor, "batch pos"] | None = None, batch_size: int = 8,
+                         show_progress: bool = True, dims_tokens=None) -> pd.DataFrame:
     """Reconstruction error of every head in ``heads`` pruned at ``k`` (one row per head).
 
-    Columns: level, policy, k, seed, gqa, basis, fill, calibration (the spec's fields), fit (what the kept dims,
+    Columns: level, policy, k, seed, gqa, basis, fill, temperature (the spec's fields), fit (what the kept dims,
     means and temperatures were fitted on: ``"held_out"`` other prompts than ``tokens``, ``"in_sample"`` the same
     prompts, ``"unknown"``, or None when nothing is fitted), layer, head, alpha0 (dense), frob_rel, kl, d_alpha0,
     out_rel, next_kl, loss, d_loss (model level only; NaN at level "layer"), n_prompts. See the module docstring
@@ -205,24 +212,29 @@ def reconstruction_error(model, tokens, heads: Sequence[Head] | PruneSpec, k: in
     Args:
         model: a bridge from :func:`sinklens.load_model`, without active edits (it is the dense reference).
         tokens: the prompts the patterns are compared on (ids, a TokenBatch, or strings).
-        heads: ``(layer, head)`` pairs, or a :class:`~sinklens.prune.spec.PruneSpec` (then leave k, dims, basis,
-            gqa, seed, force, fill and calibration out).
-        k, dims, basis, gqa, seed, force, fill, calibration: the pruning, as in :func:`sinklens.apply_pruning`.
+        heads: ``(layer, head)`` pairs, or a :class:`~sinklens.prune.spec.PruneSpec` (then leave the pruning
+            arguments k ... pool out).
+        k, dims, basis, gqa, seed, force, fill, temperature, objective, pool: the pruning, as in
+            :func:`sinklens.apply_pruning`.
+        calibration: the calibration prompts the kept dims, fill means and temperatures are fitted on: a
+            :class:`~sinklens.prune.calibration.CalibrationSet`, BOS-prepended ids or a TokenBatch (plain
+            ``bos_top`` also takes a MassiveActivations); default: ``tokens`` (in-sample). Pass other prompts than
+            ``tokens`` (e.g. the probe split, with ``tokens`` from the held-out split) to measure held-out errors.
         level: ``"model"`` (the pruned model runs) or ``"layer"`` (each layer pruned alone on the dense stream).
         attention_mask: 0/1 mask of real tokens of ``tokens``.
-        dims_tokens: the calibration tokens the kept dims, fill means and temperatures are fitted on: BOS-prepended
-            ids, a TokenBatch or a :class:`~sinklens.prune.calibration.CalibrationSet` (plain ``bos_top`` also takes a
-            MassiveActivations); default: ``tokens`` (in-sample). Pass other prompts than ``tokens`` (e.g. the
-            probe split, with ``tokens`` from the held-out split) to measure held-out errors.
         batch_size: prompts per forward.
         show_progress: show a progress bar.
+        dims_tokens: deprecated spelling of ``calibration``.
     """
-    spec = as_spec(heads, k, dims, basis=basis, gqa=gqa, seed=seed, force=force, fill=fill, calibration=calibration)
+    calibration, temperature = temperature_argument(calibration, temperature, where="reconstruction_error")
+    calibration = calibration_argument(calibration, where="reconstruction_error", dims_tokens=dims_tokens)
+    spec = as_spec(heads, k, dims, basis=basis, gqa=gqa, seed=seed, force=force, fill=fill, temperature=temperature,
+                   objective=objective, pool=pool)
     info, batch, heads = _prepare(model, tokens, attention_mask, spec.heads)
     check_choice("level", level, LEVELS)
     batch_size = check_int("batch_size", batch_size, minimum=1, meaning="prompts per forward")
-    source, fit = _calibration_source(model, batch, dims_tokens, [spec])
-    plan = plan_pruning(model, spec, tokens=source)
+    source, fit = _calibration_source(model, batch, calibration, [spec])
+    plan = plan_pruning(model, spec, calibration=source)
     run = _model_level if level == "model" else _layer_level
     return run(model, batch, heads, [_Config(spec.policy, plan, fit)], spec.gqa, batch_size, show_progress)
 
@@ -233,6 +245,17 @@ def _choices(name: str, values, choices: Sequence[str]) -> list[str]:
         raise InputError(f"{name} is empty: pass some of {tuple(choices)}.")
     for value in values:
         check_choice(name[:-1], value, choices)
+    if len(set(values)) != len(values):
+        raise InputError(f"{name} holds duplicates: {values}.")
+    return values
+
+
+def _flags(name: str, values) -> list[bool]:
+    values = [values] if isinstance(values, bool) else list(values)
+    if not values:
+        raise InputError(f"{name} is empty: pass [False], [True] or [False, True].")
+    if not all(isinstance(value, bool) for value in values):
+        raise InputError(f"{name} must hold True/False values, got {values!r}.")
     if len(set(values)) != len(values):
         raise InputError(f"{name} holds duplicates: {values}.")
     return values
@@ -250,15 +273,15 @@ def default_ks(d_model: int) -> list[int]:
 def k_sweep(model, tokens, heads: Sequence[Head] | None, *, ks: Sequence[int] | None = None,
             policies: Sequence[SweepPolicy] = DEFAULT_SWEEP_POLICIES, seeds: Sequence[int] = (0, 1, 2),
             basis: Basis = "normalized", gqa: GQAPolicy = "exact", fills: Sequence[Fill] = ("zero",),
-            calibrations: Sequence[Calibration] = ("none",), objective: Objective = "frob_rel",
+            temperatures: Sequence[bool] = (False,), objective: Objective = "frob_rel",
             pool: int = DEFAULT_POOL, level: Level = "layer", force: bool = False,
-            attention_mask: Int[Tensor, "batch pos"] | None = None, dims_tokens=None, batch_size: int = 8,
-            show_progress: bool = True) -> pd.DataFrame:
-    """Tidy reconstruction errors of ``heads`` for every k in ``ks``, every policy, fill and calibration, with one
+            attention_mask: Int[Tensor, "batch pos"] | None = None, calibration=None, batch_size: int = 8,
+            show_progress: bool = True, dims_tokens=None, calibrations=None) -> pd.DataFrame:
+    """Tidy reconstruction errors of ``heads`` for every k in ``ks``, every policy, fill and temperature, with one
     dense reference.
 
     Every configuration is the :class:`~sinklens.prune.spec.PruneSpec` ``(heads, k, policy, basis, gqa, seed,
-    force, fill, calibration)``; its fields are the frame's columns, the same as :func:`reconstruction_error`'s
+    force, fill, temperature)``; its fields are the frame's columns, the same as :func:`reconstruction_error`'s
     (``seed`` is set for random only, ``basis`` for bos_top only). The optimized search runs once per head and
     fill, for the largest k (the smaller ks are its prefixes).
 
@@ -268,27 +291,40 @@ def k_sweep(model, tokens, heads: Sequence[Head] | None, *, ks: Sequence[int] | 
         heads: ``(layer, head)`` pairs, or None for every head of the model.
         ks: the k grid (None: :func:`default_ks`).
         policies: any of ``"bos_top"``, ``"random"`` (one configuration per seed), ``"weight_norm"``,
-            ``"act_weight"``, ``"optimized"`` and ``"whole_head"`` (head output zeroed; it does not depend on k,
-            fill or calibration: computed once, its rows repeated for every k).
+            ``"act_weight"``, ``"optimized"`` and ``"head_removal"`` (head output zeroed; it does not depend on k,
+            fill or temperature: computed once, its rows repeated for every k; ``"whole_head"`` is its deprecated
+            spelling).
         seeds: the seeds of ``random``.
         basis, gqa, force: as in :func:`sinklens.apply_pruning`.
         fills: the fills of dropped dims (``"zero"``, ``"mean"``).
-        calibrations: the score calibrations (``"none"``, ``"temperature"``).
+        temperatures: with and/or without a fitted score temperature (``[False]``, ``[False, True]``).
         objective, pool: the ``optimized`` search's (see :class:`~sinklens.prune.spec.PruneSpec`).
         level: ``"layer"`` (default: every configuration from one forward) or ``"model"`` (each configuration
             through the pruned model).
         attention_mask: 0/1 mask of real tokens of ``tokens``.
-        dims_tokens: the calibration tokens (see :func:`reconstruction_error`; default: ``tokens``).
+        calibration: the calibration prompts (see :func:`reconstruction_error`; default: ``tokens``).
         batch_size: prompts per forward.
         show_progress: show a progress bar.
+        dims_tokens: deprecated spelling of ``calibration``.
+        calibrations: deprecated spelling of ``temperatures`` (``"none"`` / ``"temperature"``).
     """
+    calibration = calibration_argument(calibration, where="k_sweep", dims_tokens=dims_tokens)
+    if calibrations is not None:
+        warnings.warn('k_sweep(calibrations=...) is deprecated: use temperatures=[False, True] (was ["none", '
+                      '"temperature"]).', DeprecationWarning, stacklevel=2)
+        temperatures = [old_temperature(value, "k_sweep(calibrations=)") for value in
+                        ([calibrations] if isinstance(calibrations, str) else calibrations)]
+    if isinstance(policies, str):
+        policies = [policies]
+    if "whole_head" in list(policies):
+        warnings.warn('k_sweep(policies=[..., "whole_head"]) is deprecated: use "head_removal".', DeprecationWarning,
+                      stacklevel=2)
+        policies = [HEAD_REMOVAL if policy == "whole_head" else policy for policy in policies]
     if heads is None:
         info = model_info(model)
         heads = [(layer, head) for layer in range(info.n_layers) for head in range(info.n_heads)]
     info, batch, heads = _prepare(model, tokens, attention_mask, heads)
     ks = _check_ints("ks", default_ks(info.d_model) if ks is None else ks, 1, info.d_model)
-    if isinstance(policies, str):
-        policies = [policies]
     policies = list(policies)
     if not policies:
         raise InputError(f"policies is empty: pass some of {SWEEP_POLICIES}.")
@@ -301,22 +337,24 @@ def k_sweep(model, tokens, heads: Sequence[Head] | None, *, ks: Sequence[int] | 
     check_choice("basis", basis, BASES)
     check_choice("gqa policy", gqa, GQA_POLICIES)
     batch_size = check_int("batch_size", batch_size, minimum=1, meaning="prompts per forward")
-    fills, calibrations = _choices("fills", fills, FILLS), _choices("calibrations", calibrations, CALIBRATIONS)
+    fills = _choices("fills", fills, FILLS)
+    temperatures = _flags("temperatures", temperatures)
     specs = [PruneSpec(heads, k, policy, basis=basis, gqa=gqa, seed=seed, force=force, fill=fill,
-                       calibration=calibration, objective=objective, pool=pool)
-             for policy in policies if policy != "whole_head" for fill in fills for calibration in calibrations
+                       temperature=temperature, objective=objective, pool=pool)
+             for policy in policies if policy != HEAD_REMOVAL for fill in fills for temperature in temperatures
              for k in sorted(ks, reverse=policy == "optimized") for seed in (seeds if policy == "random" else [0])]
-    source, fit = _calibration_source(model, batch, dims_tokens, specs)
-    configs = [_Config(spec.policy, plan_pruning(model, spec, tokens=source if spec.needs_calibration() else None),
-                       fit if spec.needs_calibration() else None) for spec in specs]
-    if "whole_head" in policies:
-        configs.append(_Config("whole_head", None))
+    source, fit = _calibration_source(model, batch, calibration, specs)
+    fitted = [calibration_need(spec) != "nothing" for spec in specs]
+    configs = [_Config(spec.policy, plan_pruning(model, spec, calibration=source if f else None), fit if f else None)
+               for spec, f in zip(specs, fitted)]
+    if HEAD_REMOVAL in policies:
+        configs.append(_Config(HEAD_REMOVAL, None))
     run = _model_level if level == "model" else _layer_level
     frame = run(model, batch, heads, configs, gqa, batch_size, show_progress)
-    if "whole_head" in policies:  # k-independent: repeat its rows at every k of the sweep
-        whole = frame[frame["policy"] == "whole_head"]
+    if HEAD_REMOVAL in policies:  # k-independent: repeat its rows at every k of the sweep
+        whole = frame[frame["policy"] == HEAD_REMOVAL]
         attrs = dict(frame.attrs)
-        frame = pd.concat([frame[frame["policy"] != "whole_head"]] + [whole.assign(k=k) for k in ks],
+        frame = pd.concat([frame[frame["policy"] != HEAD_REMOVAL]] + [whole.assign(k=k) for k in ks],
                           ignore_index=True)
         frame["k"] = frame["k"].astype("Int64")
         frame.attrs.update(attrs)
@@ -669,9 +707,9 @@ def _frame(acc: _Accumulator, heads, configs, gqa, level: str, batch: TokenBatch
         else:
             model_level = {"next_kl": float("nan"), "loss": float("nan"), "d_loss": float("nan")}
         spec = config.spec
-        fields = ({"k": None, "seed": None, "gqa": gqa, "basis": None, "fill": None, "calibration": None}
+        fields = ({"k": None, "seed": None, "gqa": gqa, "basis": None, "fill": None, "temperature": None}
                   if spec is None else {"k": spec.k, "seed": spec.seed, "gqa": spec.gqa, "basis": spec.basis,
-                                        "fill": spec.fill, "calibration": spec.calibration})
+                                        "fill": spec.fill, "temperature": spec.temperature})
         fields["fit"] = config.fit
         for slot, (layer, head) in enumerate(heads):
             rows.append({"level": level, "policy": config.policy, **fields, "layer": layer, "head": head,

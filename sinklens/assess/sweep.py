@@ -2,14 +2,15 @@
 
 A sweep has one :class:`~sinklens.prune.spec.PruneSpec` whose heads are every candidate head; a
 configuration prunes (``"qk"``: the spec restricted to the heads of a set of layers) or removes
-(``"remove"``) those heads and evaluates an :class:`~sinklens.assess.evaluation.EvalPlan`. Results go to a
+(``"head_removal"``) those heads and evaluates an :class:`~sinklens.assess.evaluation.EvalPlan`. Results go to a
 SQLite file, one row per configuration, committed in its own transaction as soon as it is computed,
 keyed by a hash of the configuration, the evaluation plan, the pruning spec (the kept dims it
 measured and, for a pruning fitted on a :class:`~sinklens.prune.calibration.CalibrationSet`, that set's fingerprint)
 and the model's fingerprint. Each row's config holds the spec it pruned with
 (``PruneSpec.from_dict`` reads it back). A rerun skips finished
 rows; a sweep killed at any point (SIGKILL included) resumes without lost or duplicated rows.
-A file written for another model, another sinklens version or another file schema is refused.
+A file written for another model, another sinklens version or another file schema is refused, naming the file
+and what to do (schema 2 files, written before the vocabulary change: ``"remove"``, ``calibration``, are such).
 
 Speed: pruning layer l cannot change anything below l. The residual stream entering every layer
 is cached from one dense pass over the plan, and a configuration whose first edited layer is l
@@ -47,17 +48,16 @@ from ..core.loading import model_info
 from ..core.progress import progress
 from ..core.validate import check_choice, check_index, check_int
 from ..core.version import __version__
-from ..measure.massive import MassiveActivations
-from ..prune.calibration import CalibrationSet, calibration_set
+from ..prune.calibration import CalibrationSet, calibration_argument, calibration_need, resolve_calibration
 from ..prune.dims import dims_of
 from ..prune.pruning import prune_qk
 from ..prune.removal import remove_heads
-from ..prune.spec import Head, PruneSpec
+from ..prune.spec import Head, PruneSpec, dims_records
 from .evaluation import EvalPlan, EvalResult, plan_fingerprint
 
 _WRITE_FIX = "free disk space, make the file and its folder writable, or close the program holding it"
-SCHEMA = 2  # 2: configurations keyed and recorded by their PruneSpec
-Method = Literal["dense", "qk", "remove"]
+SCHEMA = 3  # 2: configurations keyed and recorded by their PruneSpec; 3: the vocabulary (head_removal, temperature)
+Method = Literal["dense", "qk", "head_removal"]
 METHODS: tuple[str, ...] = get_args(Method)
 
 
@@ -220,32 +220,6 @@ class Record:
         return self.result.metrics
 
 
-def _sweep_tokens(model, spec: PruneSpec, tokens):
-    """The sweep's calibration tokens: a CalibrationSet, a MassiveActivations for plain ``bos_top``, or None;
-    refused (before any forward) when the spec needs what they cannot give."""
-    plain_bos = spec.policy == "bos_top" and not spec.fits_inputs()
-    if tokens is None:
-        if spec.needs_calibration():
-            what = ("the MassiveActivations of BOS-prepended probe prompts (sinklens.massive_activations(model, "
-                    "probe, layers=...)) or a sinklens.CalibrationSet" if plain_bos else
-                    "a sinklens.CalibrationSet (sinklens.CalibrationSet(model, sinklens.probe_tokens(model, 32, 64, "
-                    "split='probe'))) or BOS-prepended probe ids")
-            raise InputError(f"This sweep's spec (policy={spec.policy!r}, fill={spec.fill!r}, calibration="
-                             f"{spec.calibration!r}) is fitted on calibration tokens, but tokens= is None: pass "
-                             f"tokens= as {what}.")
-        return None
-    if not spec.needs_calibration():
-        return None  # random or weight_norm dims, zero fill, no calibration: nothing is measured
-    if isinstance(tokens, MassiveActivations):
-        if plain_bos:
-            return tokens
-        raise InputError(f"tokens= is a MassiveActivations, which only holds BOS vectors (enough for a plain "
-                         f"bos_top spec): this spec (policy={spec.policy!r}, fill={spec.fill!r}, calibration="
-                         f"{spec.calibration!r}) is fitted on the calibration prompts themselves. Pass tokens= as a "
-                         "sinklens.CalibrationSet (or BOS-prepended probe ids).")
-    return calibration_set(model, tokens, argument="tokens")
-
-
 class Sweep:
     """Evaluate pruning configurations of one model on named evaluation plans, with a results file.
 
@@ -254,20 +228,22 @@ class Sweep:
         plans: evaluation plans by split name (:func:`sinklens.assess.evaluation.build_plan`).
         spec: the pruning of every candidate head; selecting a layer prunes the spec's heads of that layer
             (``spec.replace(heads=...)``), removing it removes them.
-        tokens: what the spec's fitted parts (data-driven kept dims, fill means, temperatures) are measured on: a
-            :class:`~sinklens.prune.calibration.CalibrationSet` (any policy, fill and calibration; BOS-prepended
-            ids or a TokenBatch are made into one), or, for a plain ``bos_top`` spec (zero fill, no calibration), the
-            MassiveActivations of BOS-prepended probe prompts. None for a spec fitted on nothing (``random``,
-            ``weight_norm`` with zero fill and no calibration).
+        calibration: what the spec's fitted parts (data-driven kept dims, fill means, temperatures) are measured
+            on: a :class:`~sinklens.prune.calibration.CalibrationSet` (BOS-prepended ids or a TokenBatch are made into
+            one), or, for a plain ``bos_top`` spec (zero fill, no temperature), the MassiveActivations of
+            BOS-prepended probe prompts; None for a spec fitted on nothing (``random``, ``weight_norm`` with zero
+            fill and no temperature). See :func:`~sinklens.prune.calibration.resolve_calibration`.
         results: the SQLite results file (None: in memory).
         fresh: delete an existing results file first.
         show_progress: show progress bars.
         max_cached: how many recent configurations keep their residuals (for extensions, e.g. greedy).
+        tokens: deprecated spelling of ``calibration``.
     """
 
-    def __init__(self, model, plans: Mapping[str, EvalPlan], spec: PruneSpec, *, tokens=None,
+    def __init__(self, model, plans: Mapping[str, EvalPlan], spec: PruneSpec, *, calibration=None,
                  results: str | Path | None = None, fresh: bool = False, show_progress: bool = True,
-                 max_cached: int = 2):
+                 max_cached: int = 2, tokens=None):
+        calibration = calibration_argument(calibration, where="Sweep", tokens=tokens)
         if not plans:
             raise InputError("plans is empty: pass at least one evaluation plan "
                              "(sinklens.assess.evaluation.build_plan).")
@@ -278,23 +254,22 @@ class Sweep:
         self.info = model_info(model)
         self.plans = dict(plans)
         self.spec = spec.check(self.info)
-        self.tokens = _sweep_tokens(model, spec, tokens)  # refused before any forward
+        self.calibration = resolve_calibration(model, spec, calibration)  # refused before any forward
         self.heads_by_layer: dict[int, tuple[int, ...]] = {}
         for layer, head in spec.heads:
             self.heads_by_layer[layer] = self.heads_by_layer.get(layer, ()) + (head,)
         self.show_progress = show_progress
         self.file = open_results(model, results, fresh=fresh)
         self.fingerprint = dict(self.file.conn.execute("SELECT name, value FROM meta"))["fingerprint"]
-        if isinstance(self.tokens, CalibrationSet) and spec.fits_inputs():
-            self.tokens.inputs(spec.layers())  # every layer's attention input in one forward, not one per layer
+        if calibration_need(spec) == "inputs":
+            self.calibration.inputs(spec.layers())  # every layer's attention input in one forward, not one per layer
         # the kept dims are part of every key: rows measured on another probe are not reused
-        self.dims = dims_of(model, spec, self.tokens)
-        self.settings = {"spec": {**spec.as_dict(), "heads": None},
-                         "dims": {f"{l}.{h}": d.tolist() for (l, h), d in self.dims.items()},
-                         "heads": {str(l): list(h) for l, h in sorted(self.heads_by_layer.items())}}
-        if spec.needs_calibration() and isinstance(self.tokens, CalibrationSet):
-            # fill means and temperatures are fitted on these tokens: rows fitted on other tokens are not reused
-            described = self.tokens.describe()
+        self.dims = dims_of(model, spec, self.calibration)
+        self.settings = {"spec": {**spec.as_dict(), "heads": None}, "dims": dims_records(self.dims),
+                         "heads": [[l, list(h)] for l, h in sorted(self.heads_by_layer.items())]}
+        if isinstance(self.calibration, CalibrationSet) and not self.calibration.bos_only:
+            # fill means and temperatures are fitted on these prompts: rows fitted on other prompts are not reused
+            described = self.calibration.as_dict()
             self.settings["calibration"] = {"fingerprint": described["fingerprint"],
                                             "n_tokens": described["n_tokens"]}
         self.plan_ids = {name: plan_fingerprint(plan) for name, plan in self.plans.items()}
@@ -347,7 +322,7 @@ class Sweep:
         """The results-file key of a configuration (model, evaluation plan, spec and kept dims, method, layers).
 
         Args:
-            method: ``"dense"``, ``"qk"`` or ``"remove"``.
+            method: ``"dense"``, ``"qk"`` or ``"head_removal"``.
             layers: the layers pruned or removed (none for dense).
             split: the evaluation plan's name.
         """
@@ -447,8 +422,8 @@ class Sweep:
 
     def _edit(self, method: str, heads: tuple[Head, ...], spec: PruneSpec | None):
         if method == "qk":
-            return prune_qk(self.model, spec, tokens=self.tokens)
-        if method == "remove":
+            return prune_qk(self.model, spec, calibration=self.calibration)
+        if method == "head_removal":
             return remove_heads(self.model, list(heads))
         return nullcontext(None)
 

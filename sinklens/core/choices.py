@@ -18,18 +18,16 @@ EMBEDDED_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 Basis = Literal["resid", "normalized"]
 BASES: tuple[str, ...] = get_args(Basis)
 
-# a pruning's kept-dims policy, fill of dropped dims, score calibration and GQA handling (sinklens.prune.spec)
+# a pruning's kept-dims policy, fill of dropped dims and GQA handling (sinklens.prune.spec)
 Policy = Literal["bos_top", "random", "weight_norm", "act_weight", "optimized"]
 POLICIES: tuple[str, ...] = get_args(Policy)
 Fill = Literal["zero", "mean"]  # the value a dropped input dim takes: 0, or its mean over calibration tokens
 FILLS: tuple[str, ...] = get_args(Fill)
-Calibration = Literal["none", "temperature"]  # "temperature": a per-head scale of the pruned scores, fitted
-CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
 GQAPolicy = Literal["exact", "shared", "q_only"]
 GQA_POLICIES: tuple[str, ...] = get_args(GQAPolicy)
 
 # layer selection's search strategies and whole-head removal of the selected heads (sinklens.assess.selection)
 Strategy = Literal["single_layer_rank", "greedy", "exhaustive", "random"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
-Removal = Literal["best", "all", "none"]
-REMOVAL: tuple[str, ...] = get_args(Removal)
+HeadRemoval = Literal["best", "all", "none"]
+HEAD_REMOVAL_CHOICES: tuple[str, ...] = get_args(HeadRemoval)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import warnings
 from functools import lru_cache
 from pydoc_data.topics import topics
 from typing import Literal, get_args
@@ -19,7 +20,7 @@ from .errors import InputError
 from .tokens import TokenBatch, pad_rows
 from .validate import check_choice, check_int
 
-ProbeSplit = Literal["probe", "heldout"]
+ProbeSplit = Literal["probe", "held_out"]
 SPLITS: tuple[str, ...] = get_args(ProbeSplit)
 
 
@@ -57,9 +58,13 @@ def probe_tokens(model, n_prompts: int = 128, seq_len: int = 64, *, prepend_bos:
         n_prompts: number of prompts.
         seq_len: tokens per prompt, counting the BOS (>= 2).
         prepend_bos: start each prompt with BOS.
-        split: ``"probe"`` (the first half of the text, for finding heads and dims) or ``"heldout"``
+        split: ``"probe"`` (the first half of the text, for finding heads and dims) or ``"held_out"``
             (the second half, for evaluation).
     """
+    if split == "heldout":
+        warnings.warn('probe_tokens(split="heldout") is deprecated: use split="held_out" (the same prompts).',
+                      DeprecationWarning, stacklevel=2)
+        split = "held_out"
     check_choice("split", split, SPLITS)
     n_prompts = check_int("n_prompts", n_prompts, minimum=1)
     seq_len = check_int("seq_len", seq_len, minimum=2, meaning="it counts the BOS")

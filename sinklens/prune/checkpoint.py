@@ -298,7 +298,7 @@ def _write(model, edits: list, folder: Path) -> None:
                            "query head (exact, no approximation)") if counts["layout"] == "ungrouped" else None,
         "attention_bias": ("fill='mean' biases written as q_proj/k_proj biases; every other attention bias is zero"
                            if biased else None),
-        "edits": [edit.record() for edit in edits],
+        "edits": [edit.as_dict() for edit in edits],
         "params_zeroed": counts,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

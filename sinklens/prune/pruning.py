@@ -16,12 +16,13 @@ GQA (several query heads read one KV head), ``gqa=``:
   unless every head of the group is selected (``force=True`` overrides: siblings then change too).
 - ``"q_only"``: only W_Q is pruned.
 
-Fill and calibration (fitted on calibration tokens passed as ``tokens=``, see :mod:`sinklens.prune.calibration`):
+Fill and temperature (fitted on the calibration prompts passed as ``calibration=``, see
+:mod:`sinklens.prune.calibration`):
 - ``fill="mean"``: a dropped input dim holds its mean mu_d over the calibration tokens (BOS excluded)
   instead of 0, i.e. the head's q gains the constant bias W_Q^h[:, dropped] mu_dropped (and its K, pruned
   like its W_K, the same with W_K). The bias is added where the projection happens (the output of
   q_proj / k_proj, or inside the private K copy), and ``save_pruned`` writes it as q/k_proj biases.
-- ``calibration="temperature"``: the pruned head's queries are scaled by c (its kept W_Q columns, its q
+- ``temperature=True``: the pruned head's queries are scaled by c (its kept W_Q columns, its q
   bias and fill bias), fitted per head to minimise the pattern KL (:mod:`sinklens.prune.temperature`).
 
 Three steps, each usable alone: :func:`plan_pruning` checks everything, measures the kept dims and
@@ -58,11 +59,17 @@ from ..core.qk import (
     masked_like,
     weights,
 )
-from ..measure.massive import Basis, MassiveActivations
-from .calibration import CalibrationSet, calibration_set
+from ..measure.massive import Basis
+from .calibration import (
+    CalibrationSet,
+    calibration_argument,
+    calibration_need,
+    resolve_calibration,
+    temperature_argument,
+)
 from .dims import dims_of
 from .search import HeadProblem
-from .spec import Calibration, DimsArg, Fill, GQAPolicy, Head, PruneSpec, as_spec
+from .spec import DimsArg, Fill, GQAPolicy, Head, Objective, PruneSpec, as_spec, dims_records
 from .temperature import fit_temperature
 
 # --- the plan of one pruning --------------------------------------------------------------------
@@ -77,15 +84,15 @@ class PruningPlan:
     ``k_copies``: query heads given a pruned private K copy (hook). With ``fill="mean"``: ``q_bias`` (per
     query head in ``q_edits``, scaled by its ``q_scale``), ``k_bias`` (per ``k_edits`` entry) and
     ``k_copy_bias`` (per ``k_copies`` entry): the fill biases added to those projections. With
-    ``calibration="temperature"``: ``q_scale``, the factor of each pruned head's queries. ``calibration``:
-    the calibration tokens' provenance (None when nothing was fitted on data).
+    ``temperature=True``: ``q_scale``, the factor of each pruned head's queries. ``calibration``:
+    the calibration prompts' provenance (:meth:`CalibrationSet.as_dict`; None when nothing was fitted on data).
     """
 
     spec: PruneSpec
     info: ModelInfo
     model_params: int
     dims: dict[Head, Tensor]
-    prepend_bos: bool | None  # bos_top: measured on BOS-first prompts (checked), or as a MassiveActivations says
+    prepend_bos: bool | None  # fitted on BOS-first prompts (checked), or as a MassiveActivations says
     q_edits: dict[Head, Tensor] = field(default_factory=dict)
     k_edits: dict[Head, Tensor] = field(default_factory=dict)
     k_copies: dict[Head, Tensor] = field(default_factory=dict)
@@ -129,22 +136,24 @@ class PruningPlan:
         return {"q": int(q), "k": int(k), "total": int(q + k), "model_params": total, "share": (q + k) / total,
                 "layout": self.layout}
 
-    def record(self) -> dict:
+    def as_dict(self) -> dict:
         """JSON-ready description: the spec's fields (``PruneSpec.from_dict`` reads them back), the kept
-        ``dims`` per head, the GQA edits, :meth:`params_zeroed`, the fitted temperatures (``q_scale``), the
-        norms of the fill biases and the calibration tokens' provenance."""
-        def norms(biases: dict) -> dict:
-            return {f"{a}.{b}": float(v.norm()) for (a, b), v in sorted(biases.items())}
+        ``dims`` per head (``[{"layer", "head", "dims"}]``), the GQA edits, :meth:`params_zeroed`, the fitted
+        temperatures (``q_scale``), the norms of the fill biases and the calibration prompts' provenance
+        (``calibration``). Heads are ``[layer, head]`` pairs; shared K edits name ``[layer, kv_head]``."""
+        def norms(biases: dict) -> list[dict]:
+            return [{"layer": a, "head": b, "norm": float(v.norm())} for (a, b), v in sorted(biases.items())]
 
         return {"kind": "qk_pruning", **self.spec.as_dict(), "prepend_bos": self.prepend_bos,
-                "dims": {f"{l}.{h}": self.dims[(l, h)].tolist() for l, h in self.heads},
-                "k_shared_edits": {f"{l}.{g}": d.tolist() for (l, g), d in self.k_edits.items()},
-                "k_private_copies": [f"{l}.{h}" for l, h in sorted(self.k_copies)],
+                "dims": dims_records({p: self.dims[p].tolist() for p in self.heads}),
+                "k_shared_edits": [{"layer": l, "kv_head": g, "dims": d.tolist()}
+                                   for (l, g), d in sorted(self.k_edits.items())],
+                "k_private_copies": [[l, h] for l, h in sorted(self.k_copies)],
                 "params_zeroed": self.params_zeroed(),
-                "q_scale": {f"{l}.{h}": c for (l, h), c in sorted(self.q_scale.items())},
+                "q_scale": [{"layer": l, "head": h, "scale": c} for (l, h), c in sorted(self.q_scale.items())],
                 "fill_bias_norm": {"q": norms(self.q_bias), "k_shared": norms(self.k_bias),
                                    "k_private": norms(self.k_copy_bias)},
-                "calibration_tokens": self.calibration}
+                "calibration": self.calibration}
 
     def dims_frame(self) -> pd.DataFrame:
         """One row per (layer, head, kept dim)."""
@@ -153,31 +162,38 @@ class PruningPlan:
 
 
 def plan_pruning(model, heads: Sequence[Head] | PruneSpec, k: int | None = None, dims: DimsArg | None = None, *,
-                 tokens=None, basis: Basis | None = None, gqa: GQAPolicy | None = None, seed: int | None = None,
-                 force: bool | None = None, fill: Fill | None = None, calibration: Calibration | None = None,
-                 attention_mask: Int[Tensor, "batch pos"] | None = None) -> PruningPlan:
+                 calibration=None, basis: Basis | None = None, gqa: GQAPolicy | None = None, seed: int | None = None,
+                 force: bool | None = None, fill: Fill | None = None, temperature: bool | None = None,
+                 objective: Objective | None = None, pool: int | None = None,
+                 attention_mask: Int[Tensor, "batch pos"] | None = None, tokens=None) -> PruningPlan:
     """Check every argument, choose the kept dims and decide the edits; changes nothing.
 
     Args:
         model: a bridge from :func:`sinklens.load_model` (raw mode).
         heads: ``(layer, head)`` pairs, or a :class:`~sinklens.prune.spec.PruneSpec` (then leave k, dims, basis,
-            gqa, seed and force out).
+            gqa, seed, force, fill, temperature, objective and pool out).
         k: input dims kept per head.
         dims: ``"bos_top"`` (default), ``"random"``, ``"weight_norm"``, ``"act_weight"``, ``"optimized"``, one
             1-D set of k dims for every head, or a mapping ``{(layer, head): dims}`` (see :mod:`sinklens.prune.dims`).
-        tokens: the calibration tokens of the data-driven policies, of ``fill="mean"`` and of the temperature:
-            BOS-prepended probe tokens (ids, a TokenBatch) or a :class:`~sinklens.prune.calibration.CalibrationSet`
-            (``bos_top`` with zero fill and no calibration also takes a MassiveActivations measured on them).
+        calibration: the calibration prompts of the data-driven policies, of ``fill="mean"`` and of the
+            temperature: a :class:`~sinklens.prune.calibration.CalibrationSet` or BOS-prepended probe prompts (ids, a
+            TokenBatch); ``bos_top`` with zero fill and no temperature also takes a MassiveActivations measured on
+            them (:func:`~sinklens.prune.calibration.resolve_calibration`).
         basis: for ``bos_top``: ``"normalized"`` (default) or ``"resid"``.
         gqa: ``"exact"`` (default), ``"shared"`` or ``"q_only"`` (module docstring).
         seed: for ``random`` (default 0).
         force: let ``gqa="shared"`` prune a partial KV group (default False).
         fill: ``"zero"`` (default) or ``"mean"`` (module docstring).
-        calibration: ``"none"`` (default) or ``"temperature"`` (module docstring).
-        attention_mask: 0/1 mask of real tokens when ``tokens`` are ids.
+        temperature: fit a score temperature per head (default False; module docstring).
+        objective, pool: the ``optimized`` search's pattern error and candidate dims (defaults ``"frob_rel"``, 64).
+        attention_mask: 0/1 mask of real tokens when ``calibration`` is ids.
+        tokens: deprecated spelling of ``calibration``.
     """
     check_editable(model)
-    spec = as_spec(heads, k, dims, basis=basis, gqa=gqa, seed=seed, force=force, fill=fill, calibration=calibration)
+    calibration, temperature = temperature_argument(calibration, temperature, where="plan_pruning")
+    calibration = calibration_argument(calibration, where="plan_pruning", tokens=tokens)
+    spec = as_spec(heads, k, dims, basis=basis, gqa=gqa, seed=seed, force=force, fill=fill, temperature=temperature,
+                   objective=objective, pool=pool)
     info = model_info(model)
     spec.check(info)
     gs = info.group_size
@@ -193,14 +209,10 @@ def plan_pruning(model, heads: Sequence[Head] | PruneSpec, k: int | None = None,
                     f'gqa="shared" zeroes K columns that KV head {group} of layer {layer} shares with query heads '
                     f"{sorted(members)}, but only {sorted(chosen)} are selected. Select the whole group, use "
                     'gqa="exact" (private K copies) or "q_only", or pass force=True to change the siblings too.')
-    fitted = spec.fits_inputs()
-    source = calibration_set(model, tokens, attention_mask) if fitted else tokens
-    kept = dims_of(model, spec, source, attention_mask=attention_mask)
-    prepend_bos = None
-    if spec.policy == "bos_top":
-        prepend_bos = tokens.prepend_bos if isinstance(tokens, MassiveActivations) else True
-    elif fitted:
-        prepend_bos = True
+    source = resolve_calibration(model, spec, calibration, attention_mask=attention_mask)
+    fitted = calibration_need(spec) == "inputs"
+    kept = dims_of(model, spec, source)
+    prepend_bos = None if source is None else source.prepend_bos
     plan = PruningPlan(spec=spec, info=info, model_params=count_parameters(model), dims=kept, prepend_bos=prepend_bos)
     full = info.d_model
     plan.q_edits = {pair: d for pair, d in kept.items() if d.numel() < full}
@@ -243,12 +255,13 @@ def fill_bias(rows: Float[Tensor, "d_head d_model"], keep: Int[Tensor, " k"],
 def _fit(model, plan: PruningPlan, calibration: CalibrationSet) -> None:
     """The fill biases and temperatures of ``plan``, measured on the calibration set (in place)."""
     spec, info = plan.spec, plan.info
-    plan.calibration = calibration.describe()
+    plan.calibration = calibration.as_dict()
     if spec.policy == "optimized":
-        plan.calibration["search_cost"] = {
-            f"{l}.{h}": calibration.search_cost.get(((l, h), spec.fill, "q" if spec.gqa == "q_only" else "qk",
-                                                     spec.objective, min(spec.pool, info.d_model)))
-            for l, h in spec.heads}
+        plan.calibration["search_cost"] = [
+            {"layer": l, "head": h, **(calibration.search_cost.get(
+                ((l, h), spec.fill, "q" if spec.gqa == "q_only" else "qk", spec.objective,
+                 min(spec.pool, info.d_model))) or {})}
+            for l, h in spec.heads]
     if spec.fill == "mean":
         for (layer, head), keep in plan.q_edits.items():
             plan.q_bias[(layer, head)] = fill_bias(weights(model, layer).q[head_rows(info, head)], keep,
@@ -259,7 +272,7 @@ def _fit(model, plan: PruningPlan, calibration: CalibrationSet) -> None:
         for (layer, head), keep in plan.k_copies.items():
             plan.k_copy_bias[(layer, head)] = fill_bias(weights(model, layer).k[kv_rows(info, head)], keep,
                                                         calibration.mean(layer))
-    if spec.calibration != "temperature":
+    if not spec.temperature:
         return
     for (layer, head), keep in plan.q_edits.items():
         problem = HeadProblem(model, info, calibration, layer, head)
@@ -441,9 +454,9 @@ class PruneHandle(Edit):
         """See :meth:`PruningPlan.params_zeroed`."""
         return self.plan.params_zeroed()
 
-    def record(self) -> dict:
-        """See :meth:`PruningPlan.record`."""
-        return self.plan.record()
+    def as_dict(self) -> dict:
+        """See :meth:`PruningPlan.as_dict`."""
+        return self.plan.as_dict()
 
     def dims_frame(self) -> pd.DataFrame:
         """See :meth:`PruningPlan.dims_frame`."""
@@ -453,16 +466,17 @@ class PruneHandle(Edit):
         state = "active" if self.active else "restored"
         spec = self.plan.spec
         return (f"PruneHandle({heads_text(spec.heads)}, k={spec.k}, policy={spec.policy}, gqa={spec.gqa}, "
-                f"fill={spec.fill}, calibration={spec.calibration}, {state})")
+                f"fill={spec.fill}, temperature={spec.temperature}, {state})")
 
 
 # --- public entry points ------------------------------------------------------------------------
 
 def apply_pruning(model, heads: Sequence[Head] | PruneSpec | PruningPlan, k: int | None = None,
-                  dims: DimsArg | None = None, *, tokens=None, basis: Basis | None = None,
+                  dims: DimsArg | None = None, *, calibration=None, basis: Basis | None = None,
                   gqa: GQAPolicy | None = None, seed: int | None = None, force: bool | None = None,
-                  fill: Fill | None = None, calibration: Calibration | None = None,
-                  attention_mask: Int[Tensor, "batch pos"] | None = None) -> PruneHandle:
+                  fill: Fill | None = None, temperature: bool | None = None, objective: Objective | None = None,
+                  pool: int | None = None, attention_mask: Int[Tensor, "batch pos"] | None = None,
+                  tokens=None) -> PruneHandle:
     """Prune the Q/K input columns of ``heads`` to ``k`` kept dims now; ``handle.restore()`` undoes it.
 
     Every argument is checked (and bos_top dims measured) before the model is touched.
@@ -471,38 +485,49 @@ def apply_pruning(model, heads: Sequence[Head] | PruneSpec | PruningPlan, k: int
         model: a bridge from :func:`sinklens.load_model` (raw mode).
         heads: ``(layer, head)`` pairs, a :class:`~sinklens.prune.spec.PruneSpec`, or a :class:`PruningPlan` from
             :func:`plan_pruning` (with a spec or a plan, leave the other pruning arguments out; a plan also
-            takes no tokens).
-        k, dims, tokens, basis, gqa, seed, force, fill, calibration, attention_mask: as in :func:`plan_pruning`.
+            takes no calibration).
+        k, dims, calibration, basis, gqa, seed, force, fill, temperature, objective, pool, attention_mask: as in
+            :func:`plan_pruning`.
+        tokens: deprecated spelling of ``calibration``.
     """
+    calibration, temperature = temperature_argument(calibration, temperature, where="apply_pruning")
+    calibration = calibration_argument(calibration, where="apply_pruning", tokens=tokens)
     if isinstance(heads, PruningPlan):
-        given = {name for name, value in dict(k=k, dims=dims, tokens=tokens, basis=basis, gqa=gqa, seed=seed,
-                                              force=force, fill=fill, calibration=calibration,
+        given = {name for name, value in dict(k=k, dims=dims, calibration=calibration, basis=basis, gqa=gqa,
+                                              seed=seed, force=force, fill=fill, temperature=temperature,
+                                              objective=objective, pool=pool,
                                               attention_mask=attention_mask).items() if value is not None}
         if given:
             raise InputError(f"A PruningPlan is complete: pass it alone, without {sorted(given)}.")
         return PruneHandle(model, heads)
-    plan = plan_pruning(model, heads, k, dims, tokens=tokens, basis=basis, gqa=gqa, seed=seed, force=force,
-                        fill=fill, calibration=calibration, attention_mask=attention_mask)
+    plan = plan_pruning(model, heads, k, dims, calibration=calibration, basis=basis, gqa=gqa, seed=seed, force=force,
+                        fill=fill, temperature=temperature, objective=objective, pool=pool,
+                        attention_mask=attention_mask)
     return PruneHandle(model, plan)
 
 
 @contextmanager
 def prune_qk(model, heads: Sequence[Head] | PruneSpec | PruningPlan, k: int | None = None,
-             dims: DimsArg | None = None, *, tokens=None, basis: Basis | None = None, gqa: GQAPolicy | None = None,
-             seed: int | None = None, force: bool | None = None, fill: Fill | None = None,
-             calibration: Calibration | None = None,
-             attention_mask: Int[Tensor, "batch pos"] | None = None) -> Iterator[PruneHandle]:
+             dims: DimsArg | None = None, *, calibration=None, basis: Basis | None = None,
+             gqa: GQAPolicy | None = None, seed: int | None = None, force: bool | None = None,
+             fill: Fill | None = None, temperature: bool | None = None, objective: Objective | None = None,
+             pool: int | None = None, attention_mask: Int[Tensor, "batch pos"] | None = None,
+             tokens=None) -> Iterator[PruneHandle]:
     """Context manager: inside it every forward sees the pruned model; on exit it is restored bitwise.
 
-    ``prune_qk(model, heads, k=10, dims="bos_top", tokens=probe)`` and
-    ``prune_qk(model, PruneSpec(heads, k=10), tokens=probe)`` are the same pruning. Yields the handle.
+    ``prune_qk(model, heads, k=10, dims="bos_top", calibration=probe)`` and
+    ``prune_qk(model, PruneSpec(heads, k=10), calibration=probe)`` are the same pruning. Yields the handle.
 
     Args:
-        model, heads, k, dims, tokens, basis, gqa, seed, force, fill, calibration, attention_mask: as in
-            :func:`apply_pruning`.
+        model, heads, k, dims, calibration, basis, gqa, seed, force, fill, temperature, objective, pool,
+            attention_mask: as in :func:`apply_pruning`.
+        tokens: deprecated spelling of ``calibration``.
     """
-    handle = apply_pruning(model, heads, k, dims, tokens=tokens, basis=basis, gqa=gqa, seed=seed, force=force,
-                           fill=fill, calibration=calibration, attention_mask=attention_mask)
+    calibration, temperature = temperature_argument(calibration, temperature, where="prune_qk")
+    calibration = calibration_argument(calibration, where="prune_qk", tokens=tokens)
+    handle = apply_pruning(model, heads, k, dims, calibration=calibration, basis=basis, gqa=gqa, seed=seed,
+                           force=force, fill=fill, temperature=temperature, objective=objective, pool=pool,
+                           attention_mask=attention_mask)
     try:
         yield handle
     finally:

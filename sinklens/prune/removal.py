@@ -40,8 +40,8 @@ class HeadRemovalHandle(Edit):
         n = len(self.heads) * self.info.d_head * self.info.d_model
         return {"o": n, "total": n, "model_params": total, "share": n / total, "layout": "grouped"}
 
-    def record(self) -> dict:
-        """JSON-ready description (heads, counts)."""
+    def as_dict(self) -> dict:
+        """JSON-ready description (heads as ``[layer, head]`` pairs, counts)."""
         return {"kind": "head_removal", "heads": [list(p) for p in self.heads], "params_zeroed": self.params_zeroed()}
 
     def __repr__(self) -> str:

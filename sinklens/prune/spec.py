@@ -1,45 +1,50 @@
 """One description of a QK column pruning: :class:`PruneSpec`, and the head lists it prunes.
 
 A PruneSpec says *what* to prune (heads, k, the kept-dims policy and its basis or seed, the GQA
-handling, the fill value of dropped dims, the score calibration), never *on what data*: the calibration
-tokens a policy or a fit measures (``bos_top``'s BOS vectors, ``act_weight``'s input norms, the
-``optimized`` search, ``fill="mean"``'s means, the temperature) are passed beside it
-(:class:`sinklens.prune.calibration.CalibrationSet`). Every function that prunes takes one (``apply_pruning``,
-``prune_qk``, ``plan_pruning``, ``select_dims``, ``reconstruction_error``, the layer-selection sweep), and every
-record of a pruning
+handling, the fill value of dropped dims, the fitted score temperature), never *on what data*: the calibration
+prompts a policy or a fit measures (``bos_top``'s BOS vectors, ``act_weight``'s input norms, the
+``optimized`` search, ``fill="mean"``'s means, the temperature) are passed beside it as ``calibration=``
+(a :class:`sinklens.prune.calibration.CalibrationSet`). Every function that prunes takes one (``apply_pruning``,
+``prune_qk``, ``plan_pruning``, ``select_dims``, ``reconstruction_error``, ``k_sweep``'s configurations, the
+layer-selection sweep and ``layer_selection``'s template), and every record of a pruning
 (handles, checkpoint manifests, sweep results, reconstruction tables) writes its fields, so a record
 reads back into the spec that made it (:meth:`PruneSpec.from_dict`).
 
 Two call forms, the same pruning (bitwise):
 
-    sl.prune_qk(model, heads, k=10, dims="bos_top", tokens=probe)                  # keyword arguments
+    sl.prune_qk(model, heads, k=10, dims="bos_top", calibration=probe)             # keyword arguments
     spec = sl.PruneSpec(heads, k=10, policy="bos_top")
-    sl.prune_qk(model, spec, tokens=probe)                                        # a spec in place of heads
+    sl.prune_qk(model, spec, calibration=probe)                                   # a spec in place of heads
 
-With a spec, the other pruning arguments (k, dims, basis, gqa, seed, force) are left out.
+With a spec, the other pruning arguments (k, dims, basis, gqa, seed, force, fill, temperature, objective, pool)
+are left out. ``PruneSpec.template(k, ...)`` is a spec without heads, for :func:`sinklens.layer_selection`, which
+fills in the heads of each configuration.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Literal, Union, get_args
 
 import pandas as pd
 import torch
 from torch import Tensor
 
-from ..core.choices import CALIBRATIONS, FILLS, GQA_POLICIES, POLICIES, Calibration, Fill, GQAPolicy, Policy
+from ..core.choices import FILLS, GQA_POLICIES, POLICIES, Fill, GQAPolicy, Policy
 from ..core.errors import InputError
 from ..core.loading import ModelInfo
 from ..core.validate import as_int, check_choice, check_index, check_int, check_k
 from ..measure.massive import BASES, Basis
 
 Head = tuple[int, int]
+OLD_TEMPERATURE = ("none", "temperature")  # the values of the former ``calibration=`` field (read back, deprecated)
 Objective = Literal["frob_rel", "kl"]  # the pattern error the optimized search minimises
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
-DATA_POLICIES = ("bos_top", "act_weight", "optimized")  # policies measured on calibration tokens
+DATA_POLICIES = ("bos_top", "act_weight", "optimized")  # policies measured on calibration prompts
 DEFAULT_POOL = 64  # candidate dims of the optimized search (the best act_weight dims; see sinklens.prune.search)
 EXPLICIT = "explicit"  # the policy name of dims given by the caller
 # what ``dims=`` accepts: a policy name, one set of k dims for every head, or a set per head
@@ -133,8 +138,31 @@ def _dim_set(dims, k: int, where: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _head_key(pair: Head) -> str:
-    return f"{pair[0]}.{pair[1]}"
+def variant_label(policy: str, fill: str, temperature: bool) -> str:
+    """``policy/fill/temperature`` or ``policy/fill/none``: a kept-dims variant's name in tables, figures and
+    headlines (e.g. ``"act_weight/mean/temperature"``, ``"bos_top/zero/none"``); the one place labels are built.
+
+    Args:
+        policy: the kept-dims policy.
+        fill: ``"zero"`` or ``"mean"``.
+        temperature: whether a score temperature is fitted (a former ``"none"``/``"temperature"`` string is read).
+    """
+    if isinstance(temperature, str):
+        temperature = old_temperature(temperature, "variant")
+    return f"{policy}/{fill}/{'temperature' if temperature else 'none'}"
+
+
+def old_temperature(value, where: str) -> bool:
+    """The temperature flag of a former ``calibration="none"|"temperature"`` value (records and deprecated keywords).
+
+    Args:
+        value: ``"none"`` or ``"temperature"``.
+        where: what held it (for the error message).
+    """
+    if value not in OLD_TEMPERATURE:
+        raise InputError(f'{where}: unknown calibration {value!r}; the score temperature is now temperature=True or '
+                         'False (calibration="temperature" is temperature=True).')
+    return value == "temperature"
 
 
 @dataclass(frozen=True)
@@ -142,14 +170,15 @@ class PruneSpec:
     """What a QK column pruning does (see :mod:`sinklens.prune.spec`); frozen, hashable, JSON-ready.
 
     Args:
-        heads: the ``(layer, head)`` pairs to prune (stored sorted).
+        heads: the ``(layer, head)`` pairs to prune (stored sorted); empty only in a template
+            (:meth:`template`), which no pruning accepts until heads are filled in.
         k: input dims kept per head.
         policy: how the kept dims are chosen: ``"bos_top"`` (the k largest |x_d| of the BOS vector at the
-            head's layer, measured on tokens passed beside the spec), ``"random"`` (seeded control),
-            ``"weight_norm"`` (largest column norms of the head's stacked W_Q and W_K rows), ``"act_weight"``
-            (||x_d||_2 over calibration tokens x the column norms of W_Q^h and W_K^h: the Wanda criterion),
-            ``"optimized"`` (greedy forward selection minimising the head's pattern error on calibration tokens,
-            :mod:`sinklens.prune.search`) or ``"explicit"`` (the ``dims`` given).
+            head's layer, measured on the calibration prompts passed beside the spec), ``"random"`` (seeded
+            control), ``"weight_norm"`` (largest column norms of the head's stacked W_Q and W_K rows),
+            ``"act_weight"`` (||x_d||_2 over the calibration prompts x the column norms of W_Q^h and W_K^h: the
+            Wanda criterion), ``"optimized"`` (greedy forward selection minimising the head's pattern error on the
+            calibration prompts, :mod:`sinklens.prune.search`) or ``"explicit"`` (the ``dims`` given).
         basis: where ``bos_top`` measures the BOS vector: ``"normalized"`` (attention input) or ``"resid"``;
             None for the other policies.
         gqa: ``"exact"`` (private pruned K per selected head; siblings untouched), ``"shared"`` (shared K rows
@@ -160,12 +189,13 @@ class PruneSpec:
         fill: the value of a dropped input dim: ``"zero"`` (the thesis) or ``"mean"`` (its mean over the non-BOS
             calibration tokens: a constant bias on the head's q and k projections, exact in the model and in
             saved checkpoints).
-        calibration: ``"none"`` or ``"temperature"`` (one scale per head on its pruned scores, fitted on the
-            calibration tokens to minimise the pattern KL, folded into the kept W_Q columns and q bias).
+        temperature: fit one scale per head on its pruned scores (on the calibration prompts, minimising the
+            pattern KL), folded into the kept W_Q columns and q bias; False: no scale.
         objective: ``policy="optimized"`` only: the pattern error the search minimises, ``"frob_rel"`` or
             ``"kl"``.
         pool: ``policy="optimized"`` only: how many candidate dims the search ranks (the pool's best act_weight
             dims; k may not exceed it).
+        calibration: deprecated spelling of ``temperature`` (``"none"`` / ``"temperature"``); warns.
 
     ``basis``, ``seed``, ``objective`` and ``pool`` are stored as None where the policy ignores them, so two
     specs describing the same pruning are equal.
@@ -180,21 +210,30 @@ class PruneSpec:
     force: bool = False
     dims: tuple[tuple[int, ...], ...] | None = None
     fill: Fill = "zero"
-    calibration: Calibration = "none"
+    temperature: bool = False
     objective: Objective | None = "frob_rel"
     pool: int | None = DEFAULT_POOL
+    calibration: InitVar[str | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, calibration):
         def set_(name: str, value) -> None:  # the dataclass is frozen: normalize fields in place once
             object.__setattr__(self, name, value)
 
-        set_("heads", tuple(head_pairs(self.heads)))
+        if calibration is not None:
+            warnings.warn('PruneSpec(calibration=...) is deprecated: use temperature=True (was calibration='
+                          '"temperature") or temperature=False (was "none").', DeprecationWarning, stacklevel=3)
+            set_("temperature", old_temperature(calibration, "PruneSpec"))
+        heads = self.heads
+        template = isinstance(heads, tuple) and len(heads) == 0  # PruneSpec.template; a list [] is refused
+        set_("heads", () if template else tuple(head_pairs(heads)))
         set_("k", check_int("k", self.k, meaning="input dims kept per head"))
         if self.k < 1:
             raise InputError(f"k={self.k} is out of range: choose 1 <= k <= d_model.")
         check_choice("gqa policy", self.gqa, GQA_POLICIES)
         if not isinstance(self.force, bool):
             raise InputError(f"force must be True or False, got {self.force!r}.")
+        if not isinstance(self.temperature, bool):
+            raise InputError(f"temperature must be True or False, got {self.temperature!r}.")
         check_choice("dims policy", self.policy, POLICIES + (EXPLICIT,))
         if self.policy == "bos_top":
             check_choice("basis", self.basis, BASES)
@@ -206,13 +245,14 @@ class PruneSpec:
         else:
             set_("seed", None)
         if self.policy == EXPLICIT:
+            if template:
+                raise InputError('A template has no heads, so it cannot hold explicit dims: use a policy name.')
             if self.dims is None or len(self.dims) != len(self.heads):
                 raise InputError('policy="explicit" needs dims: one set of k dims per head, aligned with heads.')
             set_("dims", tuple(_dim_set(d, self.k, f"dims for head {p}") for p, d in zip(self.heads, self.dims)))
         elif self.dims is not None:
             raise InputError(f'dims are only given with policy="explicit", not with policy={self.policy!r}.')
         check_choice("fill", self.fill, FILLS)
-        check_choice("calibration", self.calibration, CALIBRATIONS)
         if self.policy == "optimized":
             check_choice("objective", self.objective, OBJECTIVES)
             pool = check_int("pool", self.pool, minimum=1, meaning="candidate dims of the optimized search")
@@ -224,19 +264,35 @@ class PruneSpec:
             set_("objective", None)
             set_("pool", None)
 
-    def needs_calibration(self) -> bool:
-        """Whether this pruning is fitted on calibration tokens (a data-driven policy, mean fill or temperature)."""
-        return self.policy in DATA_POLICIES or self.fill != "zero" or self.calibration != "none"
+    @property
+    def is_template(self) -> bool:
+        """Whether this spec has no heads yet (:meth:`template`)."""
+        return not self.heads
 
-    def fits_inputs(self) -> bool:
-        """Whether this pruning is fitted on the calibration prompts' attention inputs (``act_weight``, ``optimized``,
-        mean fill or temperature), not only on their BOS vectors: a plain ``bos_top`` spec (zero fill, no
-        calibration) is the one fitted pruning a MassiveActivations suffices for."""
-        return self.policy in ("act_weight", "optimized") or self.fill != "zero" or self.calibration != "none"
+    @property
+    def variant_label(self) -> str:
+        """The kept-dims variant's name in tables, figures and headlines (:func:`variant_label`)."""
+        return variant_label(self.policy, self.fill, self.temperature)
+
+    @classmethod
+    def template(cls, k: int, policy: Policy = "bos_top", *, basis: Basis = "normalized", gqa: GQAPolicy = "exact",
+                 seed: int = 0, force: bool = False, fill: Fill = "zero", temperature: bool = False,
+                 objective: Objective = "frob_rel", pool: int = DEFAULT_POOL) -> PruneSpec:
+        """A spec without heads: the pruning of every configuration of :func:`sinklens.layer_selection`, which
+        fills in each configuration's heads (``spec.replace(heads=...)``).
+
+        Args:
+            k: input dims kept per head.
+            policy, basis, gqa, seed, force, fill, temperature, objective, pool: as the fields of
+                :class:`PruneSpec` (no explicit dims: they belong to heads).
+        """
+        return cls((), k, policy, basis=basis, gqa=gqa, seed=seed, force=force, fill=fill, temperature=temperature,
+                   objective=objective, pool=pool)
 
     @classmethod
     def of(cls, heads, k: int, dims: DimsArg = "bos_top", *, basis: Basis = "normalized", gqa: GQAPolicy = "exact",
-           seed: int = 0, force: bool = False, fill: Fill = "zero", calibration: Calibration = "none") -> PruneSpec:
+           seed: int = 0, force: bool = False, fill: Fill = "zero", temperature: bool = False,
+           objective: Objective = "frob_rel", pool: int = DEFAULT_POOL) -> PruneSpec:
         """The spec of the keyword call form (``dims`` a policy name or explicit dims).
 
         Args:
@@ -245,11 +301,12 @@ class PruneSpec:
             dims: a policy name (``"bos_top"``, ``"random"``, ``"weight_norm"``, ``"act_weight"``,
                 ``"optimized"``), one 1-D set of k indices for every head, or a mapping ``{(layer, head): indices}``
                 covering exactly ``heads``.
-            basis, gqa, seed, force, fill, calibration: as the fields of :class:`PruneSpec`.
+            basis, gqa, seed, force, fill, temperature, objective, pool: as the fields of :class:`PruneSpec`.
         """
-        extra = dict(basis=basis, gqa=gqa, seed=seed, force=force, fill=fill, calibration=calibration)
+        extra = dict(basis=basis, gqa=gqa, seed=seed, force=force, fill=fill, temperature=temperature,
+                     objective=objective, pool=pool)
         if isinstance(dims, str):
-            return cls(heads, k, dims, **extra)
+            return cls(head_pairs(heads), k, dims, **extra)
         pairs = head_pairs(heads)
         if isinstance(dims, Mapping):
             given = {}
@@ -272,6 +329,9 @@ class PruneSpec:
         Args:
             info: the model's :class:`~sinklens.core.loading.ModelInfo`.
         """
+        if self.is_template:
+            raise InputError("This PruneSpec is a template (no heads): give it the heads to prune, "
+                             "spec.replace(heads=[(layer, head), ...]), or pass it to sinklens.layer_selection.")
         check_heads(self.heads, info)
         check_k(self.k, info.d_model)
         for pair, dims in zip(self.heads, self.dims or ()):
@@ -293,15 +353,18 @@ class PruneSpec:
         return sorted({l for l, _ in self.heads})
 
     def as_dict(self) -> dict:
-        """JSON-ready fields (heads as ``[layer, head]`` lists, explicit dims as ``{"layer.head": [...]}``)."""
-        dims = None if self.dims is None else {_head_key(p): list(d) for p, d in zip(self.heads, self.dims)}
+        """JSON-ready fields (heads as ``[layer, head]`` lists, explicit dims as ``[{"layer", "head", "dims"}]``)."""
+        dims = None if self.dims is None else [{"layer": l, "head": h, "dims": list(d)}
+                                               for (l, h), d in zip(self.heads, self.dims)]
         return {"heads": [list(p) for p in self.heads], "k": self.k, "policy": self.policy, "basis": self.basis,
                 "gqa": self.gqa, "seed": self.seed, "force": self.force, "dims": dims, "fill": self.fill,
-                "calibration": self.calibration, "objective": self.objective, "pool": self.pool}
+                "temperature": self.temperature, "objective": self.objective, "pool": self.pool}
 
     @classmethod
     def from_dict(cls, record: Mapping) -> PruneSpec:
-        """The spec written by :meth:`as_dict`, or read back from a pruning record (handle, manifest, sweep row).
+        """The spec written by :meth:`as_dict`, or read back from a pruning record (handle, manifest, sweep row),
+        including records written before the vocabulary change (``calibration: "none"|"temperature"``, explicit
+        dims keyed ``"layer.head"``).
 
         Args:
             record: a mapping with the spec's fields (a record's other keys are ignored; its ``dims``, the kept
@@ -310,33 +373,107 @@ class PruneSpec:
         missing = [name for name in ("heads", "k", "policy") if name not in record]
         if missing:
             raise InputError(f"Not a pruning record: it lacks {missing} (pass PruneSpec.as_dict() or a handle's "
-                             "record()).")
+                             "as_dict()).")
         heads = [tuple(p) for p in record["heads"]]
         dims = None
         if record["policy"] == EXPLICIT:
-            kept = record.get("dims") or {}
-            dims = [kept.get(_head_key(p)) for p in head_pairs(heads)]
+            kept = dims_by_head(record.get("dims"))
+            dims = [kept.get(p) for p in head_pairs(heads)]
             if any(d is None for d in dims):
                 raise InputError("The record's explicit policy lacks the dims of some heads.")
+        if "temperature" in record:
+            temperature = bool(record["temperature"])
+        else:  # written before the vocabulary change
+            temperature = old_temperature(record.get("calibration") or "none", "pruning record")
         return cls(heads, record["k"], record["policy"], basis=record.get("basis"), gqa=record.get("gqa", "exact"),
                    seed=record.get("seed"), force=record.get("force", False), dims=dims,
-                   fill=record.get("fill", "zero"), calibration=record.get("calibration", "none"),
+                   fill=record.get("fill", "zero"), temperature=temperature,
                    objective=record.get("objective") or "frob_rel", pool=record.get("pool") or DEFAULT_POOL)
+
+
+def parse_head(text: str) -> Head:
+    """A head written as ``"layer.head"`` (the form of results written before the vocabulary change) as a pair.
+
+    Args:
+        text: e.g. ``"12.3"``.
+    """
+    try:
+        layer, head = str(text).split(".")
+        return int(layer), int(head)
+    except ValueError as err:
+        raise InputError(f"{text!r} is not a head written as 'layer.head' (e.g. '12.3').") from err
+
+
+def parse_layers(value) -> list[int]:
+    """A layer set as a list of ints: a list as written now (or its JSON text, ``"[1, 3]"``, as a CSV holds it), or
+    the ``"1,3"`` string of older results.
+
+    Args:
+        value: a list of ints, its JSON text, or a comma-separated string.
+    """
+    if isinstance(value, str) and value.strip().startswith("["):
+        value = json.loads(value)
+    if isinstance(value, str):
+        return [int(part) for part in value.split(",") if part.strip()]
+    if isinstance(value, (int, float)):  # a one-layer set read from a CSV column of numbers
+        return [int(value)]
+    return [int(v) for v in value]
+
+
+def parse_heads(value) -> list[Head]:
+    """Heads as ``(layer, head)`` pairs: ``[[l, h], ...]`` as written now (or its JSON text), or the ``"l.h l.h"``
+    string of older results.
+
+    Args:
+        value: a list of pairs, its JSON text, or a space-separated string of ``layer.head``.
+    """
+    if isinstance(value, str) and value.strip().startswith("["):
+        value = json.loads(value)
+    if isinstance(value, str):
+        return [parse_head(part) for part in value.split()]
+    return [(int(l), int(h)) for l, h in value]
+
+
+def dims_by_head(value) -> dict[Head, list[int]]:
+    """Kept dims per head from a record: ``[{"layer", "head", "dims"}, ...]`` as written now, or the
+    ``{"layer.head": [...]}`` mapping of older records (None: empty).
+
+    Args:
+        value: the record's ``dims``.
+    """
+    if not value:
+        return {}
+    if isinstance(value, Mapping):
+        return {parse_head(key): list(dims) for key, dims in value.items()}
+    return {(int(row["layer"]), int(row["head"])): list(row["dims"]) for row in value}
+
+
+def dims_records(dims: Mapping[Head, Sequence[int]]) -> list[dict]:
+    """Kept dims per head as JSON-ready records ``[{"layer", "head", "dims"}, ...]``, sorted by head.
+
+    Args:
+        dims: ``{(layer, head): dims}`` (lists or 1-D tensors).
+    """
+    return [{"layer": int(l), "head": int(h), "dims": [int(d) for d in dims[(l, h)]]} for l, h in sorted(dims)]
 
 
 def as_spec(heads, k: int | None = None, dims: DimsArg | None = None, *, basis: Basis | None = None,
             gqa: GQAPolicy | None = None, seed: int | None = None, force: bool | None = None,
-            fill: Fill | None = None, calibration: Calibration | None = None) -> PruneSpec:
+            fill: Fill | None = None, temperature: bool | None = None, objective: Objective | None = None,
+            pool: int | None = None) -> PruneSpec:
     """The spec a pruning function was called with: ``heads`` when it is a :class:`PruneSpec` (the other
-    arguments then left out), else :meth:`PruneSpec.of` with defaults dims ``"bos_top"``, basis
-    ``"normalized"``, gqa ``"exact"``, seed 0, force False, fill ``"zero"``, calibration ``"none"``.
+    arguments then left out), else :meth:`PruneSpec.of` with its defaults (dims ``"bos_top"``, basis
+    ``"normalized"``, gqa ``"exact"``, seed 0, force False, fill ``"zero"``, temperature False, objective
+    ``"frob_rel"``, pool 64).
 
     Args:
         heads: ``(layer, head)`` pairs, or a PruneSpec.
-        k, dims, basis, gqa, seed, force, fill, calibration: the keyword form's arguments (None: not given).
+        k, dims, basis, gqa, seed, force, fill, temperature, objective, pool: the keyword form's arguments (None:
+            not given).
     """
     given = {name: value for name, value in dict(k=k, dims=dims, basis=basis, gqa=gqa, seed=seed, force=force,
-                                                 fill=fill, calibration=calibration).items() if value is not None}
+                                                 fill=fill, temperature=temperature, objective=objective,
+                                                 pool=pool).items() if value is not None}
     if isinstance(heads, PruneSpec):
         if given:
             raise InputError(f"Pass either a PruneSpec or the pruning arguments, not both: got a PruneSpec and "
@@ -345,12 +482,11 @@ def as_spec(heads, k: int | None = None, dims: DimsArg | None = None, *, basis: 
     if k is None:
         raise InputError("k is missing: pass the number of kept dims per head (k=10), or a PruneSpec in place of "
                          "heads.")
-    return PruneSpec.of(heads, k, "bos_top" if dims is None else dims, basis="normalized" if basis is None else basis,
-                        gqa="exact" if gqa is None else gqa, seed=0 if seed is None else seed,
-                        force=False if force is None else force, fill="zero" if fill is None else fill,
-                        calibration="none" if calibration is None else calibration)
+    given.pop("k")
+    return PruneSpec.of(heads, k, given.pop("dims", "bos_top"), **given)
 
 
-__all__ = ["CALIBRATIONS", "Calibration", "DATA_POLICIES", "DEFAULT_POOL", "DimsArg", "EXPLICIT", "FILLS", "Fill",
-           "GQAPolicy", "GQA_POLICIES", "Head", "OBJECTIVES", "Objective", "POLICIES", "Policy", "PruneSpec",
-           "as_spec", "check_heads", "head_pairs", "layer_heads"]
+__all__ = ["DATA_POLICIES", "DEFAULT_POOL", "DimsArg", "EXPLICIT", "FILLS", "Fill", "GQAPolicy", "GQA_POLICIES",
+           "Head", "OBJECTIVES", "OLD_TEMPERATURE", "Objective", "POLICIES", "Policy", "PruneSpec", "as_spec",
+           "check_heads", "dims_by_head", "dims_records", "head_pairs", "layer_heads", "old_temperature",
+           "parse_head", "parse_heads", "parse_layers", "variant_label"]

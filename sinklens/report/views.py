@@ -26,6 +26,7 @@ from ..core.hooks import pattern_hook
 from ..core.loading import model_info
 from ..core.tokens import TokenBatch, as_batch, token_strings, tokenize
 from ..core.validate import check_index
+from ..prune.spec import check_heads
 
 # --- attention views ----------------------------------------------------------------------------
 
@@ -77,17 +78,27 @@ def _layer_pattern(model, ids: Int[Tensor, " pos"], layer: int) -> Float[Tensor,
 
 @dataclass
 class AttentionView:
-    """Attention patterns of some heads of one layer on one prompt, ready for circuitsvis."""
+    """Attention patterns of some heads of one layer on one prompt, ready for circuitsvis.
+
+    ``heads`` are ``(layer, head)`` pairs, all in ``layer`` (head indices of ``layer`` are made into pairs).
+    """
 
     layer: int
-    heads: list[int]
+    heads: list[tuple[int, int]]
     tokens: list[str]
     pattern: Float[Tensor, "head query key"]
     title: str = ""
     token_ids: list[int] = field(default_factory=list)
 
+    def __post_init__(self):
+        pairs = [(self.layer, int(h)) if not hasattr(h, "__len__") else (int(h[0]), int(h[1])) for h in self.heads]
+        other = sorted({l for l, _ in pairs} - {self.layer})
+        if other:
+            raise InputError(f"An AttentionView shows one layer ({self.layer}); heads of layers {other} were given.")
+        self.heads = pairs
+
     def head_names(self) -> list[str]:
-        return [f"L{self.layer}H{h}" for h in self.heads]
+        return [f"L{l}H{h}" for l, h in self.heads]
 
     def props(self) -> dict:
         """The circuitsvis ``AttentionHeads`` properties (weights rounded to 5 decimals to keep pages small)."""
@@ -110,9 +121,11 @@ class AttentionView:
         return self.fragment()
 
 
-def attention_view(model, prompt: str | Tensor | TokenBatch, layer: int, heads: int | Sequence[int] | None = None,
-                   *, prepend_bos: bool = True, row: int = 0, title: str | None = None) -> AttentionView:
-    """Attention of ``heads`` (default: all heads) of ``layer`` on one prompt, as an :class:`AttentionView`.
+def attention_view(model, prompt: str | Tensor | TokenBatch, heads: Sequence[tuple[int, int]] | None = None, *,
+                   layer: int | None = None, prepend_bos: bool = True, row: int = 0,
+                   title: str | None = None) -> AttentionView:
+    """Attention of ``heads`` (``(layer, head)`` pairs, all in one layer), or of every head of ``layer``, on one
+    prompt, as an :class:`AttentionView`.
 
     The pattern is the model's own ``hook_pattern``; tokens are decoded by its tokenizer.
     See :func:`prompt_ids` for the accepted prompts.
@@ -120,26 +133,33 @@ def attention_view(model, prompt: str | Tensor | TokenBatch, layer: int, heads: 
     Args:
         model: a bridge from :func:`sinklens.load_model`.
         prompt: a string, a 1-D id tensor or a TokenBatch (see :func:`prompt_ids`).
-        layer: the layer index.
-        heads: a head, a list of heads, or None for all heads of the layer.
+        heads: ``(layer, head)`` pairs of one layer, e.g. ``[(14, 3), (14, 7)]``; None: every head of ``layer``.
+        layer: the layer whose every head is shown (only without ``heads``).
         prepend_bos: prepend BOS to a string prompt.
         row: the row of a TokenBatch.
         title: the view's title (default: model, layer and heads).
     """
     info = model_info(model)
-    layer = check_index("layer", layer, info.n_layers, "layers")
     if heads is None:
-        heads = list(range(info.n_heads))
-    elif isinstance(heads, (str, bytes)) or not hasattr(heads, "__iter__"):
-        heads = [heads]  # one head (checked below)
-    heads = list(heads)
-    if not heads:
-        raise InputError("heads is empty: pass a head index, a list of heads, or None for all heads of the layer.")
-    heads = [check_index("head", head, info.n_heads, "query heads per layer") for head in heads]
+        if layer is None:
+            raise InputError("Pass heads=[(layer, head), ...] (one layer), or layer= for every head of a layer.")
+        layer = check_index("layer", layer, info.n_layers, "layers")
+        pairs = [(layer, h) for h in range(info.n_heads)]
+    else:
+        if layer is not None:
+            raise InputError("Pass heads= or layer=, not both: heads are (layer, head) pairs and name their layer.")
+        check_heads(heads, info)
+        pairs = [(int(l), int(h)) for l, h in heads]  # in the caller's order
+        layers = sorted({l for l, _ in pairs})
+        if len(layers) != 1:
+            raise InputError(f"An attention view shows one layer, but heads span layers {layers}: make one view per "
+                             "layer (sinklens.layer_heads(heads, layer) picks a layer's heads).")
+        layer = layers[0]
     ids = prompt_ids(model, prompt, prepend_bos=prepend_bos, row=row)
+    heads = [h for _, h in pairs]
     pattern = _layer_pattern(model, ids, layer)[heads]
     names = ", ".join(f"H{h}" for h in heads) if len(heads) <= 4 else f"{len(heads)} heads"
-    return AttentionView(layer=layer, heads=heads, tokens=token_strings(model, ids), pattern=pattern,
+    return AttentionView(layer=layer, heads=pairs, tokens=token_strings(model, ids), pattern=pattern,
                          title=title or f"{info.name}: layer {layer}, {names}", token_ids=ids.tolist())
 
 

@@ -60,20 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _report(run_dir: str, png: bool) -> int:
-    from .outputs import read_manifest
     from .report import write_report
 
     folder = Path(run_dir).resolve()
-    print(f"Report: {write_report(folder, read_manifest(folder), png=png)}")
+    print(f"Report: {write_report(folder, read_run_manifest(folder), png=png)}")
     return 0
 
 
 def _headline(run_dir: str, readme: str) -> int:
     from .headline import check_reference_run, update_readme_headline
-    from .outputs import read_manifest
 
     folder = Path(run_dir).resolve()
-    manifest = read_manifest(folder)
+    manifest = read_run_manifest(folder)
     check_reference_run(manifest, run_dir)
     changed = update_readme_headline(readme, folder, manifest)
     print(f"{readme}: headline numbers {'updated from ' + folder.name if changed else 'already up to date'}.")

@@ -104,7 +104,8 @@ def topk_pruning(data: dict) -> list[str]:
 
 
 _POLICY_NAMES = {"bos_top": "BOS top-k dims", "random": "random dims", "weight_norm": "largest weight norms",
-                 "whole_head": "whole heads removed"}
+                 "head_removal": "whole heads removed",
+                 "whole_head": "whole heads removed"}  # the key of summaries written before the vocabulary change
 
 
 def _measured(value: Any) -> bool:
@@ -161,7 +162,7 @@ def layer_selection(data: dict) -> list[str]:
     if h.get("best_layers") is None:
         return [f"No layer set{at_k} kept {_share(h['target_retention'], 0)} of {h['metric']} "
                 f"({h['n_configurations']} configurations evaluated)."]
-    removal = h.get("removal_retention_same_heads")
+    removal = h.get("head_removal_retention_same_heads", h.get("removal_retention_same_heads"))  # new, old key
     tail = f"; removing the same heads whole keeps {_share(removal)}" if removal is not None else ""
     return [f"QK-pruning layers {h['best_layers']} ({h['best_n_heads']} heads, {h['best_params_zeroed']:,} Q/K "
             f"parameters){at_k} keeps {_share(h['best_retention'])} of {h['metric']} on held-out items (95 % CI "

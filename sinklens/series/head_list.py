@@ -53,7 +53,7 @@ class HeadList:
         """The layers that hold at least one of the heads, sorted."""
         return sorted({layer for layer, _ in self.heads})
 
-    def record(self) -> dict:
+    def as_dict(self) -> dict:
         """What a notebook summary stores about its heads: source, count, definition and probe."""
         return {"heads_from": self.source, "n_sink_heads": len(self.heads), "eps": self.eps, "q": self.q,
                 "probe": self.probe}

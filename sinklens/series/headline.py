@@ -18,7 +18,7 @@ from ..core.embedded import EMBEDDED_MODELS
 from ..core.errors import InputError
 from ..core.files import atomic_write_text
 from .findings import findings
-from .outputs import Summary, attribute_outputs, read_manifest, run_summaries
+from .outputs import Summary, attribute_outputs, read_run_manifest, run_summaries
 from .wording import label
 
 HEADLINE_START = "<!-- headline:start -->"
@@ -111,7 +111,7 @@ def summaries_of(run_dir: str | os.PathLike, manifest: dict | None = None) -> li
     """
     run_dir = Path(run_dir)
     return run_summaries(run_dir, *attribute_outputs(run_dir, manifest if manifest is not None
-                                                      else read_manifest(run_dir)))
+                                                      else read_run_manifest(run_dir)))
 
 
 def headline_markdown(run_dir: str | os.PathLike, manifest: dict | None = None) -> str:
@@ -122,7 +122,7 @@ def headline_markdown(run_dir: str | os.PathLike, manifest: dict | None = None) 
         manifest: its manifest (read from the folder when None).
     """
     run_dir = Path(run_dir)
-    manifest = manifest if manifest is not None else read_manifest(run_dir)
+    manifest = manifest if manifest is not None else read_run_manifest(run_dir)
     name = Path(manifest.get("run_dir") or run_dir).name
     command = " ".join(["python -m sinklens", *map(str, manifest.get("argv") or ["run"])])
     lines = [f"Run `{name}`: `{command}`, model `{manifest.get('model')}`, {provenance(manifest)}, "

@@ -46,7 +46,7 @@ class NotebookOutputs:
     other: list[Path] = field(default_factory=list)
 
 
-def read_manifest(run_dir: str | os.PathLike) -> dict:
+def read_run_manifest(run_dir: str | os.PathLike) -> dict:
     """``manifest.json`` of a run folder written by ``python -m sinklens run``.
 
     Args:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 # light modules only: the command line checks a run's values before torch or pandas is imported
-from ..core.choices import BASES, CALIBRATIONS, FILLS, GQA_POLICIES, POLICIES, REMOVAL, STRATEGIES
+from ..core.choices import BASES, FILLS, GQA_POLICIES, HEAD_REMOVAL_CHOICES, POLICIES, STRATEGIES
 from ..core.errors import InputError
 from ..core.validate import as_int, check_choice, check_fraction
 
@@ -109,6 +109,14 @@ def _text(example: str) -> Callable[[str, Any], None]:
     return check
 
 
+def _flags(name: str, value: Any) -> None:
+    if not isinstance(value, list) or not value or any(not isinstance(v, bool) for v in value) \
+            or len(set(value)) != len(value):
+        raise InputError(f"Parameter {name} must be a non-empty list of distinct True/False, e.g. "
+                         f"{name}=[False, True]; "
+                         f"got {value!r}.")
+
+
 def _metric(name: str, value: Any) -> None:
     # the metric names depend on the suite and the item file: sinklens.layer_selection checks the name itself
     group, _, rest = value.partition("/") if isinstance(value, str) else ("", "", "")
@@ -133,7 +141,7 @@ VALUE_CHECKS: dict[str, Callable[[str, Any], None]] = {
     **dict.fromkeys(["seeds", "model_seeds"], _ints_at_least(0)),
     "basis": _choice(BASES),
     "gqa": _choice(GQA_POLICIES),
-    "removal": _choice(REMOVAL),
+    "head_removal": _choice(HEAD_REMOVAL_CHOICES),
     **dict.fromkeys(["strategies", "selection_strategy"], _choices(STRATEGIES)),
     "metric": _metric,
     "items_file": _file_or_empty("a JSONL file of multiple-choice items"),
@@ -146,12 +154,12 @@ VALUE_CHECKS: dict[str, Callable[[str, Any], None]] = {
     **dict.fromkeys(["n_long_prompts", "first_keys", "view_keys"], _at_least(1)),
     "detail_length": _at_least(2),
     # 07 beyond-BOS dims
-    **dict.fromkeys(["n_calibration", "n_heldout", "pool"], _at_least(1)),
+    **dict.fromkeys(["n_calibration", "n_held_out", "pool"], _at_least(1)),
     "max_heads": _at_least(0),  # 0: every sink-specialized head
     "compare_ks": _ints_at_least(1),
     **dict.fromkeys(["policies", "all_heads_policies"], _choices(POLICIES)),
     "fills": _choices(FILLS),
-    "calibrations": _choices(CALIBRATIONS),
+    "temperatures": _flags,
 }
 # parameters that name a file: the runner passes them as absolute paths (the notebooks run in the checkout)
 PATH_PARAMS = ("items_file", "heads_from")

@@ -37,7 +37,7 @@ from .outputs import (
     NotebookOutputs,
     Summary,
     attribute_outputs,
-    read_manifest,
+    read_run_manifest,
     read_summary,
     run_summaries,
 )
@@ -235,7 +235,7 @@ def report_html(run_dir: str | os.PathLike, manifest: dict | None = None, notes:
         notes: one-line notes shown under the title (e.g. about PNGs).
     """
     run_dir = Path(run_dir)
-    manifest = manifest if manifest is not None else read_manifest(run_dir)
+    manifest = manifest if manifest is not None else read_run_manifest(run_dir)
     notebooks, unclaimed = attribute_outputs(run_dir, manifest)
     name = Path(manifest.get("run_dir") or run_dir).name
     status = manifest.get("status", "?")
@@ -284,7 +284,7 @@ def write_report(run_dir: str | os.PathLike, manifest: dict | None = None, png: 
         log: where warnings go.
     """
     run_dir = Path(run_dir)
-    manifest = manifest if manifest is not None else read_manifest(run_dir)
+    manifest = manifest if manifest is not None else read_run_manifest(run_dir)
     notes = []
     if png:
         try:

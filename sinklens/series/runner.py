@@ -59,7 +59,7 @@ CI_PARAMS: dict[str, Any] = {
     "ks": [1, 10, 50], "seeds": [0, 1], "model_prompts": 2,  # k sweep (04)
     "limit": 2, "n_lm_prompts": 2, "n_copy": 2,  # evaluation items per split (05's selection and 07's two)
     "greedy_pool": 2, "exhaustive_pool": 2, "exhaustive_size": 2, "n_random": 1,  # layer search (05)
-    "n_calibration": 4, "n_heldout": 4, "max_heads": 2, "compare_ks": [5, 10], "pool": 12,  # beyond BOS dims (07)
+    "n_calibration": 4, "n_held_out": 4, "max_heads": 2, "compare_ks": [5, 10], "pool": 12,  # beyond BOS dims (07)
     "lengths": [64, 128, 256], "detail_length": 128,  # long context (06)
 }
 # Set by the runner itself, never by -p or a params file.

@@ -68,6 +68,8 @@ LABELS: dict[str, Label] = {
     "best_retention": Label("retention of that set (held-out)", **_PERCENT_OF_FRACTION),
     "best_ci_low": Label("retention, 95 % CI low", **_PERCENT_OF_FRACTION),
     "best_ci_high": Label("retention, 95 % CI high", **_PERCENT_OF_FRACTION),
+    "head_removal_retention_same_heads": Label("retention with the same heads removed whole", **_PERCENT_OF_FRACTION),
+    # the key of summaries written before the vocabulary change
     "removal_retention_same_heads": Label("retention with the same heads removed whole", **_PERCENT_OF_FRACTION),
     # 06 long context (sink heads: alpha_0 > eps at the shortest length)
     "lengths": Label("prompt lengths", "tokens"),
@@ -81,7 +83,7 @@ LABELS: dict[str, Label] = {
     "non_first_sink_heads": Label("heads with a non-first sink", "heads"),
     "massive_positions": Label("positions carrying massive activations in that prompt"),
     "massive_position_kinds": Label("their kinds (count)"),
-    # 07 beyond the BOS dims (variants are policy/fill/calibration)
+    # 07 beyond the BOS dims (variants are policy/fill/temperature or policy/fill/none)
     "best_variant": Label("kept-dims variant with the lowest median attention error at k (every sink-specialized "
                           "head, variants without a search)"),
     "best_frob_rel_median": Label("its median attention error at k"),
@@ -100,7 +102,8 @@ LABELS: dict[str, Label] = {
 # inner keys of headline mappings: the kept-dims policies of a pruning
 INNER_LABELS: dict[str, str] = {
     "bos_top": "BOS top-k dims", "random": "random dims", "weight_norm": "largest weight norms",
-    "whole_head": "whole head removed",
+    "head_removal": "whole head removed",
+    "whole_head": "whole head removed",  # the key of summaries written before the vocabulary change
 }
 
 
@@ -173,7 +176,7 @@ CAPTIONS: dict[str, str] = {
     "retention_by_n_layers": "Held-out retention against the number of pruned layers per strategy; crosses: the "
                              "same heads removed whole.",
     "pareto_frontier": "Held-out configurations no other beats on both pruned heads and retention.",
-    "removal_comparison": "QK pruning against whole-head removal of the same heads, per layer set.",
+    "head_removal_comparison": "QK pruning against whole-head removal of the same heads, per layer set.",
     # 07
     "beyond_bos_frob_rel_vs_k": "Attention error against k on the compared heads, per policy/fill/calibration "
                                 "variant, the optimized search included (dims, means and temperatures fitted on other "

@@ -2,7 +2,7 @@
 
 Three parts, each scored from next-token log-probabilities in float32:
 
-- ``lm``: language modelling on the probe text's ``"heldout"`` split (never the probe prompts):
+- ``lm``: language modelling on the probe text's ``"held_out"`` split (never the probe prompts):
   perplexity ``exp(sum NLL / n_tokens)`` and next-token top-1 accuracy over every text token.
 - ``mc``: zero-shot multiple choice on the bundled items (``sinklens/data``, see its README), scored
   as lm-evaluation-harness scores ``output_type: multiple_choice``: the context and each choice are

@@ -22,11 +22,11 @@ from torch import Tensor
 from ...core.errors import InputError
 from ...core.loading import input_device, model_info
 from ...core.progress import progress
-from ...core.validate import check_choice, check_int
+from ...core.validate import check_int
 from .forward import forward_scores
 from .items import ITEMS_FILE, bundled_items_path, items_digest, load_items
 from .metrics import EvalResult, per_item_table
-from .requests import SPLITS, Batch, Row, Split, batch_rows, copy_rows, lm_rows, mc_rows, split_indices
+from .requests import Batch, Row, Split, batch_rows, check_split, copy_rows, lm_rows, mc_rows, split_indices
 
 Suite = Literal["default", "lm", "mc", "copy"]
 PARTS = ("lm", "mc", "copy")
@@ -120,8 +120,8 @@ def build_plan(model, suite: Suite = "default", limit: int | None = None, *, spl
         suite: ``"default"`` (lm + mc + copy) or one part (``"lm"``, ``"mc"``, ``"copy"``).
         limit: at most this many items per task (LM prompts, MC items per task type, copy sequences);
             None = all.
-        split: ``"all"``, or the even (``"calibration"``) / odd (``"heldout"``) items of each task, for
-            selecting on one and confirming on the other.
+        split: ``"all"``, or the even (``"search"``) / odd (``"held_out"``) items of each task, for
+            selecting on one and confirming on the other (``"calibration"`` / ``"heldout"``: deprecated names).
         items: a JSONL item file for the MC part (default: the bundled items).
         n_lm_prompts: held-out text prompts of the LM part (per split half when split is not "all").
         lm_seq_len: tokens per LM prompt (default min(128, context)).
@@ -129,11 +129,11 @@ def build_plan(model, suite: Suite = "default", limit: int | None = None, *, spl
         copy_len: tokens of each copied sequence.
         prepend_bos: start every request with BOS (the setting of the sink study).
         seed: seed of the copy sequences.
-        batch_tokens: tokens per forward (rows x padded width).
+        batch_tokens: tokens per forward (rows x padded width; a budget of tokens, not of prompts).
     """
     parts = check_suite(suite)
     limit = check_int("limit", limit, minimum=1, allow_none=True, meaning="items per task")
-    check_choice("split", split, SPLITS)
+    split = check_split(split)
     n_lm_prompts = check_int("n_lm_prompts", n_lm_prompts, minimum=1)
     n_copy = check_int("n_copy", n_copy, minimum=1)
     copy_len = check_int("copy_len", copy_len, minimum=2)
@@ -186,7 +186,7 @@ def evaluate(model, suite: Suite = "default", limit: int | None = None, *, split
         suite: ``"default"`` (lm + mc + copy) or one part (``"lm"``, ``"mc"``, ``"copy"``).
         limit: at most this many items per task (LM prompts, MC items per task type, copy sequences);
             None = all.
-        split: ``"all"``, or the even (``"calibration"``) / odd (``"heldout"``) items of each task, for
+        split: ``"all"``, or the even (``"search"``) / odd (``"held_out"``) items of each task, for
             selecting on one and confirming on the other.
         items: a JSONL item file for the MC part (default: the bundled items).
         n_lm_prompts: held-out text prompts of the LM part (per split half when split is not "all").

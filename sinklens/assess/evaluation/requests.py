@@ -11,6 +11,7 @@ similar length into right-padded :class:`Batch` es of about ``batch_tokens`` tok
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -22,9 +23,26 @@ from torch import Tensor
 from ...core.errors import InputError
 from ...core.loading import model_info
 from ...core.probes import probe_tokens
+from ...core.validate import check_choice
 
-Split = Literal["all", "calibration", "heldout"]
+Split = Literal["all", "search", "held_out"]
 SPLITS: tuple[str, ...] = get_args(Split)
+OLD_SPLITS = {"calibration": "search", "heldout": "held_out"}  # the names before the vocabulary change
+
+
+def check_split(split: str) -> str:
+    """``split`` checked against :data:`SPLITS`; a former name (``"calibration"``, ``"heldout"``) is read as the new
+    one (``"search"``, ``"held_out"``) with a DeprecationWarning.
+
+    Args:
+        split: ``"all"``, ``"search"`` or ``"held_out"``.
+    """
+    if split in OLD_SPLITS:
+        warnings.warn(f'split="{split}" is deprecated: use split="{OLD_SPLITS[split]}" (the same items).',
+                      DeprecationWarning, stacklevel=3)
+        split = OLD_SPLITS[split]
+    check_choice("split", split, SPLITS)
+    return split
 
 
 @dataclass
@@ -56,17 +74,18 @@ class Batch:
 
 
 def split_indices(n_total: int, split: Split, limit: int | None) -> list[int]:
-    """Item positions of a split: all, even (calibration) or odd (heldout), then the first ``limit``.
+    """Item positions of a split: all, even (search) or odd (held_out), then the first ``limit``.
 
     Args:
         n_total: number of items of the task.
-        split: ``"all"``, ``"calibration"`` (even positions) or ``"heldout"`` (odd positions).
+        split: ``"all"``, ``"search"`` (even positions: the split decisions are made on) or ``"held_out"`` (odd
+            positions: the split that confirms them).
         limit: keep at most this many, or None for all.
     """
     if split == "all":
         picked = list(range(n_total))
     else:
-        picked = list(range(0 if split == "calibration" else 1, n_total, 2))
+        picked = list(range(0 if split == "search" else 1, n_total, 2))
     return picked if limit is None else picked[:limit]
 
 
@@ -82,12 +101,12 @@ def lm_rows(model, units: list[dict], picked: list[int], seq_len: int, prepend_b
     """
     if not picked:
         return []
-    batch = probe_tokens(model, max(picked) + 1, seq_len, prepend_bos=prepend_bos, split="heldout")
+    batch = probe_tokens(model, max(picked) + 1, seq_len, prepend_bos=prepend_bos, split="held_out")
     rows = []
     for i in picked:
         tokens = batch.tokens[i][batch.attention_mask[i].bool()].tolist()
         unit = len(units)
-        units.append({"part": "lm", "task": "heldout_text", "item": f"lm-{i:04d}"})
+        units.append({"part": "lm", "task": "held_out_text", "item": f"lm-{i:04d}"})
         # every text token is a target; with BOS the first text token is predicted from BOS
         targets = [(col, tokens[col + 1], unit) for col in range(len(tokens) - 1)]
         rows.append(Row("lm", tokens, list(range(len(tokens))), [-1] * len(tokens), targets))

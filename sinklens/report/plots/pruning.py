@@ -20,9 +20,10 @@ from torch import Tensor
 from ...core.errors import InputError
 from ...core.validate import check_frame, check_type
 from ...measure.massive import Basis, MassiveActivations
+from ...prune.spec import head_pairs
 from .census import head_label, layer_head_heatmap
 
-POLICY_COLORS = {"bos_top": "#1f77b4", "random": "#7f7f7f", "weight_norm": "#ff7f0e", "whole_head": "#d62728",
+POLICY_COLORS = {"bos_top": "#1f77b4", "random": "#7f7f7f", "weight_norm": "#ff7f0e", "head_removal": "#d62728",
                  "explicit": "#2ca02c"}
 METRIC_TITLES = {"frob_rel": "||A - A'||_F / ||A||_F", "kl": "mean row KL(A || A')", "d_alpha0": "change in alpha_0",
                  "out_rel": "head output error ||c - c'|| / ||c||", "next_kl": "next-token KL",
@@ -60,24 +61,28 @@ def kept_dims(massive: MassiveActivations, layer: int, dims: Sequence[int] | Ten
     return fig
 
 
-def pattern_pairs(dense: Float[Tensor, "head query key"], pruned: Float[Tensor, "head query key"], layer: int,
-                  heads: Sequence[int], tokens: Sequence[str] | None = None, *, title: str = "") -> go.Figure:
+def pattern_pairs(dense: Float[Tensor, "head query key"], pruned: Float[Tensor, "head query key"],
+                  heads: Sequence[tuple[int, int]], tokens: Sequence[str] | None = None, *,
+                  title: str = "") -> go.Figure:
     """Dense and pruned attention patterns side by side, one row per head (same colour scale, 0..1).
 
     Args:
         dense, pruned: the patterns of ``heads``.
-        layer: their layer.
-        heads: the head indices of the first axis.
+        heads: the ``(layer, head)`` pairs of the first axis, all in one layer (e.g. an attention view's heads).
         tokens: the token strings of the axes (None: positions).
         title: the figure title (default: layer and what is shown).
     """
     dense, pruned = torch.as_tensor(dense, device="cpu").float(), torch.as_tensor(pruned, device="cpu").float()
-    heads = list(heads)
+    heads = head_pairs(heads)
+    layers = sorted({l for l, _ in heads})
+    if len(layers) != 1:
+        raise InputError(f"pattern_pairs shows the heads of one layer, got heads of layers {layers}.")
+    layer = layers[0]
     if dense.shape != pruned.shape or dense.dim() != 3 or dense.shape[0] != len(heads):
         raise InputError(f"dense and pruned must both be [head, query, key] with {len(heads)} heads, got "
                          f"{tuple(dense.shape)} and {tuple(pruned.shape)}.")
     labels = [f"{i}:{t}" for i, t in enumerate(tokens)] if tokens is not None else list(range(dense.shape[-1]))
-    names = [name for h in heads for name in (f"{head_label(layer, h)} dense", f"{head_label(layer, h)} pruned")]
+    names = [name for l, h in heads for name in (f"{head_label(l, h)} dense", f"{head_label(l, h)} pruned")]
     fig = make_subplots(rows=len(heads), cols=2, subplot_titles=names, horizontal_spacing=0.08,
                         vertical_spacing=min(0.3 / max(len(heads), 1), 0.08))
     for row, _ in enumerate(heads, start=1):
