@@ -38,8 +38,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "sinklens.prune.pruning": ("PruneHandle", "PruningPlan", "apply_pruning", "plan_pruning", "prune_qk"),
     "sinklens.prune.removal": ("HeadRemovalHandle", "apply_head_removal", "remove_heads"),
     "sinklens.prune.checkpoint": ("read_manifest", "save_pruned"),
-    "sinklens.assess.reconstruction": ("error_quantiles", "k_sweep", "k_sweep_headline", "reconstruction_error",
-                                       "reconstruction_headline", "smallest_k"),
+    "sinklens.assess.reconstruction": ("error_quantiles", "k_sweep", "reconstruction_error", "smallest_k"),
     "sinklens.assess.evaluation": ("EvalResult", "evaluate", "retention"),
     "sinklens.assess.lm_eval_bridge": ("evaluate_lm_eval",),
     "sinklens.assess.selection": ("EvalOptions", "LayerSelection", "SearchOptions", "layer_selection"),
@@ -49,7 +48,7 @@ _MODULES: dict[str, str] = {
     "plots": "sinklens.report.plots",
     "views": "sinklens.report.views",
     "summaries": "sinklens.report.summaries",
-    "beyond_bos": "sinklens.assess.beyond_bos",  # notebook 07's comparisons (its summary moves to summaries)
+    "beyond_bos": "sinklens.assess.beyond_bos",  # notebook 07: the kept-dims variants compared
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

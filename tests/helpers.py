@@ -258,3 +258,23 @@ def ci_params(notebook: str, model: str | None = None, **overrides) -> dict:
     if unknown:
         raise ValueError(f"{notebook} declares no parameter {', '.join(unknown)}")
     return {name: value for name, value in plan.effective.items() if name != "out_dir"} | overrides
+
+
+# --- layer selections built from rows (no model) --------------------------------------------------------------
+
+def fake_selection(rows, policy="bos_top", fill="zero", temperature=False):
+    import pandas as pd
+
+    import sinklens as sl
+    from sinklens.assess.selection import LayerSelection
+
+    """A LayerSelection holding only the given table rows (strategy, split, method, layers, n_heads, retention)."""
+    table = pd.DataFrame([{"strategy": strategy, "split": split, "method": method, "layers": layers,
+                           "n_layers": len(layers), "n_heads": n_heads,
+                           "heads": [[l, 0] for l in layers], "params_zeroed": 100 * n_heads,
+                           "params_share": n_heads / 1000, "retention": retention, "ci_low": retention - 0.05,
+                           "ci_high": retention + 0.05, "key": f"{method}:{layers}:{split}"}
+                          for strategy, split, method, layers, n_heads, retention in rows])
+    spec = sl.PruneSpec([(1, 0), (3, 0), (5, 0)], 4, policy, fill=fill, temperature=temperature).as_dict()
+    return LayerSelection(table=table, single_layer=table.iloc[:0], heads=[(1, 0), (3, 0), (5, 0)], dims={},
+                          dense={}, settings={"spec": spec, "k": 4, "metric": "acc/mean", "target_retention": 0.91})

@@ -12,9 +12,9 @@ import torch
 
 import sinklens as sl
 from sinklens.assess import beyond_bos
-from sinklens.assess.selection import LayerSelection
+from sinklens.report import summaries
 
-from helpers import hf_eager, random_tokens
+from helpers import fake_selection, hf_eager, random_tokens
 
 K = 6
 
@@ -277,26 +277,13 @@ def test_best_variant_is_the_lowest_median_at_k():
     assert beyond_bos.best_variant(table, 5) == {"policy": "act_weight", "fill": "mean", "temperature": True}
     assert beyond_bos.best_variant(table, 10) == {"policy": "bos_top", "fill": "mean", "temperature": False}
     label = beyond_bos.variant_label(beyond_bos.best_variant(table, 5))
-    assert label == "act_weight/mean/temperature" == beyond_bos.beyond_bos_headline(table, 5)["best_variant"]
+    assert label == "act_weight/mean/temperature" == summaries.beyond_bos_headline(table, 5)["best_variant"]
     tied = table[~((table["policy"] == "act_weight") & (table["fill"] == "mean"))]  # two variants at 0.3 at k=5
     assert beyond_bos.best_variant(tied, 5) == {"policy": "act_weight", "fill": "zero", "temperature": False}
-    assert beyond_bos.variant_label(beyond_bos.best_variant(tied, 5)) == beyond_bos.beyond_bos_headline(tied, 5)[
+    assert beyond_bos.variant_label(beyond_bos.best_variant(tied, 5)) == summaries.beyond_bos_headline(tied, 5)[
         "best_variant"]  # ties broken the same way as the headline
     with pytest.raises(sl.InputError, match="no median frob_rel at k=20"):
         beyond_bos.best_variant(table, 20)
-
-
-def fake_selection(rows, policy="bos_top", fill="zero", temperature=False):
-    """A LayerSelection holding only the given table rows (strategy, split, method, layers, n_heads, retention)."""
-    table = pd.DataFrame([{"strategy": strategy, "split": split, "method": method, "layers": layers,
-                           "n_layers": len(layers), "n_heads": n_heads,
-                           "heads": [[l, 0] for l in layers], "params_zeroed": 100 * n_heads,
-                           "params_share": n_heads / 1000, "retention": retention, "ci_low": retention - 0.05,
-                           "ci_high": retention + 0.05, "key": f"{method}:{layers}:{split}"}
-                          for strategy, split, method, layers, n_heads, retention in rows])
-    spec = sl.PruneSpec([(1, 0), (3, 0), (5, 0)], 4, policy, fill=fill, temperature=temperature).as_dict()
-    return LayerSelection(table=table, single_layer=table.iloc[:0], heads=[(1, 0), (3, 0), (5, 0)], dims={},
-                          dense={}, settings={"spec": spec, "k": 4, "metric": "acc/mean", "target_retention": 0.91})
 
 
 def test_selection_comparison_reads_the_best_confirmed_set_per_variant():
@@ -323,11 +310,11 @@ def test_selection_comparison_reads_the_best_confirmed_set_per_variant():
     # by hand: 1,3,5 (0.92) has the most heads meeting 0.91; best() on the same constructed tables agrees
     assert rows.loc[("act_weight/mean/none", 0.91), "n_heads"] == 6
     assert [list(baseline.best(0.91)["layers"]), list(best.best(0.91)["layers"])] == [[1, 3], [1, 3, 5]]
-    head = beyond_bos.selection_headline(table, "act_weight/mean/none")
+    head = summaries.selection_headline(table, "act_weight/mean/none")
     assert head == {"selection_heads_bos_top": 4,
                     "selection_heads_best": 6, "selection_params_bos_top": 400, "selection_params_best": 600}
     with pytest.raises(sl.InputError, match="no rows for variants"):
-        beyond_bos.selection_headline(table, "optimized/zero/none")
+        summaries.selection_headline(table, "optimized/zero/none")
     with pytest.raises(sl.InputError, match="must be a sinklens.LayerSelection"):
         beyond_bos.selection_comparison({"x": baseline.table}, [0.91])
     with pytest.raises(sl.InputError, match="target"):

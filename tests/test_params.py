@@ -96,8 +96,8 @@ def test_choices_are_one_definition_re_exported_by_the_modules_that_use_them():
     from sinklens.prune import spec
 
     assert spec.POLICIES is choices.POLICIES and spec.FILLS is choices.FILLS
-    assert spec.CALIBRATIONS is choices.CALIBRATIONS and spec.GQA_POLICIES is choices.GQA_POLICIES
-    assert selection.STRATEGIES is choices.STRATEGIES and selection.REMOVAL is choices.REMOVAL
+    assert spec.GQA_POLICIES is choices.GQA_POLICIES
+    assert selection.STRATEGIES is choices.STRATEGIES and selection.HEAD_REMOVAL_CHOICES is choices.HEAD_REMOVAL_CHOICES
     assert massive.BASES is choices.BASES and embedded.EMBEDDED_MODELS is choices.EMBEDDED_MODELS
 
 

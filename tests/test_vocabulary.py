@@ -19,6 +19,7 @@ from sinklens.assess.evaluation import build_plan, plan_fingerprint
 from sinklens.assess.selection import LayerSelection
 from sinklens.assess.sweep import SCHEMA, Sweep, open_results
 from sinklens.prune.calibration import calibration_need, resolve_calibration
+from sinklens.report import summaries
 from sinklens.series import findings
 
 from helpers import random_tokens
@@ -219,7 +220,7 @@ def test_a_k_sweep_frame_saved_before_the_change_is_read():
     table = beyond_bos.variant_table(pd.DataFrame(rows), [5])
     assert list(table["temperature"]) == [True, False]  # act_weight/zero/temperature sorts first
     assert beyond_bos.best_variant(table, 5) == {"policy": "act_weight", "fill": "zero", "temperature": True}
-    assert beyond_bos.beyond_bos_headline(table, 5)["best_variant"] == "act_weight/zero/temperature"
+    assert summaries.beyond_bos_headline(table, 5)["best_variant"] == "act_weight/zero/temperature"
 
 
 def test_a_configurations_table_saved_before_the_change_is_read():

@@ -29,7 +29,7 @@ from sinklens.core.files import atomic_write_bytes, atomic_write_text, owner_tag
 from sinklens.prune.checkpoint import MANIFEST, remove_leftovers
 from sinklens.series.folder import RunFolder
 
-from helpers import build_tiny_checkpoint
+from helpers import build_tiny_checkpoint, write_items
 
 TESTS = str(Path(__file__).parent)
 REPO = str(Path(__file__).parent.parent)
@@ -310,11 +310,11 @@ def test_atomic_writes_name_the_path_and_cause(tmp_path, monkeypatch):
 
 def test_a_full_results_file_keeps_earlier_rows_and_a_rerun_resumes(tmp_path):
     sys.path.insert(0, TESTS)
-    from test_sweep import CONFIGS, make_sweep, write_items
+    from test_sweep import CONFIGS, ITEMS, make_sweep
 
     folder = build_tiny_checkpoint(tmp_path / "gqa", 6, 2)
     model = sl.load_model(str(folder), device="cpu")
-    items, path = write_items(tmp_path), tmp_path / "results.sqlite"
+    items, path = write_items(tmp_path, ITEMS), tmp_path / "results.sqlite"
     sweep = make_sweep(model, items, results=path)
     sweep.run(CONFIGS[:3])
     done = sweep.file.keys()

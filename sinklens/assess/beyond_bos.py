@@ -17,7 +17,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from ..core.errors import InputError
-from ..core.validate import check_fraction, check_int
+from ..core.validate import check_fraction, check_frame, check_int
 from ..prune.calibration import CalibrationSet
 from ..prune.spec import Head, old_temperature, parse_heads, parse_layers
 from ..prune.spec import variant_label as label_of
@@ -27,14 +27,20 @@ VARIANT = ["policy", "fill", "temperature"]
 BASELINE = {"policy": "bos_top", "fill": "zero", "temperature": False}  # the thesis' choice
 
 
-def _check(frame, columns: Sequence[str]) -> pd.DataFrame:
+def variant_frame(frame, columns: Sequence[str], source: str = "sinklens.k_sweep") -> pd.DataFrame:
+    """``frame`` checked for ``columns`` (:func:`sinklens.core.validate.check_frame`), with a ``temperature`` column
+    read from the ``calibration`` column of a frame written before the vocabulary change.
+
+    Args:
+        frame: a k sweep, or a table built from one.
+        columns: the columns the caller needs.
+        source: the function that returns such a frame, for the message.
+    """
     if isinstance(frame, pd.DataFrame) and "temperature" not in frame.columns and "calibration" in frame.columns:
         frame = frame.copy()  # written before the vocabulary change: calibration "none"/"temperature"
         frame["temperature"] = [None if pd.isna(v) else old_temperature(v, "the frame's calibration column")
                                 for v in frame.pop("calibration")]
-    if not isinstance(frame, pd.DataFrame) or frame.empty or not set(columns) <= set(frame.columns):
-        raise InputError(f"Expected a non-empty sinklens.k_sweep frame with columns {list(columns)}.")
-    return frame
+    return check_frame(frame, columns, "the table", source)
 
 
 def variant_labels(sweep: pd.DataFrame) -> pd.DataFrame:
@@ -44,7 +50,7 @@ def variant_labels(sweep: pd.DataFrame) -> pd.DataFrame:
     Args:
         sweep: a :func:`sinklens.k_sweep` frame.
     """
-    sweep = _check(sweep, VARIANT).copy()
+    sweep = variant_frame(sweep, VARIANT).copy()
     fitted = sweep["fill"].notna()
     sweep.loc[fitted, "policy"] = [label_of(p, f, t) for p, f, t in sweep.loc[fitted, VARIANT].itertuples(index=False)]
     return sweep
@@ -58,7 +64,7 @@ def variant_table(sweep: pd.DataFrame, ks: Sequence[int], metrics: Sequence[str]
         ks: the ks tabulated.
         metrics: the error columns summarised.
     """
-    sweep = _check(sweep, VARIANT + ["k", *metrics])
+    sweep = variant_frame(sweep, VARIANT + ["k", *metrics])
     part = sweep[sweep["fill"].notna() & sweep["k"].isin(list(ks))]
     if part.empty:
         raise InputError(f"The sweep has no pruning rows at ks={list(ks)}.")
@@ -95,7 +101,7 @@ def best_variant(table: pd.DataFrame, k: int) -> dict:
         table: from :func:`variant_table`.
         k: the k compared at.
     """
-    table = _check(table, VARIANT + ["k", "frob_rel_q50"])
+    table = variant_frame(table, VARIANT + ["k", "frob_rel_q50"])
     at_k = table[(table["k"] == k) & table["frob_rel_q50"].notna()]
     if at_k.empty:
         raise InputError(f"The table has no median frob_rel at k={k} (its ks: {sorted(table['k'].unique())}).")
@@ -146,27 +152,6 @@ def selection_comparison(selections: Mapping[str, LayerSelection], targets: Sequ
     return pd.DataFrame(rows)
 
 
-def selection_headline(comparison: pd.DataFrame, best: str, baseline: str = "bos_top/zero/none") -> dict:
-    """The layer-selection numbers notebook 07 leads with (the comparison's first target): for the best variant and
-    the baseline, the heads QK-pruned and the Q/K parameters zeroed by the largest set meeting the
-    target (0 when none meets it).
-
-    Args:
-        comparison: from :func:`selection_comparison`.
-        best: the best variant's label (:func:`variant_label` of :func:`best_variant`).
-        baseline: the baseline's label.
-    """
-    comparison = _check(comparison, ["variant", "target", "n_heads", "params_zeroed"])
-    first = comparison[comparison["target"] == comparison["target"].iloc[0]].set_index("variant")
-    missing = sorted({best, baseline} - set(first.index))
-    if missing:
-        raise InputError(f"The comparison has no rows for variants {missing} (it has {sorted(first.index)}).")
-    return {"selection_heads_bos_top": int(first.loc[baseline, "n_heads"]),
-            "selection_heads_best": int(first.loc[best, "n_heads"]),
-            "selection_params_bos_top": int(first.loc[baseline, "params_zeroed"]),
-            "selection_params_best": int(first.loc[best, "params_zeroed"])}
-
-
 def dims_overlap(first: Mapping[Head, Int[Tensor, " k"]], second: Mapping[Head, Int[Tensor, " k"]]) -> pd.DataFrame:
     """Per head, how many kept dims two choices share: ``shared`` and ``share`` (shared / k of ``second``).
 
@@ -210,27 +195,5 @@ def search_cost_table(calibration: CalibrationSet) -> pd.DataFrame:
                                        "ranked"])
 
 
-def beyond_bos_headline(table: pd.DataFrame, k: int, baseline: str = "bos_top/zero/none") -> dict:
-    """The numbers notebook 07 leads with: per variant the median held-out frob_rel at k, the best variant and
-    how it compares with the thesis' choice (``baseline``).
-
-    Args:
-        table: from :func:`variant_table`.
-        k: the k of the headline.
-        baseline: the variant label compared against.
-    """
-    table = _check(table, VARIANT + ["k", "frob_rel_q50"])
-    at_k = table[table["k"] == k]
-    if at_k.empty:
-        raise InputError(f"The table has no rows at k={k}.")
-    labels = [label_of(p, f, t) for p, f, t in at_k[VARIANT].itertuples(index=False)]
-    medians = dict(zip(labels, at_k["frob_rel_q50"].astype(float)))
-    best = min(medians, key=medians.get)
-    return {"k": int(k), "frob_rel_median_at_k": medians, "best_variant": best,
-            "best_frob_rel_median": medians[best], "baseline_variant": baseline,
-            "baseline_frob_rel_median": medians.get(baseline)}
-
-
-__all__ = ["BASELINE", "beyond_bos_headline", "best_variant", "dims_overlap", "search_cost_table",
-           "selection_comparison", "selection_headline", "spread_heads", "variant_label", "variant_labels",
-           "variant_table"]
+__all__ = ["BASELINE", "VARIANT", "best_variant", "dims_overlap", "search_cost_table", "selection_comparison",
+           "spread_heads", "variant_frame", "variant_label", "variant_labels", "variant_table"]

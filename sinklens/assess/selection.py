@@ -252,8 +252,12 @@ class LayerSelection:
         t = self.table
         return t[(t["split"] == SPLIT_CONFIRM) & (t["method"] == method)]
 
-    def _by_layers(self, method: str) -> pd.DataFrame:
-        """Confirmed rows of ``method``, first per layer set, indexed by the layer set as a tuple."""
+    def by_layer_set(self, method: str) -> pd.DataFrame:
+        """Confirmed rows of ``method``, first per layer set, indexed by the layer set as a tuple.
+
+        Args:
+            method: ``"qk"`` (QK pruning) or ``"head_removal"``.
+        """
         rows = self.confirmed(method)
         keys = rows["layers"].map(_layer_key)
         rows = rows[~keys.duplicated()]
@@ -284,22 +288,6 @@ class LayerSelection:
             return None
         return rows.sort_values(["n_heads", "retention"], ascending=[False, False]).iloc[0]
 
-    def headline(self) -> dict:
-        """The numbers a report leads with: the best configuration meeting the target (held-out),
-        and whole-head removal of the same heads (``best_layers`` is the display form ``"15,16,22"``)."""
-        best = self.best()
-        out = {"metric": self.metric, "target_retention": self.target, "n_sink_heads": len(self.heads),
-               "n_configurations": int(len(self.table))}
-        if best is None:
-            return out | {"best_layers": None}
-        removal = self._by_layers("head_removal")
-        key = _layer_key(best["layers"])
-        return out | {"best_layers": ",".join(map(str, key)), "best_n_heads": int(best["n_heads"]),
-                      "best_params_zeroed": int(best["params_zeroed"]), "best_retention": float(best["retention"]),
-                      "best_ci_low": float(best["ci_low"]), "best_ci_high": float(best["ci_high"]),
-                      "head_removal_retention_same_heads": (float(removal.loc[[key], "retention"].iloc[0])
-                                                            if key in removal.index else None)}
-
     def largest_meeting(self, targets: Sequence[float] = (0.91, 0.95)) -> pd.DataFrame:
         """Per strategy and target: the largest confirmed layer set meeting it, with whole-head
         removal of the same heads beside it.
@@ -307,7 +295,7 @@ class LayerSelection:
         Args:
             targets: the retentions to meet.
         """
-        removal = self._by_layers("head_removal")
+        removal = self.by_layer_set("head_removal")
         rows = []
         for strategy, group in self.confirmed().groupby("strategy", sort=False):
             for target in targets:
@@ -327,7 +315,7 @@ class LayerSelection:
 
     def head_removal_comparison(self) -> pd.DataFrame:
         """Held-out retention of QK pruning against whole-head removal of the same heads, per layer set."""
-        qk, rm = self._by_layers("qk"), self._by_layers("head_removal")
+        qk, rm = self.by_layer_set("qk"), self.by_layer_set("head_removal")
         both = [key for key in qk.index if key in rm.index]
         out = pd.DataFrame({"layers": [list(key) for key in both],
                             "n_layers": [int(qk.loc[[key], "n_layers"].iloc[0]) for key in both],

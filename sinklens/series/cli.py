@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _report(run_dir: str, png: bool) -> int:
+    from .outputs import read_run_manifest
     from .report import write_report
 
     folder = Path(run_dir).resolve()
@@ -69,6 +70,7 @@ def _report(run_dir: str, png: bool) -> int:
 
 def _headline(run_dir: str, readme: str) -> int:
     from .headline import check_reference_run, update_readme_headline
+    from .outputs import read_run_manifest
 
     folder = Path(run_dir).resolve()
     manifest = read_run_manifest(folder)
