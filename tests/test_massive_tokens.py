@@ -58,11 +58,13 @@ def test_first_key_weights_match_the_eager_pattern(tiny):
     tokens = random_tokens(2, 30, seed=4)
     batch = sl.TokenBatch(tokens, torch.ones_like(tokens), True)
     _, cache = tiny.run_with_cache(tokens, names_filter="blocks.1.attn.hook_pattern")
-    weights = first_key_weights(tiny, batch, layer=1, head=2, n_keys=5)
+    weights = first_key_weights(tiny, batch, layer=1, head=2, first_keys=5)
+    with pytest.warns(DeprecationWarning, match="first_keys="):
+        assert torch.equal(first_key_weights(tiny, batch, layer=1, head=2, n_keys=5), weights)
     assert weights.shape == (2, 30, 5)
     assert float((weights - cache["blocks.1.attn.hook_pattern"][:, 2, :, :5]).abs().max()) <= 1e-5
-    with pytest.raises(sl.InputError, match="n_keys"):
-        first_key_weights(tiny, batch, layer=1, head=2, n_keys=31)
+    with pytest.raises(sl.InputError, match="first_keys"):
+        first_key_weights(tiny, batch, layer=1, head=2, first_keys=31)
     with pytest.raises(sl.InputError, match="out of range"):
         first_key_weights(tiny, batch, layer=3, head=0)
 

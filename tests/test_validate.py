@@ -78,3 +78,19 @@ def test_check_frame_names_the_missing_columns_and_the_source():
     assert check_frame(frame.iloc[:0], ["layer"], "table", "sl.f", allow_empty=True).empty
     with pytest.raises(sl.InputError, match="must be a DataFrame from sl.f, got list"):
         check_frame([], ["layer"], "table", "sl.f", allow_empty=True)
+
+
+def test_check_choices_takes_a_list_or_one_string_and_names_the_bad_entry():
+    from sinklens.core.validate import check_choices
+
+    assert check_choices("fills", "mean", ("zero", "mean")) == ["mean"]
+    assert check_choices("fills", ("zero", "mean"), ("zero", "mean")) == ["zero", "mean"]
+    assert check_choices("fills", ["mean", "mean"], ("zero", "mean"), drop_duplicates=True) == ["mean"]
+    with pytest.raises(sl.InputError, match="fills holds duplicates"):
+        check_choices("fills", ["mean", "mean"], ("zero", "mean"))
+    with pytest.raises(sl.InputError, match="Unknown fill 'median'"):
+        check_choices("fills", ["zero", "median"], ("zero", "mean"))
+    with pytest.raises(sl.InputError, match="fills is empty"):
+        check_choices("fills", [], ("zero", "mean"))
+    with pytest.raises(sl.InputError, match="fills must be a list"):
+        check_choices("fills", 3, ("zero", "mean"))

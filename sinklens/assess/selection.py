@@ -44,7 +44,7 @@ from ..core.errors import InputError
 from ..core.loading import model_info
 from ..core.probes import probe_tokens
 from ..core.progress import progress
-from ..core.validate import check_choice, check_fraction, check_int, check_layers
+from ..core.validate import check_choice, check_choices, check_fraction, check_int, check_layers
 from ..measure.census import run_census
 from ..measure.massive import massive_activations
 from ..measure.specialization import sink_specialized_heads
@@ -143,7 +143,8 @@ class SearchOptions:
     seed: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "strategy", tuple(_check_strategies(self.strategy)))
+        strategies = check_choices("strategy", self.strategy, STRATEGIES, single="strategy", drop_duplicates=True)
+        object.__setattr__(self, "strategy", tuple(strategies))
         check_int("max_layers", self.max_layers, minimum=1, allow_none=True)
         check_int("greedy_pool", self.greedy_pool, minimum=1, allow_none=True)
         check_int("exhaustive_pool", self.exhaustive_pool, minimum=1)
@@ -329,16 +330,6 @@ class LayerSelection:
             return out
         order = sorted(range(len(both)), key=lambda i: (len(both[i]), both[i]))
         return out.iloc[order].reset_index(drop=True)
-
-
-def _check_strategies(strategy) -> list[str]:
-    names = [strategy] if isinstance(strategy, str) else list(strategy) if strategy is not None else []
-    if not names:
-        raise InputError(f"strategy is empty: pass one of {STRATEGIES} (or a list of them).")
-    for name in names:
-        if name not in STRATEGIES:
-            raise InputError(f"Unknown strategy {name!r}: use one of {STRATEGIES} (or a list of them).")
-    return list(dict.fromkeys(names))
 
 
 def _check_metric(metric: str, parts: Sequence[str], tasks: Sequence[str], where: str) -> None:

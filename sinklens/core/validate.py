@@ -66,6 +66,34 @@ def check_choice(name: str, value, choices: Sequence[str]) -> str:
     return value
 
 
+def check_choices(name: str, values, choices: Sequence[str], *, single: str | None = None,
+                  drop_duplicates: bool = False) -> list[str]:
+    """A non-empty list drawn from ``choices``; returns it (the one check of "some of these", e.g. policies, fills,
+    strategies).
+
+    Args:
+        name: the argument's name, plural (used in the messages).
+        values: the list given; a single string counts as a list of one.
+        choices: the allowed strings.
+        single: the singular for "Unknown <single> ..." (default: ``name`` without its last letter).
+        drop_duplicates: keep the first of repeated values instead of refusing them.
+    """
+    if isinstance(values, str):
+        values = [values]
+    elif values is None or isinstance(values, bytes) or not hasattr(values, "__iter__"):
+        raise InputError(f"{name} must be a list drawn from {tuple(choices)}, got {values!r}.")
+    values = list(values)
+    if not values:
+        raise InputError(f"{name} is empty: pass some of {tuple(choices)}.")
+    for value in values:
+        check_choice(single or name[:-1], value, choices)
+    if len(set(values)) != len(values):
+        if not drop_duplicates:
+            raise InputError(f"{name} holds duplicates: {values}.")
+        values = list(dict.fromkeys(values))
+    return values
+
+
 def check_fraction(name: str, value: float, *, open_low: bool = False) -> float:
     """A number in [0, 1] (or (0, 1] with ``open_low``); returns it as a float.
 

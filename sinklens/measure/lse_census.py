@@ -385,26 +385,31 @@ class FirstKeyWeights:
         self.weights = weights.cpu()
 
 
-def first_key_weights(model, tokens: TokenBatch, layer: int, head: int,
-                      n_keys: int = 16) -> Float[Tensor, "batch query key"]:
-    """Attention weights of head (``layer``, ``head``) from every query to keys 0..n_keys-1, from one fused
-    forward stopped after ``layer`` (O(T x n_keys) memory). Prompts must be unpadded.
+def first_key_weights(model, tokens: TokenBatch, layer: int, head: int, first_keys: int = 16, *,
+                      n_keys: int | None = None) -> Float[Tensor, "batch query key"]:
+    """Attention weights of head (``layer``, ``head``) from every query to keys 0..first_keys-1, from one fused
+    forward stopped after ``layer`` (O(T x first_keys) memory). Prompts must be unpadded.
 
     Args:
         model: a bridge from :func:`sinklens.load_model`.
         tokens: an unpadded :class:`TokenBatch` (e.g. from :func:`sinklens.probe_tokens`).
         layer, head: the head to read.
-        n_keys: number of first key positions.
+        first_keys: number of first key positions (the word ``run_census`` uses for the same count).
+        n_keys: the former name of ``first_keys`` (deprecated).
     """
+    if n_keys is not None:
+        warnings.warn("first_key_weights(n_keys=) is now first_keys=; n_keys will be removed in the next release.",
+                      DeprecationWarning, stacklevel=2)
+        first_keys = n_keys
     info_heads, info_layers = model.cfg.n_heads, model.cfg.n_layers
     if not isinstance(tokens, TokenBatch) or not bool(tokens.attention_mask.bool().all()):
         raise InputError("first_key_weights needs an unpadded TokenBatch (e.g. sinklens.probe_tokens).")
     check_index("layer", layer, info_layers, "layers")
     check_index("head", head, info_heads, "heads")
     width = tokens.tokens.shape[1]
-    if isinstance(n_keys, bool) or not isinstance(n_keys, int) or not 1 <= n_keys <= width:
-        raise InputError(f"n_keys must be an int in 1..{width} (the prompt length), got {n_keys!r}.")
-    observer = FirstKeyWeights(layer, head, n_keys)
+    if isinstance(first_keys, bool) or not isinstance(first_keys, int) or not 1 <= first_keys <= width:
+        raise InputError(f"first_keys must be an int in 1..{width} (the prompt length), got {first_keys!r}.")
+    observer = FirstKeyWeights(layer, head, first_keys)
     stop = layer + 1 if layer + 1 < info_layers else None
     with fused_attention(model, observer), torch.inference_mode():
         model(tokens.tokens, attention_mask=tokens.attention_mask, stop_at_layer=stop)

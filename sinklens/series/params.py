@@ -25,7 +25,7 @@ from typing import Any
 # light modules only: the command line checks a run's values before torch or pandas is imported
 from ..core.choices import BASES, FILLS, GQA_POLICIES, HEAD_REMOVAL_CHOICES, POLICIES, STRATEGIES
 from ..core.errors import InputError
-from ..core.validate import as_int, check_choice, check_fraction
+from ..core.validate import as_int, check_choice, check_choices, check_fraction
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
 
@@ -86,11 +86,10 @@ def _choice(choices: Sequence[str]) -> Callable[[str, Any], None]:
 
 def _choices(choices: Sequence[str]) -> Callable[[str, Any], None]:
     def check(name: str, value: Any) -> None:
-        if not isinstance(value, list) or not value:
+        if not isinstance(value, list):
             raise InputError(f"Parameter {name} must be a non-empty list drawn from {tuple(choices)}, e.g. "
                              f"{name}=[{choices[0]}]; got {value!r}.")
-        for item in value:
-            check_choice(f"entry of {name}", item, choices)
+        check_choices(name, value, choices, single=f"entry of {name}", drop_duplicates=True)
     return check
 
 

@@ -16,7 +16,7 @@ from ...core.errors import InputError
 from ...core.loading import model_info
 from ...core.qk import check_editable
 from ...core.tokens import TokenBatch, as_batch
-from ...core.validate import check_choice, check_int
+from ...core.validate import check_choice, check_choices, check_int
 from ...measure.massive import BASES, Basis
 from ...prune.calibration import (
     calibration_argument,
@@ -139,17 +139,6 @@ def reconstruction_error(model, tokens, heads: Sequence[Head] | PruneSpec, k: in
     return run(model, batch, heads, [Config(spec.policy, plan, fit)], spec.gqa, batch_size, show_progress)
 
 
-def _choices(name: str, values, choices: Sequence[str]) -> list[str]:
-    values = [values] if isinstance(values, str) else list(values)
-    if not values:
-        raise InputError(f"{name} is empty: pass some of {tuple(choices)}.")
-    for value in values:
-        check_choice(name[:-1], value, choices)
-    if len(set(values)) != len(values):
-        raise InputError(f"{name} holds duplicates: {values}.")
-    return values
-
-
 def _flags(name: str, values) -> list[bool]:
     values = [values] if isinstance(values, bool) else list(values)
     if not values:
@@ -237,7 +226,7 @@ def k_sweep(model, tokens, heads: Sequence[Head] | None, *, ks: Sequence[int] | 
     check_choice("basis", basis, BASES)
     check_choice("gqa policy", gqa, GQA_POLICIES)
     batch_size = check_int("batch_size", batch_size, minimum=1, meaning="prompts per forward")
-    fills = _choices("fills", fills, FILLS)
+    fills = check_choices("fills", fills, FILLS)
     temperatures = _flags("temperatures", temperatures)
     specs = [PruneSpec(heads, k, policy, basis=basis, gqa=gqa, seed=seed, force=force, fill=fill,
                        temperature=temperature, objective=objective, pool=pool)
