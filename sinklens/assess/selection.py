@@ -44,7 +44,7 @@ from ..core.errors import InputError
 from ..core.loading import model_info
 from ..core.probes import probe_tokens
 from ..core.progress import progress
-from ..core.validate import check_choice, check_choices, check_fraction, check_int, check_layers
+from ..core.validate import check_choice, check_choices, check_fraction, check_frame, check_int, check_layers
 from ..measure.census import run_census
 from ..measure.massive import massive_activations
 from ..measure.specialization import sink_specialized_heads
@@ -213,9 +213,8 @@ class LayerSelection:
         Args:
             table: a configurations table (:attr:`table`, or one read back from CSV).
         """
-        if not isinstance(table, pd.DataFrame) or not {"layers", "heads", "method", "split"} <= set(table.columns):
-            raise InputError("Expected a layer-selection configurations table (columns layers, heads, method, split).")
-        table = table.copy()
+        table = check_frame(table, ["layers", "heads", "method", "split"], "table",
+                            "LayerSelection.table (a layer-selection configurations table)", allow_empty=True).copy()
         table["layers"] = [parse_layers(v) for v in table["layers"]]
         table["heads"] = [[list(p) for p in parse_heads(v)] for v in table["heads"]]
         table["method"] = table["method"].replace(OLD_METHODS)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from ...core.errors import InputError
-from ...core.validate import check_fraction
+from ...core.validate import check_fraction, check_frame
 from .common import Metric
 
 
@@ -22,8 +22,7 @@ def error_quantiles(sweep: pd.DataFrame, k: int | None = None, *, metric: Metric
         metric: the column summarised.
         quantiles: the quantiles, as fractions (columns ``q10``, ``q50``, ...).
     """
-    if not isinstance(sweep, pd.DataFrame) or sweep.empty or not {"k", "policy", metric} <= set(sweep.columns):
-        raise InputError(f"sweep must be a non-empty DataFrame from sinklens.k_sweep with columns k, policy, {metric}.")
+    check_frame(sweep, ["k", "policy", metric], "sweep", "sinklens.k_sweep")
     quantiles = [check_fraction("quantile", q) for q in quantiles]
     part = sweep if k is None else sweep[sweep["k"] == k]
     if part.empty:
@@ -47,9 +46,7 @@ def smallest_k(sweep: pd.DataFrame, thresholds: Sequence[float] = (0.2, 0.1), *,
         metric: the column compared.
         by: the columns that define a group (default: the policy).
     """
-    if not isinstance(sweep, pd.DataFrame) or sweep.empty or not {"k", metric, *by} <= set(sweep.columns):
-        raise InputError(f"sweep must be a non-empty DataFrame from sinklens.k_sweep with columns k, {metric}, "
-                         f"{list(by)}.")
+    check_frame(sweep, ["k", metric, *by], "sweep", "sinklens.k_sweep")
     thresholds = [check_fraction("threshold", t, open_low=True) if metric != "kl" else float(t) for t in thresholds]
     rows = []
     by = list(by)
