@@ -6,6 +6,8 @@
 #
 #   run(command="bash bench/gpu_check.sh .gpu", carry=[".gpu"], timeout_s=600)
 #
+# (The host's copy of the tree has no .git: prefix COMMIT=<git rev-parse --short HEAD> to name the commit in the log.)
+#
 # Rehearsal on a CPU machine: `make gpu-rehearsal` (DEVICE=cpu LAYERS=2, a fresh Python 3.12 holding only the host's
 # packages). The host brings Python 3.12, torch 2.11 (CUDA), transformers 5.17, accelerate, pandas, numpy,
 # safetensors, tokenizers, jaxtyping, pyyaml, jinja2, tqdm, pytest; the rest comes from the folder (.gpu/):
@@ -82,7 +84,8 @@ summary() {
 }
 fail() { echo "gpu_check: $*" >&2; TIMES+=("      failed: $NAME"); summary; exit 2; }
 echo "sinklens GPU check: folder $FOLDER, DEVICE=$DEVICE LAYERS=$LAYERS DTYPE=$DTYPE DEADLINE=${DEADLINE}s, OUT=$OUT"
-echo "commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo 'unknown (no .git here)'), host $(hostname)"
+COMMIT=${COMMIT:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo 'unknown (no .git here: set COMMIT=)')}
+echo "commit $COMMIT, host $(hostname)"
 
 step "0/7 carried folder" 2
 "$PY" - "$FOLDER" "$HERE/gpu_wheels.txt" <<'PYTHON' || fail "$FOLDER is not usable (above): nothing ran."
@@ -199,7 +202,7 @@ if free < need:
 PYTHON
 done_step
 
-step "3/7 install the carried wheels into $SITE" 60
+step "3/7 install the carried wheels into $SITE" 30
 rm -rf "$SITE" "$WORK/wheels"
 "$PY" - "$FOLDER" "$WORK/wheels" <<'PYTHON' > "$WORK/install.txt" || fail "could not unpack the carried wheels (above)."
 import base64, csv, hashlib, importlib.metadata as md, json, sys, tarfile, zipfile
@@ -253,13 +256,15 @@ export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 done_step
 
 step "4/7 versions and imports" 20
-"$PY" - "$SITE" <<'PYTHON' | tee "$OUT/versions.txt" || fail "an import the check needs fails on this host (above)."
-import importlib, importlib.metadata as md, platform, shutil, subprocess, sys
+COMMIT=$COMMIT "$PY" - "$SITE" <<'PYTHON' | tee "$OUT/versions.txt" \
+    || fail "an import the check needs fails here (above)."
+import importlib, importlib.metadata as md, os, platform, shutil, subprocess, sys
 
 site = sys.argv[1]
 import torch
 
-print(f"python {platform.python_version()} ({sys.executable}), {platform.platform()}")
+print(f"sinklens commit {os.environ['COMMIT']}; python {platform.python_version()} ({sys.executable}), "
+      f"{platform.platform()}")
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
       f"{torch.cuda.device_count()} GPU(s), {torch.get_num_threads()} CPU threads")
 for i in range(torch.cuda.device_count()):
@@ -300,7 +305,7 @@ PYTHON
     export PYTHONPATH="$WORK/audit:$PYTHONPATH" SINKLENS_AUDIT_SITE=$SITE SINKLENS_AUDIT_FILE=$WORK/audit/imports.txt
 fi
 
-step "5/7 checkpoint: Llama-2-7B shape, $LAYERS layers, bf16, in $CKPT" 120
+step "5/7 checkpoint: Llama-2-7B shape, $LAYERS layers, bf16, in $CKPT" 150
 if [ -f "$CKPT/config.json" ] && [ -f "$CKPT/SINKLENS_RANDOM_WEIGHTS.txt" ]; then
     echo "reused (built by an earlier run)"
 else
