@@ -37,6 +37,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "sinklens.prune.dims": ("select_dims",),
     "sinklens.prune.pruning": ("PruneHandle", "PruningPlan", "apply_pruning", "plan_pruning", "prune_qk"),
     "sinklens.prune.removal": ("HeadRemovalHandle", "apply_head_removal", "remove_heads"),
+    "sinklens.prune.attention_calibration": ("AttentionCalibrationHandle", "apply_attention_calibration",
+                                             "calibrate_attention"),
     "sinklens.prune.checkpoint": ("read_manifest", "save_pruned"),
     "sinklens.assess.reconstruction": ("error_quantiles", "k_sweep", "reconstruction_error", "smallest_k"),
     "sinklens.assess.evaluation": ("EvalResult", "evaluate", "retention"),

@@ -29,6 +29,16 @@ def active_edits(model) -> list:
     return list(model.__dict__.get("_sinklens_edits", []))
 
 
+def pattern_edits(model) -> list:
+    """The active edits of ``model`` that rewrite attention patterns per sequence (attention calibrations): the sdpa
+    census cannot run under them and the evaluation cannot share an MC context between choices.
+
+    Args:
+        model: a bridge from :func:`sinklens.load_model`.
+    """
+    return [e for e in active_edits(model) if getattr(e, "per_sequence_pattern", False)]
+
+
 def count_parameters(model) -> int:
     """Parameters of the HF model (tied weights counted once).
 
@@ -127,6 +137,7 @@ class Edit:
     """
 
     kind = "edit"
+    per_sequence_pattern = False  # True: rewrites attention patterns per sequence (see pattern_edits)
     applied_by = "sinklens.apply_pruning(...)"  # the call that made this handle (for messages)
     scoped_call = "sinklens.prune_qk(model, ...)"  # the context manager applying the same edit for a with block
 
@@ -235,4 +246,4 @@ def heads_text(heads, limit: int = 6) -> str:
     return f"heads=[{', '.join(map(str, pairs[:limit]))}, ...] ({len(pairs)} heads)"
 
 
-__all__ = ["Edit", "PermanentHook", "active_edits", "count_parameters", "heads_text"]
+__all__ = ["Edit", "PermanentHook", "active_edits", "count_parameters", "heads_text", "pattern_edits"]

@@ -25,6 +25,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..core.edits import pattern_edits
 from ..core.errors import InputError
 from ..core.hooks import batches, gather_relative, pattern_hook, relative_index, run_hooked
 from ..core.loading import model_info
@@ -143,7 +144,9 @@ def run_census(model, tokens, attention_mask: Tensor | None = None, layers: Sequ
             key and the confidences; one layer's T x T patterns alive at a time, refused when they would
             not fit in memory); ``"sdpa"`` uses a fused kernel's log-sum-exp and never holds T x T
             (:mod:`sinklens.measure.lse_census`); ``"auto"`` is eager while its patterns fit in memory, else sdpa
-            (with a warning saying so and why).
+            (with a warning saying so and why). Under an attention calibration
+            (:func:`sinklens.calibrate_attention`), which edits the eager patterns, ``"sdpa"`` is refused and
+            ``"auto"`` is always eager.
         first_keys: m, the key positions the sdpa engine measures without ``full`` (alpha_0..alpha_{m-1}).
         full: sdpa engine: every key's column mean and the confidences, over blocks of query rows.
         block_size: sdpa engine with ``full``: query rows per block (None: about 4% of the width).
@@ -165,6 +168,13 @@ def run_census(model, tokens, attention_mask: Tensor | None = None, layers: Sequ
     first_keys = check_int("first_keys", first_keys, minimum=1)
     n, width = batch.tokens.shape
     fits, needed, free = eager_fits(min(batch_size, n), info.n_heads, width, info.device)
+    calibrated = pattern_edits(model)
+    if calibrated and engine == "sdpa":
+        raise InputError(f"engine='sdpa' computes attention in a fused kernel, without the pattern hook where the "
+                         f"active {calibrated[0].kind} edits the patterns: its census would describe the uncalibrated "
+                         "model. Use engine='eager' (or 'auto', which stays eager under a calibration).")
+    if engine == "auto" and calibrated:
+        engine = "eager"  # the sdpa engine cannot see the calibrated patterns; too large a batch is refused below
     if engine == "auto":
         engine = "eager" if fits else "sdpa"
         if not fits:

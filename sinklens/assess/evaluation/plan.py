@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ...core.edits import pattern_edits
 from ...core.errors import InputError
 from ...core.loading import input_device, model_info
 from ...core.progress import progress
@@ -79,6 +81,11 @@ class EvalPlan:
             show_progress: show a progress bar over batches.
         """
         info = model_info(model)
+        calibrated = pattern_edits(model)
+        if calibrated and "mc" in self.meta.get("parts", ()) and self.meta.get("share_context", True):
+            raise InputError(f"This plan packs each MC item's choices behind one shared context, but the active "
+                             f"{calibrated[0].kind} computes its sink set per sequence, which a packed row cannot "
+                             "honour: build the plan under the calibration (or with share_context=False).")
         start_layer = check_int("start_layer", start_layer, minimum=0)
         if resid is None and start_layer != 0:
             raise InputError(f"start_layer={start_layer} needs resid= (the residual entering that layer).")
@@ -112,7 +119,7 @@ class EvalPlan:
 def build_plan(model, suite: Suite = "default", limit: int | None = None, *, split: Split = "all",
                items: str | Path | None = None, n_lm_prompts: int = 16, lm_seq_len: int | None = None,
                n_copy: int = 16, copy_len: int = 24, prepend_bos: bool = True, seed: int = 0,
-               batch_tokens: int = 2048) -> EvalPlan:
+               batch_tokens: int = 2048, share_context: bool | None = None) -> EvalPlan:
     """Tokenize a suite into batches, checking every argument and the item file before any tokenizing.
 
     Args:
@@ -130,8 +137,13 @@ def build_plan(model, suite: Suite = "default", limit: int | None = None, *, spl
         prepend_bos: start every request with BOS (the setting of the sink study).
         seed: seed of the copy sequences.
         batch_tokens: tokens per forward (rows x padded width; a budget of tokens, not of prompts).
+        share_context: MC part: pack an item's choices behind one copy of its context (True: the prefix is
+            computed once per item), or give each choice its own row (False). None: shared, unless an attention
+            calibration is active on ``model`` (its sink set is per sequence, which a packed row cannot honour):
+            then unshared, with a warning, and ``meta["share_context"] = False`` records it.
     """
     parts = check_suite(suite)
+    share_context = _check_share_context(model, share_context, "mc" in parts)
     limit = check_int("limit", limit, minimum=1, allow_none=True, meaning="items per task")
     split = check_split(split)
     n_lm_prompts = check_int("n_lm_prompts", n_lm_prompts, minimum=1)
@@ -159,7 +171,9 @@ def build_plan(model, suite: Suite = "default", limit: int | None = None, *, spl
     if "mc" in parts:
         meta.update(items=str(Path(items)) if items is not None else "bundled:" + ITEMS_FILE,
                     items_sha=items_digest(bundled_items_path() if items is None else items))
-        rows += mc_rows(model, units, item_frame, split, limit, prepend_bos)
+        rows += mc_rows(model, units, item_frame, split, limit, prepend_bos, share_context)
+        if not share_context:  # recorded only when off, so that the fingerprints of shared plans do not change
+            meta["share_context"] = False
     if "copy" in parts:
         meta.update(n_copy=n_copy, copy_len=copy_len)
         total = 2 * n_copy if split != "all" else n_copy
@@ -175,7 +189,7 @@ def build_plan(model, suite: Suite = "default", limit: int | None = None, *, spl
 def evaluate(model, suite: Suite = "default", limit: int | None = None, *, split: Split = "all",
              items: str | Path | None = None, n_lm_prompts: int = 16, lm_seq_len: int | None = None,
              n_copy: int = 16, copy_len: int = 24, prepend_bos: bool = True, seed: int = 0,
-             batch_tokens: int = 2048, show_progress: bool = True) -> EvalResult:
+             batch_tokens: int = 2048, show_progress: bool = True, share_context: bool | None = None) -> EvalResult:
     """Evaluate ``model`` as it is now (pruning edits included) on an offline suite.
 
     Returns an :class:`~sinklens.assess.evaluation.EvalResult`: a mapping of metric name -> value
@@ -197,11 +211,36 @@ def evaluate(model, suite: Suite = "default", limit: int | None = None, *, split
         seed: seed of the copy sequences.
         batch_tokens: tokens per forward (rows x padded width).
         show_progress: show a progress bar over batches.
+        share_context: as in :func:`build_plan` (None: shared unless an attention calibration is active).
     """
     plan = build_plan(model, suite, limit, split=split, items=items, n_lm_prompts=n_lm_prompts,
                       lm_seq_len=lm_seq_len, n_copy=n_copy, copy_len=copy_len, prepend_bos=prepend_bos, seed=seed,
-                      batch_tokens=batch_tokens)
+                      batch_tokens=batch_tokens, share_context=share_context)
     return plan.run(model, show_progress=show_progress)
+
+
+def _check_share_context(model, share_context: bool | None, has_mc: bool) -> bool:
+    """``share_context`` resolved against the model's active edits (see :func:`build_plan`).
+
+    Args:
+        model: the bridge.
+        share_context: True, False or None (decide from the active edits).
+        has_mc: the suite has the MC part (the only one with a shared context).
+    """
+    if share_context is not None and not isinstance(share_context, bool):
+        raise InputError(f"share_context must be True, False or None, got {share_context!r}.")
+    calibrated = pattern_edits(model)
+    if not calibrated:
+        return True if share_context is None else share_context
+    if share_context:
+        raise InputError(f"share_context=True packs an MC item's choices behind one context, but the active "
+                         f"{calibrated[0].kind} computes its sink set per sequence, which a packed row cannot honour: "
+                         "leave share_context=None (or False).")
+    if share_context is None and has_mc:
+        warnings.warn(f"An {calibrated[0].kind} is active: each MC choice is scored in its own row (context + choice, "
+                      "no shared context), so that the sink set is each sequence's own; plan.meta['share_context'] "
+                      "is False.", UserWarning, stacklevel=4)
+    return False
 
 
 def plan_fingerprint(plan: EvalPlan) -> str:

@@ -134,8 +134,10 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 def mc_rows(model, units: list[dict], frame: pd.DataFrame, split: Split, limit: int | None,
-            prepend_bos: bool) -> list[Row]:
-    """Multiple-choice rows, one per item: the context once, then each choice (a unit per choice).
+            prepend_bos: bool, share_context: bool = True) -> list[Row]:
+    """Multiple-choice rows, one per item: the context once, then each choice (a unit per choice); with
+    ``share_context=False`` one row per choice (the context, then that choice), the plain sequence a per-sequence
+    pattern edit (attention calibration) needs.
 
     Args:
         model: the bridge (its tokenizer encodes the items).
@@ -144,6 +146,8 @@ def mc_rows(model, units: list[dict], frame: pd.DataFrame, split: Split, limit: 
         split: which items of each task (see :func:`split_indices`).
         limit: at most this many items per task, or None.
         prepend_bos: start each row with BOS.
+        share_context: pack the choices of an item behind one copy of its context (block mask), or give each
+            choice its own row.
     """
     prefix = [model.tokenizer.bos_token_id] if prepend_bos else []
     rows = []
@@ -176,7 +180,12 @@ def mc_rows(model, units: list[dict], frame: pd.DataFrame, split: Split, limit: 
                 tokens += cont
                 positions += list(range(len(ctx), len(ctx) + len(cont)))
                 segments += [j] * len(cont)
-            rows.append(Row("mc", tokens, positions, segments, targets))
+                if not share_context:  # this choice's own sequence: the context, then the choice
+                    rows.append(Row("mc", tokens, positions, [-1] * len(tokens), targets))
+                    context_ids = None
+                    tokens, positions, segments, targets = [], [], [], []
+            if share_context:
+                rows.append(Row("mc", tokens, positions, segments, targets))
     return rows
 
 
