@@ -408,7 +408,7 @@ def test_result_is_a_read_only_mapping_of_metrics(tiny, item_file):
 # --- integer arguments: one check, one message ------------------------------------------------------
 
 INT_ARGUMENTS = {  # name -> a call that passes the value as that argument
-    "limit": lambda model, v: evaluate(model, "copy", v, show_progress=False),
+    "limit": lambda model, v: evaluate(model, "copy", limit=v, show_progress=False),
     "n_copy": lambda model, v: evaluate(model, "copy", n_copy=v, show_progress=False),
     "copy_len": lambda model, v: evaluate(model, "copy", copy_len=v, show_progress=False),
     "n_lm_prompts": lambda model, v: evaluate(model, "lm", n_lm_prompts=v, show_progress=False),
@@ -437,7 +437,7 @@ def test_integer_arguments_refuse_other_types_with_one_message(tiny, name, value
 
 
 def test_limit_accepts_numpy_ints(tiny, item_file):
-    result = evaluate(tiny, "mc", np.int64(1), items=item_file, show_progress=False)
+    result = evaluate(tiny, "mc", limit=np.int64(1), items=item_file, show_progress=False)
     assert result.meta["limit"] == 1 and type(result.meta["limit"]) is int  # JSON-ready
     assert len(result.per_item) == 2  # one item per task
 

@@ -242,7 +242,7 @@ def test_layer_selection_on_a_non_llama_family(tmp_path, item_file):
             pruned = evaluate(model, **eval_kwargs, split="held_out", show_progress=False)
         for metric in ("lm/ppl", "copy/acc", "mc/acc"):
             assert row[f"retention:{metric}"] == pytest.approx(
-                evaluation.retention_value(dense, pruned, metric), abs=1e-6, nan_ok=True)
+                evaluation.retention_value(dense, pruned, metric=metric), abs=1e-6, nan_ok=True)
         checked += 1
     assert checked >= 1
 

@@ -138,7 +138,7 @@ def test_table_numbers_match_an_independent_evaluation(setup):
         zeroed = handle.params_zeroed()["total"]
     assert row["params_zeroed"] == zeroed
     for metric in ("acc/mean", "lm/ppl", "copy/acc", "mc/acc"):
-        assert row[f"retention:{metric}"] == pytest.approx(retention_value(dense, pruned, metric), abs=1e-6)
+        assert row[f"retention:{metric}"] == pytest.approx(retention_value(dense, pruned, metric=metric), abs=1e-6)
     assert row["retention"] == row[f"retention:{sel.metric}"]
 
 
@@ -300,7 +300,7 @@ def test_a_fitted_variant_selects_with_its_own_pruning(setup, tmp_path):
     with sl.prune_qk(model, spec.replace(heads=pruned_heads), calibration=calibration) as handle:
         pruned = evaluate(model, **eval_kwargs)
         assert row["params_zeroed"] == handle.params_zeroed()["total"]
-    assert row["retention"] == pytest.approx(retention_value(dense, pruned, sel.metric), abs=1e-6)
+    assert row["retention"] == pytest.approx(retention_value(dense, pruned, metric=sel.metric), abs=1e-6)
     # another variant is another configuration; the dense rows are shared
     assert not set(sel.table["key"]) & set(plain.table[plain.table["method"] == "qk"]["key"])
     again = sl.layer_selection(model, template, calibration=calibration, **kwargs)

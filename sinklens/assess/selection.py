@@ -108,7 +108,7 @@ class EvalOptions:
             model: a bridge from :func:`sinklens.load_model`.
         """
         options = {name: value for name, value in asdict(self).items() if name not in ("suite", "limit")}
-        return {split: build_plan(model, self.suite, self.limit, split=split, **options)
+        return {split: build_plan(model, self.suite, limit=self.limit, split=split, **options)
                 for split in (SPLIT_DECIDE, SPLIT_CONFIRM)}
 
     def as_dict(self) -> dict:
@@ -522,7 +522,7 @@ class _Run:
 
     def _score(self, record: Record) -> tuple[float, float]:
         """Sort key, best first: highest retention of the metric, then lowest loss."""
-        value = retention_value(self.sweep.dense(record.split).result, record.result, self.metric)
+        value = retention_value(self.sweep.dense(record.split).result, record.result, metric=self.metric)
         return (-value if np.isfinite(value) else np.inf, selection_loss(record.result))
 
     def single_layers(self, layers: list[int]) -> None:

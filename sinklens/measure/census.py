@@ -25,6 +25,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..core.deprecation import keyword_only_after
 from ..core.edits import pattern_edits
 from ..core.errors import InputError
 from ..core.hooks import batches, gather_relative, pattern_hook, relative_index, run_hooked
@@ -128,7 +129,8 @@ class Census:
         return frame
 
 
-def run_census(model, tokens, attention_mask: Tensor | None = None, layers: Sequence[int] | None = None,
+@keyword_only_after("tokens", since="0.2")
+def run_census(model, tokens, *, attention_mask: Tensor | None = None, layers: Sequence[int] | None = None,
                batch_size: int = 8, show_progress: bool = True, engine: str = "eager", first_keys: int = 4,
                full: bool = False, block_size: int | None = None) -> Census:
     """Attention statistics of every head in ``layers`` (default all) on ``tokens``.
@@ -236,7 +238,8 @@ class _PatternReducer:
         return reduce
 
 
-def sink_scores(model, tokens, key_pos: int = 0, attention_mask: Tensor | None = None,
+@keyword_only_after("tokens", since="0.2")
+def sink_scores(model, tokens, *, key_pos: int = 0, attention_mask: Tensor | None = None,
                 batch_size: int = 8) -> Float[Tensor, "batch layer head"]:
     """alpha_{key_pos} of every head (all layers) on every prompt, padding-aware."""
     batch = as_batch(model, tokens, attention_mask)
@@ -252,7 +255,8 @@ def _check_key_pos(key_pos: int, shortest: int) -> int:
     return key_pos
 
 
-def first_token_comparison(with_bos: Census, without_bos: Census, eps: float = 0.3) -> pd.DataFrame:
+@keyword_only_after("without_bos", since="0.2")
+def first_token_comparison(with_bos: Census, without_bos: Census, *, eps: float = 0.3) -> pd.DataFrame:
     """Is the sink the BOS token or the first position? Per layer, mean alpha and sink rate of:
     BOS (with BOS, position 0), the first text token behind BOS (position 1), and the same
     first text token when no BOS is prepended (position 0)."""

@@ -23,6 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..core.choices import BASES, Basis
+from ..core.deprecation import keyword_only_after
 from ..core.errors import InputError
 from ..core.hooks import batches, relative_index, resid_pre_hook, run_hooked
 from ..core.loading import model_info
@@ -174,7 +175,8 @@ def _basis_index(basis: Basis) -> int:
     return BASES.index(check_choice("basis", basis, BASES))
 
 
-def massive_activations(model, tokens, attention_mask: Int[Tensor, "batch pos"] | None = None, *,
+@keyword_only_after("tokens", since="0.2", formerly=("attention_mask",))
+def massive_activations(model, tokens, *, attention_mask: Int[Tensor, "batch pos"] | None = None,
                         layers: Sequence[int] | None = None, batch_size: int = 8,
                         show_progress: bool = True) -> MassiveActivations:
     """Measure the first real token's vectors (both bases) and hidden-state statistics per layer.
@@ -229,7 +231,8 @@ def _collector(store: dict, key: tuple[int, int], mask: Tensor):
     return collect
 
 
-def bos_top_dims(model, tokens, layer: int, k: int, basis: Basis = "normalized", *,
+@keyword_only_after("k", since="0.2", formerly=("basis",))
+def bos_top_dims(model, tokens, layer: int, k: int, *, basis: Basis = "normalized",
                  attention_mask: Int[Tensor, "batch pos"] | None = None) -> Int[Tensor, " k"]:
     """The k dims where the first token's vector at ``layer`` is largest (mean |x| over prompts).
 

@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..core.deprecation import keyword_only_after
 from ..core.errors import InputError
 from ..core.hooks import batches, relative_index, resid_pre_hook, run_hooked
 from ..core.loading import model_info
@@ -115,7 +116,8 @@ def carrier_summary(carriers: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def massive_tokens(model, tokens, attention_mask: Tensor | None = None, layers: Sequence[int] | None = None,
+@keyword_only_after("tokens", since="0.2")
+def massive_tokens(model, tokens, *, attention_mask: Tensor | None = None, layers: Sequence[int] | None = None,
                    top_n: int = 8, batch_size: int = 1, show_progress: bool = True) -> MassiveTokens:
     """The ``top_n`` largest-|x| dims of every real position and the median |x|, per layer and prompt.
 

@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..core.deprecation import keyword_only_after
 from ..core.errors import InputError
 from ..core.hooks import pattern_hook
 from ..core.loading import model_info
@@ -163,7 +164,8 @@ def attention_view(model, prompt: str | Tensor | TokenBatch, heads: Sequence[tup
                          title=title or f"{info.name}: layer {layer}, {names}", token_ids=ids.tolist())
 
 
-def views_page(views: Sequence[AttentionView], title: str = "Attention views") -> str:
+@keyword_only_after("views", since="0.2")
+def views_page(views: Sequence[AttentionView], *, title: str = "Attention views") -> str:
     """One self-contained HTML page with every view, the circuitsvis bundle inlined once.
 
     Args:

@@ -24,6 +24,7 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
+from ...core.deprecation import keyword_only_after
 from ...core.errors import InputError
 from ...core.validate import check_fraction, check_int
 
@@ -250,7 +251,8 @@ def _check_same_items(dense: EvalResult, pruned: EvalResult) -> None:
                          "evaluate both with the same arguments.")
 
 
-def retention_value(dense: EvalResult, pruned: EvalResult, metric: str = MEAN_ACC) -> float:
+@keyword_only_after("pruned", since="0.2")
+def retention_value(dense: EvalResult, pruned: EvalResult, *, metric: str = MEAN_ACC) -> float:
     """Point retention of one metric (no bootstrap): pruned / dense, dense / pruned for perplexity.
 
     Args:

@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ...core.deprecation import keyword_only_after
 from ...core.edits import pattern_edits
 from ...core.errors import InputError
 from ...core.loading import input_device, model_info
@@ -116,7 +117,8 @@ class EvalPlan:
                                 "forward_equivalents": layers_run / info.n_layers})
 
 
-def build_plan(model, suite: Suite = "default", limit: int | None = None, *, split: Split = "all",
+@keyword_only_after("suite", since="0.2", formerly=("limit",))
+def build_plan(model, suite: Suite = "default", *, limit: int | None = None, split: Split = "all",
                items: str | Path | None = None, n_lm_prompts: int = 16, lm_seq_len: int | None = None,
                n_copy: int = 16, copy_len: int = 24, prepend_bos: bool = True, seed: int = 0,
                batch_tokens: int = 2048, share_context: bool | None = None) -> EvalPlan:
@@ -186,7 +188,8 @@ def build_plan(model, suite: Suite = "default", limit: int | None = None, *, spl
     return EvalPlan(batches=batch_rows(rows, batch_tokens, device), units=pd.DataFrame(units), meta=meta)
 
 
-def evaluate(model, suite: Suite = "default", limit: int | None = None, *, split: Split = "all",
+@keyword_only_after("suite", since="0.2", formerly=("limit",))
+def evaluate(model, suite: Suite = "default", *, limit: int | None = None, split: Split = "all",
              items: str | Path | None = None, n_lm_prompts: int = 16, lm_seq_len: int | None = None,
              n_copy: int = 16, copy_len: int = 24, prepend_bos: bool = True, seed: int = 0,
              batch_tokens: int = 2048, show_progress: bool = True, share_context: bool | None = None) -> EvalResult:
@@ -213,7 +216,7 @@ def evaluate(model, suite: Suite = "default", limit: int | None = None, *, split
         show_progress: show a progress bar over batches.
         share_context: as in :func:`build_plan` (None: shared unless an attention calibration is active).
     """
-    plan = build_plan(model, suite, limit, split=split, items=items, n_lm_prompts=n_lm_prompts,
+    plan = build_plan(model, suite, limit=limit, split=split, items=items, n_lm_prompts=n_lm_prompts,
                       lm_seq_len=lm_seq_len, n_copy=n_copy, copy_len=copy_len, prepend_bos=prepend_bos, seed=seed,
                       batch_tokens=batch_tokens, share_context=share_context)
     return plan.run(model, show_progress=show_progress)
