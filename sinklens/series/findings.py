@@ -113,9 +113,11 @@ def _measured(value: Any) -> bool:
 
 
 def _policies(values: dict, fmt: Callable[[Any], str]) -> str:
-    """``"0.49 (BOS top-k dims), 0.92 (random dims) and ..."`` for the policies with a measured value."""
-    parts = [f"{fmt(value)} ({_POLICY_NAMES.get(policy, policy)})" for policy, value in values.items()
-             if _measured(value)]
+    """``"0.49 (BOS top-k dims), 0.92 (random dims) and ..."`` for the policies with a measured value, the thesis'
+    policy first and whole-head removal last (the order of ``_POLICY_NAMES``; others after, as given)."""
+    order = list(_POLICY_NAMES)
+    ranked = sorted(values.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order))
+    parts = [f"{fmt(value)} ({_POLICY_NAMES.get(policy, policy)})" for policy, value in ranked if _measured(value)]
     return ", ".join(parts[:-1]) + f" and {parts[-1]}" if len(parts) > 1 else "".join(parts)
 
 
