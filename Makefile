@@ -47,6 +47,7 @@ lab: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/import_time.py
 	$(PY) bench/census.py
+	$(PY) bench/attention_calibration.py
 	$(PY) bench/sweep.py
 	$(PY) bench/scale.py --shape llama-2-7b --layers 2 --device cpu --dtype fp32 --prompts 16 --long-prompts 2
 
