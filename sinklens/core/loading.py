@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .checkpoint_checks import check_architecture, check_weights
+from .choices import EMBEDDED_MODELS
 from .devices import check_device_map, map_uses_cuda, resolve_device, resolve_dtype
-from .embedded import EMBEDDED_MODELS
 from .errors import InputError
 from .sources import resolve_checkpoint
 

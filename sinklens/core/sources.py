@@ -10,7 +10,8 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .embedded import EMBEDDED_MODELS, embedded_checkpoint
+from .choices import EMBEDDED_MODELS
+from .embedded import embedded_checkpoint
 from .errors import HubUnreachableError, UnknownModelError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
+from .choices import EMBEDDED_MODELS
 from .devices import resolve_dtype
-from .embedded import EMBEDDED_MODELS, embedded_checkpoint
+from .embedded import embedded_checkpoint
 from .errors import InputError
 from .validate import check_choice, check_int
 

@@ -34,11 +34,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from ..core.choices import FILLS, GQA_POLICIES, POLICIES, Fill, GQAPolicy, Policy
+from ..core.choices import BASES, FILLS, GQA_POLICIES, POLICIES, Basis, Fill, GQAPolicy, Policy
 from ..core.errors import InputError
 from ..core.loading import ModelInfo
 from ..core.validate import as_int, check_choice, check_index, check_int, check_k
-from ..measure.massive import BASES, Basis
 
 Head = tuple[int, int]
 OLD_TEMPERATURE = ("none", "temperature")  # the values of the former ``calibration=`` field (read back, deprecated)

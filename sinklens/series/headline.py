@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..core.embedded import EMBEDDED_MODELS
+from ..core.choices import EMBEDDED_MODELS
 from ..core.errors import InputError
 from ..core.files import atomic_write_text
 from .findings import findings

@@ -11,13 +11,13 @@ import pandas as pd
 from jaxtyping import Int
 from torch import Tensor
 
+from ...core.choices import BASES, Basis
 from ...core.edits import active_edits
 from ...core.errors import InputError
 from ...core.loading import model_info
 from ...core.qk import check_editable
 from ...core.tokens import TokenBatch, as_batch
 from ...core.validate import check_choice, check_choices, check_int
-from ...measure.massive import BASES, Basis
 from ...prune.calibration import (
     calibration_argument,
     calibration_need,

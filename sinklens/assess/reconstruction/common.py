@@ -10,10 +10,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from ...core.choices import POLICIES
 from ...core.qk import head_rows, weights
 from ...core.tokens import TokenBatch
 from ...prune.pruning import PruningPlan
-from ...prune.spec import POLICIES, Head, PruneSpec
+from ...prune.spec import Head, PruneSpec
 
 SweepPolicy = Literal["bos_top", "random", "weight_norm", "act_weight", "optimized", "head_removal"]
 

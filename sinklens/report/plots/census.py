@@ -16,10 +16,11 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from ...core.choices import BASES, Basis
 from ...core.errors import InputError
 from ...core.validate import check_fraction, check_frame, check_type
 from ...measure.census import Census
-from ...measure.massive import BASES, Basis, MassiveActivations
+from ...measure.massive import MassiveActivations
 
 _CASE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
 
