@@ -9,7 +9,6 @@ from collections.abc import Mapping
 import pandas as pd
 
 from ...assess.beyond_bos import VARIANT, variant_frame, variant_labels
-from ...assess.beyond_bos import variant_label as label_of_variant
 from ...assess.selection import LayerSelection
 from ...core.errors import InputError
 from ...core.loading import model_info
@@ -46,7 +45,7 @@ def selection_headline(comparison: pd.DataFrame, best: str, baseline: str = "bos
 
     Args:
         comparison: from :func:`sinklens.assess.beyond_bos.selection_comparison`.
-        best: the best variant's label (:func:`sinklens.assess.beyond_bos.variant_label` of ``best_variant``).
+        best: the best variant's label (:func:`sinklens.prune.spec.variant_label` of ``best_variant``).
         baseline: the baseline's label.
     """
     comparison = check_frame(comparison, ["variant", "target", "n_heads", "params_zeroed"], "comparison",
@@ -116,8 +115,9 @@ def beyond_bos_summary(model, *, k: int, variants: pd.DataFrame, variants_all_he
         "optimized_search_seconds_per_head": float(search_cost["seconds"].sum() / max(len(heads), 1)),
         "model_level_at_k": at_k.drop_duplicates("policy")[["policy", "k", "next_kl", "loss", "d_loss"]].to_dict(
             orient="records")}
+    best_label = variant_label(best["policy"], best["fill"], best["temperature"])
     summary["headline"] = {**headline, "sample_best_variant": sample["best_variant"],
                            "sample_best_frob_rel_median": sample["best_frob_rel_median"],
                            "n_heads_compared": len(heads), "bos_optimized_overlap_mean": float(overlap["share"].mean()),
-                           **selection_headline(selection_table, label_of_variant(best))}
+                           **selection_headline(selection_table, best_label)}
     return summary

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from ...assess.selection import LayerSelection
 from ...core.validate import check_type
+from ...prune.spec import parse_layers
 
 
 def layer_selection_headline(selection: LayerSelection) -> dict:
@@ -24,7 +25,7 @@ def layer_selection_headline(selection: LayerSelection) -> dict:
     if best is None:
         return out | {"best_layers": None}
     removal = selection.by_layer_set("head_removal")
-    key = tuple(int(layer) for layer in best["layers"])
+    key = tuple(parse_layers(best["layers"]))  # the index of by_layer_set
     return out | {"best_layers": ",".join(map(str, key)), "best_n_heads": int(best["n_heads"]),
                   "best_params_zeroed": int(best["params_zeroed"]), "best_retention": float(best["retention"]),
                   "best_ci_low": float(best["ci_low"]), "best_ci_high": float(best["ci_high"]),

@@ -10,7 +10,6 @@ from ...core.loading import model_info
 from ...measure.census import Census
 from ...measure.long_context import first_keys_share, sink_heads_over_length, sink_rate_by_length
 from ...measure.massive_tokens import MassiveTokens
-from .numbers import mean_or_none, pct
 
 HEADLINE_DETAILS = ("non_first_sinks", "non_first_sink_heads", "massive_positions", "massive_position_kinds")
 
@@ -50,9 +49,9 @@ def long_context_headline(sweep: pd.DataFrame, eps: float = 0.3, details: dict |
     head = {"lengths": f"{short}..{long}", "eps": eps, "n_sink_heads_at_shortest": len(at[short]),
             "sink_rate_pct_shortest": round(float(overall[short]), 2),
             "sink_rate_pct_longest": round(float(overall[long]), 2),
-            "sink_heads_alpha0_shortest": mean_or_none(at[short]["alpha_0"]),
-            "sink_heads_alpha0_longest": mean_or_none(at[long]["alpha_0"]),
-            "sink_heads_still_above_eps_pct": pct((at[long]["alpha_0"] > eps).mean()) if len(at[long]) else None}
+            "sink_heads_alpha0_shortest": _mean_or_none(at[short]["alpha_0"]),
+            "sink_heads_alpha0_longest": _mean_or_none(at[long]["alpha_0"]),
+            "sink_heads_still_above_eps_pct": _pct((at[long]["alpha_0"] > eps).mean()) if len(at[long]) else None}
     if details is not None:
         head |= {key: details[key] for key in HEADLINE_DETAILS}
     return head
@@ -77,3 +76,13 @@ def long_context_summary(model, sweep: pd.DataFrame, detail: Census, massive: Ma
     return {"model": model_info(model).as_dict(), "parameters": parameters, "prepend_bos": True,
             "engine": detail.engine, "probe": probe, "details": details,
             "headline": long_context_headline(sweep, eps, details)}
+
+
+def _mean_or_none(values: pd.Series) -> float | None:
+    """The mean rounded to 4 decimals, or None for no values (JSON has no NaN)."""
+    return round(float(values.mean()), 4) if len(values) else None
+
+
+def _pct(share: float) -> float:
+    """A share in [0, 1] as a percentage with one decimal (0.4567 -> 45.7)."""
+    return round(float(share) * 100, 1)
