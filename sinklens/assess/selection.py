@@ -44,7 +44,7 @@ from ..core.errors import InputError
 from ..core.loading import model_info
 from ..core.probes import probe_tokens
 from ..core.progress import progress
-from ..core.validate import check_choice, check_choices, check_fraction, check_frame, check_int, check_layers
+from ..core.validate import check_choice, check_choices, check_fraction, check_frame, check_int, check_k, check_layers
 from ..measure.census import run_census
 from ..measure.massive import massive_activations
 from ..measure.specialization import sink_specialized_heads
@@ -420,7 +420,7 @@ def layer_selection(model, template: PruneSpec | None = None, *, target_retentio
                          "the heads of its layers) and the candidate heads as heads=.")
     if template.policy == "explicit":
         raise InputError("Explicit dims are not a policy of a layer selection: pass a policy name.")
-    template.replace(heads=[(0, 0)]).check(info)  # k within d_model, before any forward
+    check_k(template.k, info.d_model)  # before any forward (a template has no heads or dims to check)
     search = SearchOptions() if search is None else search
     if not isinstance(search, SearchOptions):
         raise InputError(f"search must be a sinklens.assess.selection.SearchOptions, got {type(search).__name__}.")
@@ -432,7 +432,7 @@ def layer_selection(model, template: PruneSpec | None = None, *, target_retentio
     check_fraction("eps", eps)
     check_fraction("q", q)
     if calibration is not None:
-        calibration = resolve_calibration(model, template.replace(heads=[(0, 0)]), calibration)
+        calibration = resolve_calibration(model, template, calibration)  # a template says what it needs
     plans, evaluation_settings = _evaluation_plans(model, evaluation, metric)
     open_results(model, results, fresh=fresh).close()  # refuse another model's results before any forward
 
