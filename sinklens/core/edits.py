@@ -1,6 +1,7 @@
 """Reversible edits of a bridged model: saved weight slices, permanent hooks, the registry of active edits.
 
-QK column pruning (:mod:`sinklens.prune.pruning`) and whole-head removal (:mod:`sinklens.prune.removal`) are edits.
+QK column pruning (:mod:`sinklens.prune.pruning`), whole-head removal (:mod:`sinklens.prune.removal`) and attention
+calibration (:mod:`sinklens.prune.attention_calibration`) are edits.
 An edit writes its weights in place and adds permanent hooks (which survive ``run_with_hooks``,
 ``run_with_cache`` and ``reset_hooks()``; a forward after ``reset_hooks(including_permanent=True)`` removed one
 raises instead of silently computing another model), so every forward sees it: plain calls, hooked runs,
@@ -17,11 +18,11 @@ from torch import Tensor
 
 from .errors import HandleUsageError, InputError, SinklensError
 
-Unit = tuple  # ("q" | "k" | "kread" | "o", layer, head or kv head): what an edit writes or reads
+Unit = tuple  # ("q" | "k" | "kread" | "o" | "pattern", layer, head or kv head): what an edit writes or reads
 
 
 def active_edits(model) -> list:
-    """The pruning / head-removal handles currently applied to ``model`` (oldest first).
+    """The edit handles (pruning, head removal, attention calibration) applied to ``model`` now, oldest first.
 
     Args:
         model: a bridge from :func:`sinklens.load_model`.
