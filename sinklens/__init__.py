@@ -39,10 +39,12 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "sinklens.prune.removal": ("HeadRemovalHandle", "apply_head_removal", "remove_heads"),
     "sinklens.prune.attention_calibration": ("AttentionCalibrationHandle", "apply_attention_calibration",
                                              "calibrate_attention"),
+    "sinklens.prune.attention_window": ("AttentionWindowHandle", "apply_attention_restriction", "restrict_attention"),
     "sinklens.prune.checkpoint": ("read_manifest", "save_pruned"),
     "sinklens.assess.reconstruction": ("error_quantiles", "k_sweep", "reconstruction_error", "smallest_k"),
     "sinklens.assess.evaluation": ("EvalResult", "evaluate", "retention"),
     "sinklens.assess.lm_eval_bridge": ("evaluate_lm_eval",),
+    "sinklens.assess.streaming": ("StreamingResult", "streaming_perplexity"),
     "sinklens.assess.selection": ("EvalOptions", "LayerSelection", "SearchOptions", "layer_selection"),
 }
 # modules reached as attributes (sl.plots.census, sl.views): the figure helpers and views notebooks call

@@ -1,7 +1,8 @@
 """Reversible edits of a bridged model: saved weight slices, permanent hooks, the registry of active edits.
 
 QK column pruning (:mod:`sinklens.prune.pruning`), whole-head removal (:mod:`sinklens.prune.removal`) and attention
-calibration (:mod:`sinklens.prune.attention_calibration`) are edits.
+calibration (:mod:`sinklens.prune.attention_calibration`) and attention-window restriction
+(:mod:`sinklens.prune.attention_window`) are edits.
 An edit writes its weights in place and adds permanent hooks (which survive ``run_with_hooks``,
 ``run_with_cache`` and ``reset_hooks()``; a forward after ``reset_hooks(including_permanent=True)`` removed one
 raises instead of silently computing another model), so every forward sees it: plain calls, hooked runs,
@@ -38,6 +39,17 @@ def pattern_edits(model) -> list:
         model: a bridge from :func:`sinklens.load_model`.
     """
     return [e for e in active_edits(model) if getattr(e, "per_sequence_pattern", False)]
+
+
+def eager_pattern_edits(model) -> list:
+    """The active edits of ``model`` that act at the eager attention hooks (``hook_attn_scores`` / ``hook_pattern``):
+    attention calibrations and attention-window restrictions. The fused (sdpa) census cannot run under them.
+
+    Args:
+        model: a bridge from :func:`sinklens.load_model`.
+    """
+    return [e for e in active_edits(model)
+            if getattr(e, "per_sequence_pattern", False) or getattr(e, "eager_pattern", False)]
 
 
 def count_parameters(model) -> int:
@@ -247,4 +259,5 @@ def heads_text(heads, limit: int = 6) -> str:
     return f"heads=[{', '.join(map(str, pairs[:limit]))}, ...] ({len(pairs)} heads)"
 
 
-__all__ = ["Edit", "PermanentHook", "active_edits", "count_parameters", "heads_text", "pattern_edits"]
+__all__ = ["Edit", "PermanentHook", "active_edits", "count_parameters", "eager_pattern_edits", "heads_text",
+           "pattern_edits"]

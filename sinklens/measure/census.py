@@ -26,7 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..core.deprecation import keyword_only_after
-from ..core.edits import pattern_edits
+from ..core.edits import eager_pattern_edits
 from ..core.errors import InputError
 from ..core.hooks import batches, gather_relative, pattern_hook, relative_index, run_hooked
 from ..core.loading import model_info
@@ -170,7 +170,7 @@ def run_census(model, tokens, *, attention_mask: Tensor | None = None, layers: S
     first_keys = check_int("first_keys", first_keys, minimum=1)
     n, width = batch.tokens.shape
     fits, needed, free = eager_fits(min(batch_size, n), info.n_heads, width, info.device)
-    calibrated = pattern_edits(model)
+    calibrated = eager_pattern_edits(model)
     if calibrated and engine == "sdpa":
         raise InputError(f"engine='sdpa' computes attention in a fused kernel, without the pattern hook where the "
                          f"active {calibrated[0].kind} edits the patterns: its census would describe the uncalibrated "

@@ -39,7 +39,7 @@ from torch import Tensor
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..core.edits import pattern_edits
+from ..core.edits import eager_pattern_edits
 from ..core.errors import InputError
 from ..core.hooks import batches, gather_relative, relative_index
 from ..core.tokens import TokenBatch
@@ -187,7 +187,7 @@ def _check_fused_support(model) -> None:
     if config is None or blocks is None:
         raise InputError(f"engine='sdpa' needs a TransformerBridge over a Hugging Face model, got "
                          f"{type(model).__name__}: use engine='eager'.")
-    calibrated = pattern_edits(model)
+    calibrated = eager_pattern_edits(model)
     if calibrated:
         raise InputError(f"engine='sdpa' runs attention in a fused kernel, without the pattern hook where the active "
                          f"{calibrated[0].kind} edits the patterns: restore it first, or use engine='eager'.")
