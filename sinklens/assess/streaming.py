@@ -138,14 +138,26 @@ def check_streaming(model, n_tokens: int, sink: int, window: int, pos_shift: boo
     return sink, window, (rotary_of(model) if rotary is not None else None)
 
 
+def _sliding(sliding_window: int | None, window: int, width: int) -> bool:
+    """Whether a layer's own sliding window (Gemma 2, Mistral, Qwen2) binds: it then replaces the streaming key set,
+    which it lies inside (keys t - sliding_window < j <= t, at their original distances); refused when it is wider
+    than the streaming window, where it would hide sink keys only part of the time."""
+    if sliding_window is None or sliding_window >= width:
+        return False
+    if sliding_window > window + 1:
+        raise InputError(f"A layer's sliding window of {sliding_window} keys is wider than the streaming window + 1 "
+                         f"({window + 1}): use window >= {sliding_window - 1} for this model.")
+    return True
+
+
 class _ChunkedPlan(AttentionPlan):
     def __init__(self, sink, window, rotary, pos_shift, block):
         self.sink, self.window, self.rotary, self.pos_shift, self.block = sink, window, rotary, pos_shift, block
 
     def attend(self, layer, query, key, value, scaling, softcap, sliding_window):
-        if sliding_window is not None and sliding_window < query.shape[2]:
-            raise InputError(f"Layer {layer} has a sliding window of {sliding_window} keys: streaming_perplexity "
-                             "does not combine it with the streaming cache.")
+        if _sliding(sliding_window, self.window, query.shape[2]):  # the layer's own window, original distances
+            return sink_window_attention(query, key, value, sink=0, window=sliding_window, scaling=scaling,
+                                         softcap=softcap, rotary=self.rotary, block=self.block)
         return sink_window_attention(query, key, value, sink=self.sink, window=self.window + 1, scaling=scaling,
                                      softcap=softcap, rotary=self.rotary, pos_shift=self.pos_shift, block=self.block)
 
@@ -166,8 +178,15 @@ class _LoopPlan(AttentionPlan):
         else:
             keys, values, positions = key, value, torch.tensor([self.t])
         n = keys.shape[2]
-        q, k = query, keys
-        if self.rotary is not None:
+        q, k, v = query, keys, values
+        if _sliding(sliding_window, self.window, self.t + 1):  # the layer's own window at original distances
+            near = positions > self.t - sliding_window
+            k, v = keys[:, :, near], values[:, :, near]
+            if self.rotary is not None:
+                base = int(positions[near].min())
+                k = self.rotary(k, positions[near] - base)
+                q = self.rotary(query, torch.tensor([self.t - base]))
+        elif self.rotary is not None:
             if self.pos_shift:  # keys at their cache slots, the query at the next one
                 k = self.rotary(keys, torch.arange(n))
                 q = self.rotary(query, torch.tensor([n - 1]))
@@ -180,7 +199,7 @@ class _LoopPlan(AttentionPlan):
         scores = torch.matmul(q.float().reshape(b, n_kv, group, d), k.float().transpose(-1, -2)) * scaling
         if softcap:
             scores = torch.tanh(scores / softcap) * softcap
-        out = torch.matmul(scores.softmax(-1), values.float()).reshape(b, n_heads, 1, d).to(query.dtype)
+        out = torch.matmul(scores.softmax(-1), v.float()).reshape(b, n_heads, 1, d).to(query.dtype)
         if n > self.sink + self.window:  # StartRecentKVCache: first sink + last window entries
             keep = torch.cat([torch.arange(self.sink), torch.arange(n - self.window, n)])
             keys, values, positions = keys[:, :, keep], values[:, :, keep], positions[keep]
