@@ -32,6 +32,8 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -203,6 +205,34 @@ def restrict_attention(model, heads=None, *, kv_heads=None, sink: int = DEFAULT_
         handle.restore()
 
 
+@dataclass(frozen=True)
+class WindowOptions:
+    """Sink + window restriction as a head edit of a :class:`~sinklens.assess.sweep.Sweep` (configurations
+    ``("window", heads, split)``; for a KV head on GQA, ``heads`` are every query head of its group), checked on
+    creation.
+
+    Args:
+        sink, window: as in :func:`apply_attention_restriction`.
+    """
+
+    method: ClassVar[str] = "window"
+    sink: int = DEFAULT_SINK
+    window: int = DEFAULT_WINDOW
+
+    def __post_init__(self):
+        sink, window = check_sink_window(self.sink, self.window)
+        object.__setattr__(self, "sink", sink)
+        object.__setattr__(self, "window", window)
+
+    def apply(self, model, heads: Sequence[Head]) -> AttentionWindowHandle:
+        """Restrict ``heads`` of ``model`` (persistent; ``restore()`` undoes it)."""
+        return apply_attention_restriction(model, heads, sink=self.sink, window=self.window)
+
+    def as_dict(self) -> dict:
+        """The settings, JSON-ready (part of a sweep configuration's key)."""
+        return {"sink": self.sink, "window": self.window}
+
+
 class RestrictedPlan(AttentionPlan):
     """The fused forward's attention under the active restrictions: SDPA for the other heads, blocked sink + window
     attention for the restricted ones (original positions)."""
@@ -250,6 +280,6 @@ def fused_restriction(model) -> Iterator[None]:
         yield
 
 
-__all__ = ["AttentionWindowHandle", "DEFAULT_SINK", "DEFAULT_WINDOW", "RestrictedPlan", "apply_attention_restriction",
+__all__ = ["AttentionWindowHandle", "DEFAULT_SINK", "DEFAULT_WINDOW", "RestrictedPlan", "WindowOptions", "apply_attention_restriction",
            "check_sink_window", "fused_restriction", "resolve_heads", "restrict_attention", "window_edits",
            "window_keep"]

@@ -121,7 +121,7 @@ class EvalPlan:
 def build_plan(model, suite: Suite = "default", *, limit: int | None = None, split: Split = "all",
                items: str | Path | None = None, n_lm_prompts: int = 16, lm_seq_len: int | None = None,
                n_copy: int = 16, copy_len: int = 24, prepend_bos: bool = True, seed: int = 0,
-               batch_tokens: int = 2048, share_context: bool | None = None) -> EvalPlan:
+               batch_tokens: int = 2048, share_context: bool | None = None, lm_first_target: int = 0) -> EvalPlan:
     """Tokenize a suite into batches, checking every argument and the item file before any tokenizing.
 
     Args:
@@ -143,6 +143,8 @@ def build_plan(model, suite: Suite = "default", *, limit: int | None = None, spl
             computed once per item), or give each choice its own row (False). None: shared, unless an attention
             calibration is active on ``model`` (its sink set is per sequence, which a packed row cannot honour):
             then unshared, with a warning, and ``meta["share_context"] = False`` records it.
+        lm_first_target: LM part: the first position whose next-token loss is scored (0: all; notebook 09 scores
+            the positions beyond a sink + window restriction's window on long prompts).
     """
     parts = check_suite(suite)
     share_context = _check_share_context(model, share_context, "mc" in parts)
@@ -161,6 +163,10 @@ def build_plan(model, suite: Suite = "default", *, limit: int | None = None, spl
         raise InputError(f"{info.name} has no BOS token: call with prepend_bos=False.")
     if lm_seq_len is None:
         lm_seq_len = min(128, info.n_ctx)
+    lm_first_target = check_int("lm_first_target", lm_first_target, minimum=0, meaning="first scored LM position")
+    if "lm" in parts and lm_first_target >= lm_seq_len - 1:
+        raise InputError(f"lm_first_target={lm_first_target} leaves no scored position in LM prompts of {lm_seq_len} "
+                         "tokens: use longer prompts (lm_seq_len) or a smaller first target.")
     item_frame = load_items(items) if "mc" in parts else None  # validate the file before any heavy work
     rows: list[Row] = []
     units: list[dict] = []
@@ -168,8 +174,10 @@ def build_plan(model, suite: Suite = "default", *, limit: int | None = None, spl
             "model": info.name, "seed": seed}
     if "lm" in parts:
         meta.update(n_lm_prompts=n_lm_prompts, lm_seq_len=lm_seq_len)
+        if lm_first_target:
+            meta.update(lm_first_target=lm_first_target)
         total = 2 * n_lm_prompts if split != "all" else n_lm_prompts
-        rows += lm_rows(model, units, split_indices(total, split, limit), lm_seq_len, prepend_bos)
+        rows += lm_rows(model, units, split_indices(total, split, limit), lm_seq_len, prepend_bos, lm_first_target)
     if "mc" in parts:
         meta.update(items=str(Path(items)) if items is not None else "bundled:" + ITEMS_FILE,
                     items_sha=items_digest(bundled_items_path() if items is None else items))

@@ -89,7 +89,8 @@ def split_indices(n_total: int, split: Split, limit: int | None) -> list[int]:
     return picked if limit is None else picked[:limit]
 
 
-def lm_rows(model, units: list[dict], picked: list[int], seq_len: int, prepend_bos: bool) -> list[Row]:
+def lm_rows(model, units: list[dict], picked: list[int], seq_len: int, prepend_bos: bool,
+            first_target: int = 0) -> list[Row]:
     """Language-modelling rows: the held-out probe prompts ``picked``, every text token a target.
 
     Args:
@@ -98,6 +99,8 @@ def lm_rows(model, units: list[dict], picked: list[int], seq_len: int, prepend_b
         picked: indices of the held-out prompts to use.
         seq_len: tokens per prompt (BOS included when prepended).
         prepend_bos: start each prompt with BOS.
+        first_target: the first predicting position scored (0: every text token is a target; e.g. ``sink + window``
+            for a loss on the positions beyond a restricted head's window).
     """
     if not picked:
         return []
@@ -108,7 +111,7 @@ def lm_rows(model, units: list[dict], picked: list[int], seq_len: int, prepend_b
         unit = len(units)
         units.append({"part": "lm", "task": "held_out_text", "item": f"lm-{i:04d}"})
         # every text token is a target; with BOS the first text token is predicted from BOS
-        targets = [(col, tokens[col + 1], unit) for col in range(len(tokens) - 1)]
+        targets = [(col, tokens[col + 1], unit) for col in range(first_target, len(tokens) - 1)]
         rows.append(Row("lm", tokens, list(range(len(tokens))), [-1] * len(tokens), targets))
     return rows
 

@@ -1,0 +1,178 @@
+"""Which KV heads can live on sinks + a window (DuoAttention's "streaming heads"), measured rather than trained: a
+per-head streaming score and a KV-cache budget at a stated loss.
+
+- :func:`streaming_head_scores`: restrict one KV head (all query heads of its group; one head on MHA) to sink +
+  window attention and measure the increase of next-token loss (nats) over the dense model on long probe texts,
+  scored only on the positions beyond the window (the positions where the restriction drops keys). Each score is a
+  configuration ``("window", heads, split)`` of the shared :class:`~sinklens.assess.sweep.Sweep` with
+  :class:`~sinklens.prune.attention_window.WindowOptions`: the layers below the edited one are read from the
+  sweep's dense residual cache, not recomputed, and every score is stored in the results file as it finishes (a
+  rerun resumes).
+- :func:`kv_budget`: restrict KV heads in order of their score (cheapest first) until the loss increase on the
+  ``search`` texts reaches each tolerance, confirm the chosen set on the ``held_out`` texts, and report the KV cache
+  saved at a context length (bytes from the config and dtype) for the model and for Llama-2-7B's shape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..core.errors import InputError
+from ..core.loading import model_info
+from ..core.validate import check_int
+from ..prune.attention_window import WindowOptions
+from .evaluation.plan import build_plan
+from .sweep import Sweep
+
+LLAMA2_7B = {"name": "Llama-2-7B", "n_layers": 32, "n_kv_heads": 32, "d_head": 128, "bytes": 2}  # fp16 cache
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def streaming_sweep(model, *, sink: int = 4, window: int = 64, seq_len: int = 1024, n_texts: int = 2,
+                    results: str | Path | None = None, show_progress: bool = False) -> Sweep:
+    """The sweep scoring sink + window restrictions on long probe texts: splits ``search`` and ``held_out`` (each
+    ``n_texts`` texts of ``seq_len`` tokens, BOS first), LM loss on positions >= sink + window only.
+
+    Args:
+        model: a bridge from :func:`sinklens.load_model`, without active edits.
+        sink, window: the restriction (:class:`~sinklens.prune.attention_window.WindowOptions`).
+        seq_len: tokens per text (BOS included), at most the model's context.
+        n_texts: texts per split.
+        results: the SQLite results file (None: in memory).
+        show_progress: progress bars.
+    """
+    options = WindowOptions(sink=sink, window=window)
+    info = model_info(model)
+    seq_len = check_int("seq_len", seq_len, minimum=3)
+    if seq_len > info.n_ctx:
+        raise InputError(f"seq_len={seq_len} is past the model's {info.n_ctx}-token context.")
+    plans = {split: build_plan(model, "lm", split=split, n_lm_prompts=n_texts, lm_seq_len=seq_len,
+                               lm_first_target=sink + window, batch_tokens=seq_len)
+             for split in ("search", "held_out")}
+    return Sweep(model, plans, head_edits=[options], results=results, show_progress=show_progress)
+
+
+def _loss(record) -> float:
+    return math.log(record.metrics["lm/ppl"])
+
+
+def kv_groups(model) -> list[tuple[int, int]]:
+    """Every ``(layer, kv head)`` of the model."""
+    info = model_info(model)
+    return [(l, g) for l in range(info.n_layers) for g in range(info.n_kv_heads)]
+
+
+def group_heads(model, groups: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The query heads of KV groups ``groups``."""
+    g = model_info(model).group_size
+    return sorted((l, kv * g + i) for l, kv in groups for i in range(g))
+
+
+def streaming_head_scores(sweep: Sweep, split: str = "search") -> pd.DataFrame:
+    """Loss increase (nats, restricted minus dense) of each KV head restricted alone.
+
+    Args:
+        sweep: from :func:`streaming_sweep`.
+        split: the texts scored.
+    Returns:
+        One row per ``(layer, kv_head)``: ``score`` (nats), ``loss`` and ``dense_loss``.
+    """
+    model = sweep.model
+    dense = _loss(sweep.dense(split))
+    rows = []
+    for layer, kv in kv_groups(model):
+        record = sweep.evaluate("window", group_heads(model, [(layer, kv)]), split)
+        loss = _loss(record)
+        rows.append({"layer": layer, "kv_head": kv, "score": loss - dense, "loss": loss, "dense_loss": dense})
+    return pd.DataFrame(rows)
+
+
+def kv_cache_bytes(n_layers: int, n_kv_heads: int, d_head: int, dtype_bytes: int, tokens: int) -> int:
+    """Bytes of a KV cache (keys and values) of ``tokens`` tokens."""
+    return 2 * n_layers * n_kv_heads * d_head * dtype_bytes * tokens
+
+
+def kv_budget(sweep: Sweep, scores: pd.DataFrame, tolerances: Sequence[float] = (0.02, 0.05, 0.1), *,
+              context: int = 8192, steps: int = 12) -> pd.DataFrame:
+    """The largest set of cheapest KV heads whose joint restriction stays within each tolerance, confirmed held out.
+
+    KV heads are taken in order of ``score``; prefixes of that order on a grid of ``steps`` sizes are evaluated on the
+    ``search`` split, the largest prefix within a tolerance is chosen, then evaluated on ``held_out``.
+
+    Args:
+        sweep: from :func:`streaming_sweep`.
+        scores: from :func:`streaming_head_scores`.
+        tolerances: loss increases (nats).
+        context: tokens of the cache whose saving is reported.
+        steps: prefix sizes tried.
+    Returns:
+        One row per tolerance: KV heads restricted, search and held-out loss increases, bytes saved at ``context``
+        for the model and for Llama-2-7B's shape (the same share of its KV heads), and the shares.
+    """
+    model = sweep.model
+    info = model_info(model)
+    options = next(iter(sweep.head_edits.values()))
+    order = [tuple(map(int, r)) for r in scores.sort_values("score")[["layer", "kv_head"]].to_numpy()]
+    total = len(order)
+    sizes = sorted({max(1, round(total * i / steps)) for i in range(1, steps + 1)})
+    dense = {split: _loss(sweep.dense(split)) for split in ("search", "held_out")}
+    curve = {}
+    for n in sizes:
+        curve[n] = _loss(sweep.evaluate("window", group_heads(model, order[:n]), "search")) - dense["search"]
+    per_token = 2 * info.d_head * DTYPE_BYTES.get(info.dtype.replace("torch.", ""), 4)
+    kept_tokens = min(context, options.sink + options.window)
+    full = kv_cache_bytes(info.n_layers, info.n_kv_heads, info.d_head, per_token // (2 * info.d_head), context)
+    llama_full = kv_cache_bytes(LLAMA2_7B["n_layers"], LLAMA2_7B["n_kv_heads"], LLAMA2_7B["d_head"],
+                                LLAMA2_7B["bytes"], context)
+    rows = []
+    for tol in tolerances:
+        within = [n for n in sizes if curve[n] <= tol]
+        n = max(within) if within else 0
+        held = (_loss(sweep.evaluate("window", group_heads(model, order[:n]), "held_out")) - dense["held_out"]
+                if n else 0.0)
+        share = n / total
+        saved = n * per_token * (context - kept_tokens)
+        rows.append({"tolerance": tol, "kv_heads": n, "share": share, "search_increase": curve.get(n, 0.0),
+                     "held_out_increase": held, "saved_bytes": saved, "cache_bytes": full,
+                     "llama2_7b_saved_bytes": int(share * llama_full * (context - kept_tokens) / context),
+                     "llama2_7b_cache_bytes": llama_full, "context": context})
+    out = pd.DataFrame(rows)
+    out.attrs["curve"] = pd.DataFrame({"kv_heads": list(curve), "search_increase": list(curve.values())})
+    return out
+
+
+def compare_with_sinks(scores: pd.DataFrame, alpha0: pd.DataFrame, specialized: Sequence[tuple[int, int]],
+                       group_size: int, cheap_share: float = 0.25) -> dict:
+    """Rank correlation of the streaming score with alpha_0 (mean over a group's query heads), and the overlap of
+    the sink-specialized KV groups with the cheapest ``cheap_share`` of KV heads.
+
+    Args:
+        scores: from :func:`streaming_head_scores`.
+        alpha0: one row per ``(layer, head)`` with an ``alpha_0`` column (mean over prompts).
+        specialized: sink-specialized ``(layer, head)`` query heads.
+        group_size: query heads per KV head.
+        cheap_share: share of KV heads, cheapest first, called "cheap to stream".
+    """
+    a = alpha0.assign(kv_head=alpha0["head"] // group_size).groupby(["layer", "kv_head"], as_index=False)[
+        "alpha_0"].mean()
+    merged = scores.merge(a, on=["layer", "kv_head"])
+    rho = float(merged["score"].rank().corr(merged["alpha_0"].rank()))
+    n_cheap = max(1, round(cheap_share * len(scores)))
+    cheap = {tuple(map(int, r)) for r in scores.nsmallest(n_cheap, "score")[["layer", "kv_head"]].to_numpy()}
+    sink_groups = {(int(l), int(h) // group_size) for l, h in specialized}
+    both = cheap & sink_groups
+    return {"spearman_score_alpha0": rho, "n_kv_heads": len(scores), "n_cheap": n_cheap,
+            "n_sink_groups": len(sink_groups), "overlap": len(both),
+            "jaccard": len(both) / len(cheap | sink_groups) if cheap | sink_groups else float("nan"),
+            "sink_groups_mean_score": float(np.mean([s for (l, g), s in zip(
+                zip(scores["layer"], scores["kv_head"]), scores["score"]) if (l, g) in sink_groups]))
+            if sink_groups else float("nan")}
+
+
+__all__ = ["LLAMA2_7B", "compare_with_sinks", "group_heads", "kv_budget", "kv_cache_bytes", "kv_groups",
+           "streaming_head_scores", "streaming_sweep"]
