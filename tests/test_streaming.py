@@ -17,7 +17,7 @@ import sinklens as sl
 from sinklens.core.errors import InputError
 from sinklens.prune.attention_window import fused_restriction
 
-from helpers import FAMILIES, MODEL_TYPE, build_family_checkpoint, hf_eager, random_tokens
+from helpers import FAMILIES, build_family_checkpoint, hf_eager, random_tokens
 
 TOL = 1e-5
 LOSS_TOL = 1e-4
@@ -125,7 +125,7 @@ def test_bad_input(tmp_path):
     with sl.restrict_attention(model, [(0, 0)]), pytest.raises(InputError, match="restore"):
         sl.streaming_perplexity(model, tokens, sink=2, window=10)
     with sl.restrict_attention(model, [(0, 0)]), pytest.raises(InputError, match="sdpa"):
-        sl.run_census(model, sl.tokenize(model, ["w3 w4"]) if False else _batch(model), engine="sdpa")
+        sl.run_census(model, _batch(model), engine="sdpa")
 
 
 def _batch(model):
@@ -212,3 +212,23 @@ def test_position_shift_rotation_in_numpy(tmp_path):
     w = np.exp(s - s.max())
     w /= w.sum()
     assert np.abs(w @ values - captured["out"][0, 0, 0].double().numpy()).max() <= TOL
+
+
+def test_streaming_head_scores_and_budget(tmp_path):
+    """Per-KV-head scores are sweep configurations (stored, resumable), scored beyond the window only."""
+    from sinklens.assess import streaming_heads as sh
+
+    folder = build_family_checkpoint(tmp_path / "m", "llama3")  # GQA: 2 KV heads of 3 query heads
+    model = sl.load_model(str(folder), device="cpu")
+    results = tmp_path / "scores.sqlite"
+    sweep = sh.streaming_sweep(model, sink=2, window=8, seq_len=48, n_texts=1, results=results)
+    plan = sweep.plans["search"]
+    assert plan.meta["lm_first_target"] == 10 and plan.n_tokens > 0
+    scores = sh.streaming_head_scores(sweep)
+    assert len(scores) == 3 * 2 and np.isfinite(scores["score"]).all()
+    budget = sh.kv_budget(sweep, scores, tolerances=(0.0, 10.0), steps=3)
+    assert budget["kv_heads"].tolist()[-1] == 6 and budget["saved_bytes"].iloc[-1] > 0
+    sweep.close()
+    again = sh.streaming_sweep(model, sink=2, window=8, seq_len=48, n_texts=1, results=results)
+    assert np.allclose(sh.streaming_head_scores(again)["score"], scores["score"])
+    assert again.n_evaluated == 0  # read back from the results file

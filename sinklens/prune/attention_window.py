@@ -280,6 +280,6 @@ def fused_restriction(model) -> Iterator[None]:
         yield
 
 
-__all__ = ["AttentionWindowHandle", "DEFAULT_SINK", "DEFAULT_WINDOW", "RestrictedPlan", "WindowOptions", "apply_attention_restriction",
-           "check_sink_window", "fused_restriction", "resolve_heads", "restrict_attention", "window_edits",
-           "window_keep"]
+__all__ = ["AttentionWindowHandle", "DEFAULT_SINK", "DEFAULT_WINDOW", "RestrictedPlan", "WindowOptions",
+           "apply_attention_restriction", "check_sink_window", "fused_restriction", "resolve_heads",
+           "restrict_attention", "window_edits", "window_keep"]
