@@ -46,6 +46,9 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "sinklens.assess.evaluation": ("EvalResult", "evaluate", "retention"),
     "sinklens.assess.lm_eval_bridge": ("evaluate_lm_eval",),
     "sinklens.assess.streaming": ("StreamingResult", "streaming_perplexity"),
+    "sinklens.assess.streaming_ablation": ("streaming_ablation",),
+    "sinklens.assess.streaming_heads": ("compare_with_sinks", "kv_budget", "streaming_head_scores",
+                                        "streaming_sweep"),
     "sinklens.assess.selection": ("EvalOptions", "LayerSelection", "SearchOptions", "layer_selection"),
 }
 # modules reached as attributes (sl.plots.census, sl.views): the figure helpers and views notebooks call

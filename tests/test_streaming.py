@@ -232,3 +232,67 @@ def test_streaming_head_scores_and_budget(tmp_path):
     again = sh.streaming_sweep(model, sink=2, window=8, seq_len=48, n_texts=1, results=results)
     assert np.allclose(sh.streaming_head_scores(again)["score"], scores["score"])
     assert again.n_evaluated == 0  # read back from the results file
+
+
+def test_compare_with_sinks_against_scipy():
+    """A hand-built table: 2 layers x 2 KV heads of 2 query heads; scipy's Spearman and counted overlaps."""
+    import pandas as pd
+    from scipy.stats import spearmanr
+
+    from sinklens.assess.streaming_heads import compare_with_sinks
+
+    scores = pd.DataFrame({"layer": [0, 0, 1, 1], "kv_head": [0, 1, 0, 1], "score": [0.30, 0.01, 0.02, 0.50]})
+    rows = []  # two prompts; per (layer, head) alpha0 and non-first sink counts
+    alpha = {(0, 0): (0.1, 0.3), (0, 1): (0.2, 0.2), (0, 2): (0.9, 0.7), (0, 3): (0.8, 0.8),
+             (1, 0): (0.6, 0.6), (1, 1): (0.5, 0.7), (1, 2): (0.0, 0.1), (1, 3): (0.1, 0.1)}
+    others = {(0, 0): 3, (0, 1): 1, (0, 2): 0, (0, 3): 0, (1, 0): 2, (1, 1): 0, (1, 2): 5, (1, 3): 5}
+    for (layer, head), values in alpha.items():
+        for prompt, a in enumerate(values):
+            rows.append({"prompt": prompt, "layer": layer, "head": head, "alpha0": a,
+                         "n_other_sinks": others[(layer, head)] + prompt})
+    table = pd.DataFrame(rows)
+    got = compare_with_sinks(scores, table, [(0, 2), (1, 3)], group_size=2, cheap_share=0.5)
+    # group means by hand: alpha0 (0,0) 0.2, (0,1) 0.8, (1,0) 0.6, (1,1) 0.075; others 2.5, 0.5, 1.5, 5.5
+    expected_alpha = spearmanr([0.30, 0.01, 0.02, 0.50], [0.2, 0.8, 0.6, 0.075]).statistic
+    expected_other = spearmanr([0.30, 0.01, 0.02, 0.50], [2.5, 0.5, 1.5, 5.5]).statistic
+    assert abs(got["spearman_alpha0"] - expected_alpha) < 1e-12 and abs(got["spearman_alpha0"] + 1.0) < 1e-12
+    assert abs(got["spearman_non_first"] - expected_other) < 1e-12
+    # cheapest half: (0,1) and (1,0); sink groups (0,1) and (1,1): overlap 1, union 3
+    assert got["n_cheap"] == 2 and got["n_sink_groups"] == 2 and got["overlap"] == 1
+    assert abs(got["jaccard"] - 1 / 3) < 1e-12
+    assert abs(got["sink_groups_mean_score"] - (0.01 + 0.50) / 2) < 1e-12
+    assert abs(got["other_groups_mean_score"] - (0.30 + 0.02) / 2) < 1e-12
+    flat = compare_with_sinks(scores, table.assign(n_other_sinks=0), [], group_size=2)
+    assert flat["spearman_non_first"] is None and flat["overlap"] == 0 and flat["sink_groups_mean_score"] is None
+    with pytest.raises(InputError, match="alpha0"):
+        compare_with_sinks(scores, table.drop(columns="alpha0"), [], group_size=2)
+
+
+def test_streaming_ablation_rows_are_streaming_runs(tmp_path):
+    """Each row is streaming_perplexity of its setting; sink 0 is window attention; the newline rows stream the text
+    with its BOS replaced by four newline tokens and score the same text tokens."""
+    folder = build_family_checkpoint(tmp_path, "llama3")
+    model = sl.load_model(str(folder), device="cpu")
+    tokens = random_tokens(1, 80, seed=8)[0]
+    table = sl.streaming_ablation(model, tokens, sinks=[0, 2, 4], windows=[8, 16], initial=["bos", "newline"])
+    assert len(table) == 2 * 3 * 2 and (table["start"] == 4 + 16 + 1).all()
+    newline = model.tokenizer("\n", add_special_tokens=False)["input_ids"][0]
+    for row in table.itertuples():
+        text = tokens if row.initial == "bos" else torch.cat([torch.full((4,), newline), tokens[1:]])
+        offset = 0 if row.initial == "bos" else 3
+        losses = sl.streaming_perplexity(model, text, sink=row.sink, window=row.window).losses[offset:]
+        assert len(losses) == len(tokens) - 1
+        assert abs(row.loss - losses.mean()) < 1e-9 and abs(row.loss_from - losses[row.start:].mean()) < 1e-9
+    # sink 0 = a plain sliding window (the restriction with sink 0 on every head, at original positions)
+    window_only = sl.streaming_ablation(model, tokens, sinks=[0], windows=[8], pos_shift=False, start=0)
+    with sl.restrict_attention(model, sink=0, window=9), torch.no_grad():
+        dense_window = _hf_losses(model(tokens[None]), tokens)
+    assert abs(window_only["loss"].iloc[0] - dense_window.mean()) < LOSS_TOL
+    fixed = sl.streaming_ablation(model, tokens, sinks=[0, 1, 4], cache_size=12)
+    assert fixed["window"].tolist() == [12, 11, 8] and (fixed["cache"] == 12).all()
+    with pytest.raises(InputError, match="initial"):
+        sl.streaming_ablation(model, tokens, initial=["zero"])
+    with pytest.raises(InputError, match="sinks"):
+        sl.streaming_ablation(model, tokens, sinks=[-1])
+    with pytest.raises(InputError, match="cache_size"):
+        sl.streaming_ablation(model, tokens, sinks=[0, 8], cache_size=8)

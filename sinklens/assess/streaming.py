@@ -90,7 +90,7 @@ class StreamingResult:
                 "perplexity": self.perplexity(), **self.meta}
 
 
-def _token_ids(model, ids) -> Tensor:
+def text_ids(model, ids) -> Tensor:
     """A 1-D LongTensor of the text's ids (a TokenBatch row without padding, a tensor or a list)."""
     if isinstance(ids, TokenBatch):
         if ids.tokens.shape[0] != 1 or not bool(ids.attention_mask.bool().all()):
@@ -243,7 +243,7 @@ def streaming_perplexity(model, ids, *, sink: int = DEFAULT_SINK, window: int = 
         block: query rows per block of the chunked engine.
         show_progress: progress bar of the loop engine.
     """
-    ids = _token_ids(model, ids)
+    ids = text_ids(model, ids)
     sink, window, rotary = check_streaming(model, len(ids), sink, window, pos_shift, engine)
     hf = model.original_model
     base = hf.base_model
@@ -275,4 +275,4 @@ def streaming_perplexity(model, ids, *, sink: int = DEFAULT_SINK, window: int = 
     return StreamingResult(losses.numpy(), sink, window, pos_shift, engine, seconds, meta)
 
 
-__all__ = ["DEFAULT_SINK", "DEFAULT_WINDOW", "ENGINES", "StreamingResult", "streaming_perplexity"]
+__all__ = ["DEFAULT_SINK", "DEFAULT_WINDOW", "ENGINES", "StreamingResult", "streaming_perplexity", "text_ids"]

@@ -19,7 +19,6 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from ..core.errors import InputError
@@ -146,32 +145,64 @@ def kv_budget(sweep: Sweep, scores: pd.DataFrame, tolerances: Sequence[float] = 
     return out
 
 
-def compare_with_sinks(scores: pd.DataFrame, alpha0: pd.DataFrame, specialized: Sequence[tuple[int, int]],
+def _spearman(a: pd.Series, b: pd.Series) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None when either side is constant."""
+    if a.nunique() < 2 or b.nunique() < 2:
+        return None
+    return float(a.rank().corr(b.rank()))
+
+
+def compare_with_sinks(scores: pd.DataFrame, heads_table: pd.DataFrame, specialized: Sequence[tuple[int, int]], *,
                        group_size: int, cheap_share: float = 0.25) -> dict:
-    """Rank correlation of the streaming score with alpha_0 (mean over a group's query heads), and the overlap of
-    the sink-specialized KV groups with the cheapest ``cheap_share`` of KV heads.
+    """How the streaming score relates to the sink measures: rank correlations with alpha_0 and with the count of
+    non-first sinks (each a KV group's mean over its query heads and the prompts), and the overlap of the
+    sink-specialized KV groups with the cheapest ``cheap_share`` of KV heads ("cheap to stream").
+
+    A KV group counts as sink-specialized when any of its query heads is (restricting the group restricts it).
 
     Args:
-        scores: from :func:`streaming_head_scores`.
-        alpha0: one row per ``(layer, head)`` with an ``alpha_0`` column (mean over prompts).
+        scores: from :func:`streaming_head_scores` (``layer``, ``kv_head``, ``score``).
+        heads_table: rows per ``(layer, head)`` (or per prompt, layer and head: ``Census.to_frame()``) with
+            ``alpha0``; ``n_other_sinks`` too when the census was full (else that correlation is None).
         specialized: sink-specialized ``(layer, head)`` query heads.
-        group_size: query heads per KV head.
-        cheap_share: share of KV heads, cheapest first, called "cheap to stream".
+        group_size: query heads per KV head (1 on MHA).
+        cheap_share: share of KV heads, lowest score first, called cheap to stream (0 < share <= 1).
+    Returns:
+        ``spearman_alpha0``, ``spearman_non_first`` (None when not measured or constant), ``n_kv_heads``,
+        ``n_cheap``, ``n_sink_groups``, ``overlap`` (sink groups among the cheap ones), ``jaccard``,
+        ``sink_groups_mean_score`` and ``other_groups_mean_score`` (nats; None when empty).
     """
-    a = alpha0.assign(kv_head=alpha0["head"] // group_size).groupby(["layer", "kv_head"], as_index=False)[
-        "alpha_0"].mean()
-    merged = scores.merge(a, on=["layer", "kv_head"])
-    rho = float(merged["score"].rank().corr(merged["alpha_0"].rank()))
+    group_size = check_int("group_size", group_size, minimum=1)
+    if not 0 < cheap_share <= 1:
+        raise InputError(f"cheap_share must be in (0, 1], got {cheap_share!r}.")
+    missing = {"layer", "head", "alpha0"} - set(heads_table.columns)
+    if missing:
+        raise InputError(f"heads_table lacks the columns {sorted(missing)}: pass Census.to_frame() or a table "
+                         "of (layer, head, alpha0).")
+    columns = ["alpha0"] + (["n_other_sinks"] if "n_other_sinks" in heads_table
+                            and heads_table["n_other_sinks"].notna().all() else [])
+    table = heads_table.assign(kv_head=heads_table["head"] // group_size)
+    per_group = table.astype({c: float for c in columns}).groupby(["layer", "kv_head"], as_index=False)[columns].mean()
+    merged = scores.merge(per_group, on=["layer", "kv_head"], how="inner")
+    if len(merged) != len(scores):
+        raise InputError(f"heads_table covers {len(merged)} of the {len(scores)} scored KV heads: measure every "
+                         "layer.")
     n_cheap = max(1, round(cheap_share * len(scores)))
-    cheap = {tuple(map(int, r)) for r in scores.nsmallest(n_cheap, "score")[["layer", "kv_head"]].to_numpy()}
+    order = scores.sort_values(["score", "layer", "kv_head"], kind="stable")
+    cheap = {(int(l), int(g)) for l, g in order[["layer", "kv_head"]].to_numpy()[:n_cheap]}
     sink_groups = {(int(l), int(h) // group_size) for l, h in specialized}
-    both = cheap & sink_groups
-    return {"spearman_score_alpha0": rho, "n_kv_heads": len(scores), "n_cheap": n_cheap,
+    both, either = cheap & sink_groups, cheap | sink_groups
+    is_sink = [(int(l), int(g)) in sink_groups for l, g in scores[["layer", "kv_head"]].to_numpy()]
+    sink_scores = scores["score"][is_sink]
+    other_scores = scores["score"][[not s for s in is_sink]]
+    return {"spearman_alpha0": _spearman(merged["score"], merged["alpha0"]),
+            "spearman_non_first": (_spearman(merged["score"], merged["n_other_sinks"])
+                                   if "n_other_sinks" in merged else None),
+            "n_kv_heads": len(scores), "cheap_share": cheap_share, "n_cheap": n_cheap,
             "n_sink_groups": len(sink_groups), "overlap": len(both),
-            "jaccard": len(both) / len(cheap | sink_groups) if cheap | sink_groups else float("nan"),
-            "sink_groups_mean_score": float(np.mean([s for (l, g), s in zip(
-                zip(scores["layer"], scores["kv_head"]), scores["score"]) if (l, g) in sink_groups]))
-            if sink_groups else float("nan")}
+            "jaccard": len(both) / len(either) if either else None,
+            "sink_groups_mean_score": float(sink_scores.mean()) if len(sink_scores) else None,
+            "other_groups_mean_score": float(other_scores.mean()) if len(other_scores) else None}
 
 
 __all__ = ["LLAMA2_7B", "compare_with_sinks", "group_heads", "kv_budget", "kv_cache_bytes", "kv_groups",
