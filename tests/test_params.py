@@ -61,6 +61,15 @@ BAD = [
     ("07", "temperatures", "[platt]"),
     ("07", "temperatures", "[True, True]"),
     ("07", "heads_from", "/no/such/specialized_heads.json"),
+    ("09", "sink", "-1"),
+    ("09", "score_window", "0"),
+    ("09", "score_len", "2"),
+    ("09", "tolerances", "[0.02, -0.1]"),
+    ("09", "tolerances", "[]"),
+    ("09", "cheap_share", "0"),
+    ("09", "ablation_sinks", "[0, -1]"),
+    ("09", "ablation_windows", "[0]"),
+    ("09", "curve_len", "1"),
 ]
 
 

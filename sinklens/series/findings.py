@@ -226,10 +226,55 @@ def beyond_bos_dims(data: dict) -> list[str]:
     return out
 
 
+def streaming_heads(data: dict) -> list[str]:
+    """Sentences of notebook 09's ``streaming_heads.json``: the streamed loss past the trained context, the
+    per-KV-head streaming score against alpha_0 and the sink-specialized heads, the KV budget and the sink count.
+
+    Args:
+        data: the summary's content.
+    """
+    h = data["headline"]
+    settings = data.get("settings") or {}
+    sink, n_ctx = settings.get("sink"), (data.get("model") or {}).get("n_ctx")
+    out = []
+    if "ppl_past_context_sink_window" in h and n_ctx:
+        window_only = (f"; window only (no sinks) reaches {h['ppl_past_context_window_only']:.1f}"
+                       if "ppl_past_context_window_only" in h else "")
+        out.append(f"Streaming {h['curve_tokens']:,} tokens with {sink} sinks + a {settings.get('curve_window')}-token "
+                   f"window and StreamingLLM's position shift, the perplexity past the trained {n_ctx:,}-token "
+                   f"context is {h['ppl_past_context_sink_window']:.2f}{window_only}.")
+    comparison = data.get("comparison") or {}
+    if "spearman_score_alpha0" in h and comparison:
+        rho = h["spearman_score_alpha0"]
+        corr = f"Spearman {rho:+.2f} with alpha_0" if _measured(rho) else "no rank correlation with alpha_0"
+        non_first = h.get("spearman_score_non_first")
+        corr += f", {non_first:+.2f} with the non-first sink count" if _measured(non_first) else ""
+        out.append(f"Per KV head ({sink} sinks + {settings.get('score_window')} keys on "
+                   f"{settings.get('score_len')}-token text), the streaming score has {corr}; "
+                   f"{h['sink_groups_among_cheap']} of the {_plural(h['n_sink_groups'], 'KV group')} holding a "
+                   f"sink-specialized head are among the {h['n_cheap']} cheapest to stream.")
+    budget = data.get("kv_budget") or []
+    if budget:
+        n_kv = comparison.get("n_kv_heads")
+        parts = [f"{row['tolerance']:g} nats: {row['kv_heads']}{f'/{n_kv}' if n_kv else ''} KV heads "
+                 f"(held out {row['held_out_increase']:+.3f}, {row['saved_mib']:.0f} of {row['cache_mib']:.0f} MiB; "
+                 f"Llama-2-7B shape {row['llama2_7b_saved_gib']:.2f} of {row['llama2_7b_cache_gib']:.0f} GiB)"
+                 for row in budget]
+        out.append(f"KV budget at {data.get('kv_context') or 8192:,} tokens, per tolerance: {'; '.join(parts)}.")
+    by_sinks, by_initial = h.get("ppl_by_sinks") or {}, h.get("ppl_by_initial") or {}
+    if by_sinks:
+        table = ", ".join(f"{s}: {p:.2f}" for s, p in by_sinks.items())
+        tail = (f"; four newlines in place of BOS {by_initial['newline']:.2f} against {by_initial['bos']:.2f}"
+                if {"bos", "newline"} <= set(by_initial) else "")
+        out.append(f"Perplexity by sink count at a {settings.get('ablation_window')}-token window ({table}){tail}.")
+    return out
+
+
 BUILDERS: dict[str, Callable[[dict], list[str]]] = {
     "sink_discovery.json": sink_discovery, HEAD_LIST_FILE: specialized_heads, "topk_pruning.json": topk_pruning,
     "reconstruction_error.json": reconstruction_error, "layer_selection.json": layer_selection,
     "long_context.json": long_context, "beyond_bos_dims.json": beyond_bos_dims,
+    "streaming_heads.json": streaming_heads,
 }
 
 

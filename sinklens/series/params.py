@@ -78,6 +78,13 @@ def _fractions(name: str, value: Any) -> None:
         check_fraction(f"each entry of {name}", item)
 
 
+def _positive_floats(name: str, value: Any) -> None:
+    if (not isinstance(value, list) or not value
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 for v in value)):
+        raise InputError(f"Parameter {name} must be a non-empty list of numbers > 0, e.g. {name}=[0.02, 0.05]; "
+                         f"got {value!r}.")
+
+
 def _choice(choices: Sequence[str]) -> Callable[[str, Any], None]:
     def check(name: str, value: Any) -> None:
         check_choice(name, value, choices)
@@ -159,6 +166,15 @@ VALUE_CHECKS: dict[str, Callable[[str, Any], None]] = {
     **dict.fromkeys(["policies", "all_heads_policies"], _choices(POLICIES)),
     "fills": _choices(FILLS),
     "temperatures": _flags,
+    # 09 streaming heads (sink + window attention, the KV budget)
+    "sink": _at_least(0),  # 0: window attention
+    **dict.fromkeys(["score_window", "score_texts", "budget_steps", "kv_context", "curve_window", "bin_size",
+                     "ablation_window"], _at_least(1)),
+    **dict.fromkeys(["score_len", "curve_len", "curve_ref_len", "ablation_len"], _at_least(3)),
+    "tolerances": _positive_floats,  # loss increases in nats
+    "cheap_share": _fraction(open_low=True),
+    "ablation_sinks": _ints_at_least(0),
+    "ablation_windows": _ints_at_least(1),
 }
 # parameters that name a file: the runner passes them as absolute paths (the notebooks run in the checkout)
 PATH_PARAMS = ("items_file", "heads_from")

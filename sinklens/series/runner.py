@@ -61,6 +61,8 @@ CI_PARAMS: dict[str, Any] = {
     "greedy_pool": 2, "exhaustive_pool": 2, "exhaustive_size": 2, "n_random": 1,  # layer search (05)
     "n_calibration": 4, "n_held_out": 4, "max_heads": 2, "compare_ks": [5, 10], "pool": 12,  # beyond BOS dims (07)
     "lengths": [64, 128, 256], "detail_length": 128,  # long context (06)
+    "score_window": 8, "score_len": 40, "budget_steps": 3, "curve_len": 320, "curve_ref_len": 160,  # streaming (09)
+    "curve_window": 60, "bin_size": 32, "ablation_len": 96, "ablation_window": 16, "ablation_windows": [8, 16],
 }
 # Set by the runner itself, never by -p or a params file.
 RESERVED = {"model_name": "--model", "out_dir": "--out"}

@@ -6,7 +6,8 @@
 - 04 :func:`reconstruction_error_summary` (:mod:`.reconstruction_error`);
 - 05 :func:`layer_selection_summary` (:mod:`.layer_selection`);
 - 06 :func:`long_context_summary` (:mod:`.long_context`);
-- 07 :func:`beyond_bos_summary` (:mod:`.beyond_bos_dims`).
+- 07 :func:`beyond_bos_summary` (:mod:`.beyond_bos_dims`);
+- 09 :func:`streaming_heads_summary` (:mod:`.streaming_heads`).
 
 Notebook 02's summary is the run's head list (``sinklens.series.head_list``), which notebooks 03-05 read back.
 
@@ -25,6 +26,7 @@ from .sink_discovery import (
     sink_discovery_summary,
     strongest_sink_head,
 )
+from .streaming_heads import curve_record, streaming_heads_headline, streaming_heads_summary
 from .topk_pruning import reconstruction_headline, topk_pruning_summary
 
 __all__ = [
@@ -32,5 +34,6 @@ __all__ = [
     "first_token_verdict", "k_sweep_headline", "layer_selection_headline", "layer_selection_summary",
     "long_context_details", "long_context_headline", "long_context_summary", "non_first_summary",
     "reconstruction_error_summary", "reconstruction_headline", "selection_headline", "sink_discovery_summary",
-    "strongest_sink_head", "topk_pruning_summary",
+    "streaming_heads_headline", "streaming_heads_summary", "strongest_sink_head", "topk_pruning_summary",
+    "curve_record",
 ]
