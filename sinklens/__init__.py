@@ -24,7 +24,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
                              "UnknownModelError", "UnsupportedArchitectureError", "WriteError"),
     "sinklens.core.loading": ("ModelInfo", "load_model", "model_info"),
     "sinklens.core.tokens": ("TokenBatch", "token_strings", "tokenize"),
-    "sinklens.core.probes": ("probe_provenance", "probe_tokens"),
+    "sinklens.core.probes": ("probe_provenance", "probe_stream", "probe_tokens"),
     "sinklens.core.edits": ("active_edits",),
     "sinklens.measure.census": ("Census", "first_token_comparison", "run_census", "sink_scores"),
     "sinklens.measure.massive": ("MassiveActivations", "bos_top_dims", "massive_activations"),

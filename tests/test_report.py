@@ -516,3 +516,30 @@ def test_report_reads_older_run_folders_with_nan(tmp_path):
             "(k up to 50).") in text
     page = report.write_report(run_dir, png=False).read_text()
     assert "reconstruction_error.json" in page and "layer_selection.json" in page
+
+
+STREAMING = {"streaming_heads.json": {  # shaped like notebook 09's summary
+    "model": {"n_ctx": 8192}, "settings": {"sink": 4, "curve_window": 1020, "score_window": 64, "score_len": 512,
+                                           "ablation_window": 124},
+    "comparison": {"n_kv_heads": 90, "n_cheap": 22}, "kv_context": 8192,
+    "kv_budget": [{"tolerance": 0.05, "kv_heads": 45, "held_out_increase": 0.0204, "saved_mib": 44.4,
+                   "cache_mib": 90.0, "llama2_7b_saved_gib": 1.98, "llama2_7b_cache_gib": 4.0}],
+    "headline": {"curve_tokens": 8448, "ppl_past_context_sink_window": 9.871, "ppl_past_context_window_only": 412.3,
+                 "spearman_score_alpha0": -0.4123, "sink_groups_among_cheap": 3, "n_sink_groups": 40,
+                 "kv_heads_at_tolerance": {"0.05": 45}, "held_out_increase_at_tolerance": {"0.05": 0.0204},
+                 "ppl_by_sinks": {"0": 30.5, "4": 10.25}, "spearman_score_non_first": None,
+                 "ppl_by_initial": {"bos": 10.25, "newline": 11.0}}}}
+
+
+def test_findings_of_streaming_heads(tmp_path):
+    text = "\n".join(findings.findings(headline.summaries_of(make_series_run(tmp_path, STREAMING))))
+    assert ("Streaming 8,448 tokens with 4 sinks + a 1020-token window and StreamingLLM's position shift, the "
+            "perplexity past the trained 8,192-token context is 9.87; window only (no sinks) reaches 412.3.") in text
+    assert ("Per KV head (4 sinks + 64 keys on 512-token text), the streaming score has Spearman -0.41 with alpha_0; "
+            "3 of the 40 KV groups holding a sink-specialized head are among the 22 cheapest to stream.") in text
+    assert ("KV budget at 8,192 tokens, per tolerance: 0.05 nats: 45/90 KV heads (held out +0.020, 44 of 90 MiB; "
+            "Llama-2-7B shape 1.98 of 4 GiB).") in text
+    assert ("Perplexity by sink count at a 124-token window (0: 30.50, 4: 10.25); four newlines in place of BOS "
+            "11.00 against 10.25.") in text
+    partial = {"streaming_heads.json": {"headline": {"curve_tokens": 10}}}  # a failed or older run: no sentence
+    assert findings.findings(headline.summaries_of(make_series_run(tmp_path / "partial", partial))) == []

@@ -296,3 +296,14 @@ def test_streaming_ablation_rows_are_streaming_runs(tmp_path):
         sl.streaming_ablation(model, tokens, sinks=[-1])
     with pytest.raises(InputError, match="cache_size"):
         sl.streaming_ablation(model, tokens, sinks=[0, 8], cache_size=8)
+
+
+def test_probe_stream_is_the_probe_text_past_the_context(tmp_path):
+    model = sl.load_model(str(build_family_checkpoint(tmp_path, "llama")), device="cpu")  # context 96
+    ids = sl.probe_stream(model, 300)
+    first = sl.probe_tokens(model, 1, 90, split="held_out").tokens[0]
+    assert len(ids) == 300 and ids[0] == model.tokenizer.bos_token_id and torch.equal(ids[:90], first)
+    assert torch.equal(sl.probe_stream(model, 50, split="probe", prepend_bos=False),
+                       sl.probe_tokens(model, 1, 51, split="probe", prepend_bos=False).tokens[0])
+    with pytest.raises(InputError, match="not repeated"):
+        sl.probe_stream(model, 10 ** 9)

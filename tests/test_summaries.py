@@ -54,3 +54,48 @@ def test_layer_selection_headline_and_summary_on_a_constructed_selection():
     assert summaries.layer_selection_headline(none)["best_layers"] is None
     with pytest.raises(sl.InputError, match="selection must be a LayerSelection"):
         summaries.layer_selection_headline({"best": None})
+
+
+def test_streaming_heads_summary_on_constructed_results(tmp_path):
+    """Notebook 09's summary from hand-made curves and tables: past-context and common-position losses by hand."""
+    import numpy as np
+
+    from sinklens.assess.streaming import StreamingResult
+
+    from helpers import build_family_checkpoint
+
+    model = sl.load_model(str(build_family_checkpoint(tmp_path, "llama")), device="cpu")  # context 96
+    n_ctx = sl.model_info(model).n_ctx
+    long = np.linspace(1.0, 3.0, 199)  # 200 tokens: 199 predictions, 103 of them past the context
+    short = np.full(95, 2.0)
+
+    def result(losses, sink, window, shift):
+        return StreamingResult(losses, sink, window, shift, "chunked", 1.0,
+                               {"n_tokens": len(losses) + 1, "evicts": len(losses) + 1 > sink + window + 1})
+    curves = {"dense": result(short, 0, 96, False), "sink + window, no shift": result(short, 4, 20, False),
+              "window only": result(long * 2, 0, 24, True), "sink + window": result(long, 4, 20, True)}
+    scores = pd.DataFrame({"layer": [0, 0, 1], "kv_head": [0, 1, 0], "score": [0.1, 0.0, 0.3],
+                           "dense_loss": [2.0] * 3})
+    comparison = {"spearman_alpha0": -0.5, "spearman_non_first": None, "overlap": 1, "n_sink_groups": 2,
+                  "n_cheap": 1, "n_kv_heads": 3}
+    budget = pd.DataFrame({"tolerance": [0.02, 0.1], "kv_heads": [1, 2], "search_increase": [0.0, 0.08],
+                           "held_out_increase": [0.01, 0.12], "saved_bytes": [2 ** 20, 2 ** 21],
+                           "cache_bytes": [2 ** 22] * 2, "llama2_7b_saved_bytes": [2 ** 30, 2 ** 31],
+                           "llama2_7b_cache_bytes": [2 ** 32] * 2, "context": [8192] * 2})
+    table = pd.DataFrame({"initial": ["bos", "bos"], "sink": [0, 4], "window": [16, 16], "ppl_from": [9.0, 5.0]})
+    initial = pd.DataFrame({"initial": ["bos", "newline"], "sink": [4, 4], "window": [16, 16], "ppl_from": [5.0, 5.5]})
+    summary = summaries.streaming_heads_summary(model, curves=curves, scores=scores, comparison=comparison,
+                                                budget=budget, sink_table=table, window_table=table,
+                                                initial_table=initial, settings={"sink": 4, "curve_window": 20})
+    head = summary["headline"]
+    assert head["curve_tokens"] == 200
+    assert head["ppl_past_context_sink_window"] == pytest.approx(math.exp(long[n_ctx:].mean()), abs=1e-4)
+    assert head["ppl_past_context_window_only"] == pytest.approx(math.exp(2 * long[n_ctx:].mean()), abs=1e-4)
+    assert summary["curves"]["dense"]["loss_past_context"] is None
+    assert summary["common_positions"] == [25, 95]  # the latest first eviction (4 + 20 + 1) to the shortest curve
+    assert summary["curves"]["sink + window"]["loss_common"] == pytest.approx(long[25:95].mean())
+    assert head["kv_heads_at_tolerance"] == {"0.02": 1, "0.1": 2}
+    assert head["held_out_increase_at_tolerance"] == {"0.02": 0.01, "0.1": 0.12}
+    assert head["ppl_by_sinks"] == {"0": 9.0, "4": 5.0} and head["ppl_by_initial"] == {"bos": 5.0, "newline": 5.5}
+    assert summary["kv_budget"][0]["saved_mib"] == 1 and summary["kv_budget"][1]["llama2_7b_saved_gib"] == 2
+    assert summary["scores"]["cheapest"] == [0, 1] and summary["scores"]["dearest"] == [1, 0]

@@ -16,6 +16,8 @@ from functools import lru_cache
 from pydoc_data.topics import topics
 from typing import Literal, get_args
 
+import torch
+
 from .errors import InputError
 from .tokens import TokenBatch, pad_rows
 from .validate import check_choice, check_int
@@ -85,3 +87,36 @@ def probe_tokens(model, n_prompts: int = 128, seq_len: int = 64, *, prepend_bos:
             raise InputError("This tokenizer has no BOS token: call with prepend_bos=False.")
         rows = [(bos, *row) for row in rows]
     return pad_rows(model, rows, prepend_bos=prepend_bos)
+
+
+def probe_stream(model, n_tokens: int, *, split: ProbeSplit = "held_out", prepend_bos: bool = True):
+    """One long text of ``n_tokens`` consecutive probe tokens (BOS first if asked) as a 1-D LongTensor, with no
+    context check: the text that streams past a model's trained context (:func:`sinklens.streaming_perplexity`).
+
+    It starts where the split starts, so its first tokens are those of ``probe_tokens(model, 1, ..., split=split)``.
+    The text is never repeated: a length past what the split holds is refused.
+
+    Args:
+        model: the bridge (its tokenizer cuts the text).
+        n_tokens: tokens of the text, BOS included (>= 2).
+        split: ``"probe"`` or ``"held_out"`` (as :func:`probe_tokens`).
+        prepend_bos: start with BOS.
+    """
+    check_choice("split", split, SPLITS)
+    n_tokens = check_int("n_tokens", n_tokens, minimum=2)
+    if not isinstance(prepend_bos, bool):
+        raise InputError(f"prepend_bos must be True or False, got {prepend_bos!r}.")
+    stream = _stream(model.tokenizer)
+    half = len(stream) // 2
+    wanted = n_tokens - int(prepend_bos)
+    if wanted > half:
+        raise InputError(f"The {split} split holds {half} tokens of text; asked for {wanted}. The probe text is not "
+                         "repeated: use a shorter text, or pass your own ids to streaming_perplexity.")
+    start = 0 if split == "probe" else half
+    ids = list(stream[start:start + wanted])
+    if prepend_bos:
+        bos = model.tokenizer.bos_token_id
+        if bos is None:
+            raise InputError("This tokenizer has no BOS token: call with prepend_bos=False.")
+        ids = [bos, *ids]
+    return torch.tensor(ids, dtype=torch.long)

@@ -252,7 +252,7 @@ def streaming_heads(data: dict) -> list[str]:
         out.append(f"Per KV head ({sink} sinks + {settings.get('score_window')} keys on "
                    f"{settings.get('score_len')}-token text), the streaming score has {corr}; "
                    f"{h['sink_groups_among_cheap']} of the {_plural(h['n_sink_groups'], 'KV group')} holding a "
-                   f"sink-specialized head are among the {h['n_cheap']} cheapest to stream.")
+                   f"sink-specialized head are among the {comparison.get('n_cheap')} cheapest to stream.")
     budget = data.get("kv_budget") or []
     if budget:
         n_kv = comparison.get("n_kv_heads")

@@ -98,9 +98,23 @@ LABELS: dict[str, Label] = {
     "selection_heads_best": Label("layer selection: heads QK-pruned meeting the target, best variant", "heads"),
     "selection_params_bos_top": Label("layer selection: Q/K parameters zeroed, bos_top/zero/none", "params"),
     "selection_params_best": Label("layer selection: Q/K parameters zeroed, best variant", "params"),
+    # 09 streaming heads (sink + window attention, the KV budget)
+    "ppl_past_context_sink_window": Label("perplexity past the trained context, sink + window with position shift"),
+    "ppl_past_context_window_only": Label("perplexity past the trained context, window only (no sinks)"),
+    "curve_tokens": Label("streamed text", "tokens"),
+    "spearman_score_alpha0": Label("rank correlation of the per-KV-head streaming score with alpha_0"),
+    "spearman_score_non_first": Label("rank correlation of the streaming score with the non-first sink count"),
+    "sink_groups_among_cheap": Label("KV groups with a sink-specialized head among the cheapest to stream"),
+    "n_sink_groups": Label("KV groups holding a sink-specialized head"),
+    "n_cheap": Label("KV heads called cheap to stream (lowest scores)"),
+    "kv_heads_at_tolerance": Label("KV heads on sink + window within the loss tolerance", "KV heads"),
+    "held_out_increase_at_tolerance": Label("held-out loss increase of that set", "nats"),
+    "ppl_by_sinks": Label("streamed perplexity by sink count"),
+    "ppl_by_initial": Label("streamed perplexity by kept initial tokens"),
 }
-# inner keys of headline mappings: the kept-dims policies of a pruning
+# inner keys of headline mappings: the kept-dims policies of a pruning; the kept initial tokens of notebook 09
 INNER_LABELS: dict[str, str] = {
+    "bos": "BOS", "newline": "four newlines in place of BOS",
     "bos_top": "BOS top-k dims", "random": "random dims", "weight_norm": "largest weight norms",
     "head_removal": "whole head removed",
     "whole_head": "whole head removed",  # the key of summaries written before the vocabulary change
@@ -186,6 +200,14 @@ CAPTIONS: dict[str, str] = {
     "frob_rel_vs_k_all_heads": "Attention error against k over every sink-specialized head, per policy/fill/"
                                "calibration variant without a search: the best one at k is the one layer selection "
                                "tries against bos_top.",
+    # 09
+    "streaming_loss_vs_position": "Streamed next-token loss against position: window only breaks once the first "
+                                  "tokens leave the cache, sink + window with the position shift stays flat past the "
+                                  "trained context (dotted line).",
+    "streaming_score_heatmap": "Loss increase when one KV head keeps only sink + window: dark heads are cheap to "
+                               "stream; outlined groups hold a sink-specialized head.",
+    "kv_saved_vs_loss": "KV heads put on sink + window, cheapest first, against the loss increase: each tolerance's "
+                        "set on the search texts and confirmed on held-out text.",
 }
 
 

@@ -44,20 +44,20 @@ def streaming_heads_headline(curves: dict, comparison: dict, budget: pd.DataFram
                              initial_table: pd.DataFrame) -> dict:
     """The headline numbers of notebook 09 (see :func:`streaming_heads_summary` for the arguments' meaning)."""
     head: dict = {}
-    for key, name in (("sink_window", "sink + window"), ("window_only", "window only")):
-        if name in curves and curves[name]["ppl_past_context"] is not None:
-            head[f"ppl_past_context_{key}"] = round(curves[name]["ppl_past_context"], 4)
     longest = max(curves.values(), key=lambda c: c["n_tokens"]) if curves else None
     if longest is not None:
         head["curve_tokens"] = longest["n_tokens"]
+    for key, name in (("sink_window", "sink + window"), ("window_only", "window only")):
+        if name in curves and curves[name]["ppl_past_context"] is not None:
+            head[f"ppl_past_context_{key}"] = round(curves[name]["ppl_past_context"], 4)
+    # the README's table keeps the first 12 numbers: the budget before the ablations (all are in the findings)
     head |= {"spearman_score_alpha0": comparison["spearman_alpha0"],
-             "spearman_score_non_first": comparison["spearman_non_first"],
-             "sink_groups_among_cheap": comparison["overlap"], "n_sink_groups": comparison["n_sink_groups"],
-             "n_cheap": comparison["n_cheap"]}
+             "sink_groups_among_cheap": comparison["overlap"], "n_sink_groups": comparison["n_sink_groups"]}
     head["kv_heads_at_tolerance"] = {f"{t:g}": int(n) for t, n in zip(budget["tolerance"], budget["kv_heads"])}
     head["held_out_increase_at_tolerance"] = {f"{t:g}": round(float(v), 4)
                                               for t, v in zip(budget["tolerance"], budget["held_out_increase"])}
     head["ppl_by_sinks"] = _ppl_by(sink_table, "sink")
+    head["spearman_score_non_first"] = comparison["spearman_non_first"]
     by_initial = {row["initial"]: round(float(row["ppl_from"]), 4) for _, row in initial_table.iterrows()}
     head["ppl_by_initial"] = by_initial
     return head
