@@ -42,13 +42,14 @@ lab: $(STAMP)
 	JUPYTER_PREFER_ENV_PATH=1 .venv/bin/jupyter lab notebooks/ $(if $(DISPLAY),,--no-browser) \
 		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
-# census/forward and sweep costs on the embedded model, then every step's time and peak memory on a random-init
+# census/forward, sweep and streaming (sink + window) costs on the embedded model, then every step's time and peak memory on a random-init
 # Llama-2-7B-shape model with 2 layers on the CPU (bench/scale.py; a GPU host runs all 32: bench/gpu_check.sh)
 bench: $(STAMP)
 	$(PY) bench/import_time.py
 	$(PY) bench/census.py
 	$(PY) bench/attention_calibration.py
 	$(PY) bench/sweep.py
+	$(PY) bench/streaming.py --length 4096 --stream 512 --repeats 2
 	$(PY) bench/scale.py --shape llama-2-7b --layers 2 --device cpu --dtype fp32 --prompts 16 --long-prompts 2
 
 # The GPU check (bench/gpu_check.sh) rehearsed on this CPU machine; not part of `make test`. A FRESH Python 3.12
