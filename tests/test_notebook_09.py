@@ -43,6 +43,9 @@ def test_notebook_09_streaming_heads(tmp_path):
     assert curves["dense"]["n_tokens"] == curves["sink + window, no shift"]["n_tokens"] == CI["curve_ref_len"]
     assert curves["sink + window"]["n_tokens"] == curves["window only"]["n_tokens"] == CI["curve_len"]
     assert curves["sink + window"]["pos_shift"] and not curves["dense"]["pos_shift"]
+    assert curves["sink + window, no shift"]["evicts"] and not curves["dense"]["evicts"]
+    common = summary["common_positions"]  # where every curve has evicted, up to the shortest
+    assert common == [CI["sink"] + CI["curve_window"] + 1, CI["curve_ref_len"] - 1]
     binned = pd.read_csv(out / "tables" / "streaming_curves.csv")
     assert set(binned["curve"]) == set(curves)
     dense = binned[binned["curve"] == "dense"]
