@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -26,6 +27,11 @@ from transformers import AutoModelForCausalLM
 import sinklens as sl
 from sinklens.core.sources import resolve_checkpoint
 from sinklens.prune.attention_window import fused_restriction
+
+
+def note(text: str) -> None:
+    """Progress on stderr (the report on stdout)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 def best(fn, repeats: int) -> float:
@@ -72,7 +78,8 @@ def main() -> None:
     half = [(l, g) for l in range(info.n_layers) for g in range(info.n_kv_heads) if g % 2 == 0]
     times = {"hf_sdpa": [], "dense": [], "restricted_all": [], "restricted_half_kv": []}
     fused(), plain()  # warm-up
-    for _ in range(args.repeats):
+    for i in range(args.repeats):
+        note(f"forwards at T={args.length}, repeat {i + 1}/{args.repeats}")
         times["hf_sdpa"].append(best(plain, 1))
         times["dense"].append(best(fused, 1))
         with sl.restrict_attention(bridge, sink=4, window=256):
@@ -87,7 +94,8 @@ def main() -> None:
     window = max(1, args.stream // 2 - 4)
     hf_decode(hf, text[:16])
     stream = {"hf_decode": [], "loop": [], "chunked": []}
-    for _ in range(args.repeats):
+    for i in range(args.repeats):
+        note(f"streaming {len(text)} tokens, repeat {i + 1}/{args.repeats}")
         stream["hf_decode"].append(best(lambda: hf_decode(hf, text), 1))
         stream["loop"].append(sl.streaming_perplexity(bridge, text, sink=4, window=window, engine="loop").seconds)
         stream["chunked"].append(sl.streaming_perplexity(bridge, text, sink=4, window=window).seconds)
