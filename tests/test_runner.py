@@ -51,7 +51,7 @@ def _run(argv, capsys):
     (["-p", "out_dir=/tmp/x"], "use --out"),
     (["-p", "model_name=x"], "use --model"),
     (["-p", "n_prompts"], "not key=value"),
-    (["--only", "09"], "--only 09: no such notebook"),
+    (["--only", "99"], "--only 99: no such notebook"),
     (["--only", "01", "-p", "n_boot=5"], "declared by 02_head_specialization"),
     # values, checked by name with the package's own choices
     (["-p", "eps=1.5"], "-p eps=1.5: eps must lie in [0, 1], got 1.5"),
