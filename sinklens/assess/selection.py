@@ -74,6 +74,10 @@ class EvalOptions:
         prepend_bos: start every request with BOS.
         seed: seed of the copy sequences.
         batch_tokens: tokens per forward (rows x padded width; not prompts: see ``batch_size`` elsewhere).
+        share_context: MC part: one copy of an item's context for its choices (True), a row per choice (False), or
+            None: shared unless an attention calibration is active when the plans are built
+            (:func:`~sinklens.assess.evaluation.build_plan`). A search over calibrations builds its plans on the
+            dense model, so it needs False (the calibration's sink set is per sequence).
     """
 
     suite: str = "default"
@@ -86,6 +90,7 @@ class EvalOptions:
     prepend_bos: bool = True
     seed: int = 0
     batch_tokens: int = 2048
+    share_context: bool | None = None
 
     def __post_init__(self):
         check_suite(self.suite)
@@ -98,6 +103,8 @@ class EvalOptions:
         check_int("batch_tokens", self.batch_tokens, minimum=1, meaning="tokens per forward")
         if not isinstance(self.prepend_bos, bool):
             raise InputError(f"prepend_bos must be True or False, got {self.prepend_bos!r}.")
+        if self.share_context is not None and not isinstance(self.share_context, bool):
+            raise InputError(f"share_context must be True, False or None, got {self.share_context!r}.")
         if self.items is not None and not isinstance(self.items, (str, Path)):
             raise InputError(f"items must be a path to a JSONL item file (or None), got {type(self.items).__name__}.")
 
@@ -344,8 +351,15 @@ def _check_metric(metric: str, parts: Sequence[str], tasks: Sequence[str], where
         raise InputError(f"Unknown metric {metric!r} for {where}: use one of {names}.")
 
 
-def _evaluation_plans(model, evaluation, metric: str) -> tuple[dict[str, EvalPlan], dict]:
-    """The two plans of a selection and what its settings record of them, the metric checked against them."""
+def evaluation_plans(model, evaluation, metric: str) -> tuple[dict[str, EvalPlan], dict]:
+    """The two plans of a selection and what its settings record of them, the metric checked against them.
+
+    Args:
+        model: the bridge the plans are built for.
+        evaluation: an :class:`EvalOptions` (None: its defaults) or the built plans
+            ``{"search": ..., "held_out": ...}``.
+        metric: the selection metric, checked against the plans' parts and tasks.
+    """
     if evaluation is None:
         evaluation = EvalOptions()
     if isinstance(evaluation, EvalOptions):
@@ -433,7 +447,7 @@ def layer_selection(model, template: PruneSpec | None = None, *, target_retentio
     check_fraction("q", q)
     if calibration is not None:
         calibration = resolve_calibration(model, template, calibration)  # a template says what it needs
-    plans, evaluation_settings = _evaluation_plans(model, evaluation, metric)
+    plans, evaluation_settings = evaluation_plans(model, evaluation, metric)
     open_results(model, results, fresh=fresh).close()  # refuse another model's results before any forward
 
     # measured, never typed in: the sink-specialized heads and the kept dims of each of them
