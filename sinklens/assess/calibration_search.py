@@ -3,7 +3,7 @@
 ACT (Yu et al., ICML 2024) calibrates hand-picked heads; the step that picked them (calibrate one head at a time on
 training items, keep those that help) is not in its repository. This is that step, on the offline suite:
 
-1. candidates (``candidates=None``): a **layer screen**. Every layer of ``screen`` is calibrated whole (all its
+1. candidates (``candidates="screen"``): a **layer screen**. Every layer of ``screen`` is calibrated whole (all its
    heads at once) on the ``"search"`` split; the heads of the ``screen_layers`` layers with the highest gain are
    the candidates. Why a layer screen: a calibration that changes nothing in a layer cannot change anything in one
    of its heads, and a layer costs what one head costs (one configuration), so 30 layers replace 270 heads; what it
@@ -37,9 +37,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..core.choices import CALIBRATION_CANDIDATES, CalibrationCandidates
 from ..core.errors import InputError
 from ..core.loading import model_info
-from ..core.validate import check_fraction, check_int, check_layers
+from ..core.validate import check_choice, check_fraction, check_int, check_layers
 from ..prune.attention_calibration import CalibrationOptions
 from ..prune.spec import Head, check_heads
 from .evaluation import MEAN_ACC, EvalPlan, EvalResult, retention
@@ -99,7 +100,8 @@ class CalibrationSearch:
     searched). ``heads``: one row per candidate head (search split): layer, head, the same columns, ``kept``.
     ``kept``: the kept heads. ``combined``: the kept heads and ACT's recipe calibrated together, one row per
     (configuration, split, metric) from :func:`gain_table`, with ``n_heads``. ``dense``: the dense metrics per split.
-    ``cost``: forward-equivalents per stage, per candidate, and the sweep's totals.
+    ``cost``: forward-equivalents per stage, per candidate, and the sweep's totals. ``dense_results``: the dense
+    evaluations per split (not stored; for comparisons on the same plans).
     """
 
     layers: pd.DataFrame
@@ -109,6 +111,7 @@ class CalibrationSearch:
     dense: dict[str, dict[str, float]]
     settings: dict
     cost: dict = field(default_factory=dict)
+    dense_results: dict[str, EvalResult] = field(default_factory=dict, repr=False)  # for further comparisons
 
     @property
     def metric(self) -> str:
@@ -127,6 +130,20 @@ class CalibrationSearch:
         if c.empty:
             return c
         return c[(c["configuration"] == configuration) & (c["split"] == SPLIT_CONFIRM)].reset_index(drop=True)
+
+    def shown_heads(self, n: int = 3) -> list[Head]:
+        """The heads a notebook shows the calibration's effect on: the kept heads, or, when none is kept, the ``n``
+        candidate heads of highest search gain (so that a search that keeps nothing still shows what calibration
+        does to the heads it measured).
+
+        Args:
+            n: heads shown when none is kept.
+        """
+        n = check_int("n", n, minimum=1)
+        if self.kept:
+            return list(self.kept)
+        best = self.heads.sort_values(["gain", "layer", "head"], ascending=[False, True, True]).head(n)
+        return sorted((int(l), int(h)) for l, h in zip(best["layer"], best["head"]))
 
     def gain_grid(self, n_layers: int, n_heads: int) -> np.ndarray:
         """The searched heads' gains as a [layer, head] array (NaN where a head was not searched).
@@ -201,7 +218,7 @@ def _select(heads: pd.DataFrame, top_m: int | None) -> list[Head]:
     return sorted((int(l), int(h)) for l, h in zip(chosen["layer"], chosen["head"]))
 
 
-def calibration_head_search(model, *, candidates: str | Sequence[Head] | None = None,
+def calibration_head_search(model, *, candidates: CalibrationCandidates | Sequence[Head] = "screen",
                             options: CalibrationOptions | None = None,
                             evaluation: EvalOptions | Mapping[str, EvalPlan] | None = None, metric: str = MEAN_ACC,
                             screen: Sequence[int] | None = None, screen_layers: int = 2, top_m: int | None = None,
@@ -214,8 +231,8 @@ def calibration_head_search(model, *, candidates: str | Sequence[Head] | None = 
 
     Args:
         model: a bridge from :func:`sinklens.load_model`, without active edits.
-        candidates: None: the heads of the best layers of a layer screen; ``"all"``: every head; or a list of
-            ``(layer, head)`` pairs.
+        candidates: ``"screen"``: the heads of the best layers of a layer screen; ``"all"``: every head; or a list
+            of ``(layer, head)`` pairs.
         options: the calibration (:class:`sinklens.CalibrationOptions`; default ACT's beta 0.4, threshold 0.1 and
             sinklens's min_queries).
         evaluation: an :class:`EvalOptions` (None: its defaults; its plans are built with ``share_context=False``)
@@ -234,13 +251,12 @@ def calibration_head_search(model, *, candidates: str | Sequence[Head] | None = 
     """
     info = model_info(model)
     options, evaluation = _check_options(options, evaluation, metric)
-    if candidates is not None and not (isinstance(candidates, str) and candidates == "all"):
-        if isinstance(candidates, str):
-            raise InputError(f"candidates must be None (a layer screen), 'all' or (layer, head) pairs, got "
-                             f"{candidates!r}.")
+    if isinstance(candidates, str):
+        candidates = check_choice("candidates", candidates, CALIBRATION_CANDIDATES)
+    else:
         candidates = check_heads(candidates, info)
         if not candidates:
-            raise InputError("candidates is empty: pass (layer, head) pairs, 'all', or None for a layer screen.")
+            raise InputError("candidates is empty: pass (layer, head) pairs, 'all', or 'screen' for a layer screen.")
     screen = check_layers(screen, info.n_layers)
     screen_layers = check_int("screen_layers", screen_layers, minimum=1, meaning="layers whose heads are searched")
     check_int("top_m", top_m, minimum=1, allow_none=True, meaning="heads kept")
@@ -267,7 +283,7 @@ def calibration_head_search(model, *, candidates: str | Sequence[Head] | None = 
 
         run("dense", [("dense", (), SPLIT_DECIDE), ("dense", (), SPLIT_CONFIRM)])
         layer_rows = []
-        if candidates is None:
+        if candidates == "screen":
             configs = [(method, tuple((l, h) for h in range(info.n_heads)), SPLIT_DECIDE) for l in screen]
             for layer, record in zip(screen, run("layer screen", configs)):
                 layer_rows.append({"layer": layer, **stage.row(record)})
@@ -312,7 +328,8 @@ def calibration_head_search(model, *, candidates: str | Sequence[Head] | None = 
                     "results": str(results) if results is not None else None,
                     "chance": sweep.dense(SPLIT_CONFIRM).result.chance}
         return CalibrationSearch(layers=layers.reset_index(drop=True), heads=heads, kept=kept, combined=combined,
-                                 dense=dense, settings=settings, cost=cost)
+                                 dense=dense, settings=settings, cost=cost,
+                                 dense_results={split: sweep.dense(split).result for split in dense})
     finally:
         sweep.close()
 

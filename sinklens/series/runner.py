@@ -6,7 +6,8 @@ the parameters its ``parameters`` cell declares, plus ``model_name`` and ``out_d
 folder). The probe of the series (:data:`SERIES_PARAMS`: prompts, their length, eps and q) is
 set once for the run and passed to every notebook that declares it; a notebook that declares
 ``heads_from`` gets this run's ``specialized_heads.json`` once an earlier notebook wrote it, so
-the whole run works on one list of sink-specialized heads. Parameter overrides are parsed to the
+the whole run works on one list of sink-specialized heads (and one that declares ``selection_from`` gets the run's
+``layer_selection.json`` the same way). Parameter overrides are parsed to the
 declared types, their values and the model name are checked before a run folder is created or
 a kernel started. The folder receives the executed notebooks, a ``manifest.json`` (versions,
 git commit, parameters, wall time, status and the files written, per notebook) and the report
@@ -61,10 +62,14 @@ CI_PARAMS: dict[str, Any] = {
     "greedy_pool": 2, "exhaustive_pool": 2, "exhaustive_size": 2, "n_random": 1,  # layer search (05)
     "n_calibration": 4, "n_held_out": 4, "max_heads": 2, "compare_ks": [5, 10], "pool": 12,  # beyond BOS dims (07)
     "lengths": [64, 128, 256], "detail_length": 128,  # long context (06)
+    "census_prompts": 2,  # attention calibration (08)
 }
 # Set by the runner itself, never by -p or a params file.
 RESERVED = {"model_name": "--model", "out_dir": "--out"}
 HEADS_FROM = "heads_from"  # the parameter through which a notebook takes the run's head list
+SELECTION_FROM = "selection_from"  # ... and notebook 05's layer selection (notebook 08 compares edits on its heads)
+# runner-filled parameters: name -> what the notebook does while the run has no such file yet
+RUN_INPUTS = {HEADS_FROM: "measures its own heads", SELECTION_FROM: "uses its fallback layer set"}
 MANIFEST = "manifest.json"
 LATEST = "latest"
 EXIT_INPUT = 2
@@ -461,7 +466,9 @@ def execute(plan: RunPlan, log: Callable[[str], None] = print,
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    from .head_list import HEAD_LIST_FILE
+    from .head_list import HEAD_LIST_FILE, SELECTION_FILE
+
+    files = {HEADS_FROM: HEAD_LIST_FILE, SELECTION_FROM: SELECTION_FILE}  # the run's file of each runner input
 
     err = err or (lambda text: print(text, file=sys.stderr, flush=True))
     run_dir = new_run_folder(plan.out_root, plan.model)
@@ -480,11 +487,13 @@ def execute(plan: RunPlan, log: Callable[[str], None] = print,
     status = "ok"
     for i, (nb, entry) in enumerate(zip(plan.notebooks, manifest["notebooks"]), 1):
         log(f"[{i}/{total}] {nb.path.name} ...")
-        if HEADS_FROM in nb.declared and HEADS_FROM not in entry["passed"]:
-            if (run_dir / HEAD_LIST_FILE).is_file():
-                entry["passed"][HEADS_FROM] = entry["parameters"][HEADS_FROM] = str(run_dir / HEAD_LIST_FILE)
-            else:
-                log(f"      no {HEAD_LIST_FILE} in this run yet: {nb.path.stem} measures its own heads.")
+        for name, fallback in RUN_INPUTS.items():
+            file = files[name]
+            if name in nb.declared and name not in entry["passed"]:
+                if (run_dir / file).is_file():
+                    entry["passed"][name] = entry["parameters"][name] = str(run_dir / file)
+                else:
+                    log(f"      no {file} in this run yet: {nb.path.stem} {fallback}.")
         start = time.perf_counter()
         entry["status"] = "running"
         _write_manifest(run_dir, manifest)
