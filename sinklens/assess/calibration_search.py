@@ -3,11 +3,16 @@
 ACT (Yu et al., ICML 2024) calibrates hand-picked heads; the step that picked them (calibrate one head at a time on
 training items, keep those that help) is not in its repository. This is that step, on the offline suite:
 
-1. candidates (``candidates="screen"``): a **layer screen**. Every layer of ``screen`` is calibrated whole (all its
-   heads at once) on the ``"search"`` split; the heads of the ``screen_layers`` layers with the highest gain are
-   the candidates. Why a layer screen: a calibration that changes nothing in a layer cannot change anything in one
-   of its heads, and a layer costs what one head costs (one configuration), so 30 layers replace 270 heads; what it
-   can miss is a helpful head in a layer whose other heads hurt (``candidates="all"`` searches every head).
+1. candidates, from a cheap screen:
+
+   - ``candidates="mass"`` (default): the ``n_candidates`` heads whose calibration moves the most attention mass on
+     the screen prompts (:func:`moved_mass`: one forward, no evaluation). Why: a head whose calibration moves no
+     mass is not changed by it (its gain is exactly 0), and the mass moved bounds how much a head's output can
+     change; what it can miss is a head that moves little mass to good effect.
+   - ``candidates="layers"``: a **layer screen**: every layer of ``screen`` calibrated whole (all its heads at once)
+     on the ``"search"`` split, the heads of the ``screen_layers`` layers with the highest gain (a layer costs what
+     one head costs, so L configurations replace L x H; it misses a helpful head in a layer whose other heads hurt).
+   - ``candidates="all"``: every head (the full search), or a list of ``(layer, head)`` pairs.
 2. **each candidate head alone** against the dense model on the ``"search"`` split, paired per item: gain =
    retention - 1 of ``metric`` (``retention``: calibrated / dense, dense / calibrated for perplexity, so a gain
    > 0 is better for every metric), with the paired bootstrap interval of
@@ -36,12 +41,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..core.choices import CALIBRATION_CANDIDATES, CalibrationCandidates
 from ..core.errors import InputError
+from ..core.hooks import batches, pattern_hook, run_hooked
 from ..core.loading import model_info
+from ..core.probes import probe_tokens
+from ..core.qk import masked_like
+from ..core.tokens import as_batch
 from ..core.validate import check_choice, check_fraction, check_int, check_layers
-from ..prune.attention_calibration import CalibrationOptions
+from ..prune.attention_calibration import CalibrationOptions, calibrate_pattern, check_calibration_model
 from ..prune.spec import Head, check_heads
 from .evaluation import MEAN_ACC, EvalPlan, EvalResult, retention
 from .selection import SPLIT_CONFIRM, SPLIT_DECIDE, EvalOptions, evaluation_plans, selection_loss
@@ -58,6 +68,60 @@ def act_recipe_heads(n_layers: int, n_heads: int) -> list[Head]:
         n_heads: query heads per layer.
     """
     return [(layer, head) for layer in range(2, n_layers - 1) for head in range(n_heads)]
+
+
+def moved_mass(model, tokens, *, options: CalibrationOptions | None = None, batch_size: int = 8,
+               show_progress: bool = True) -> pd.DataFrame:
+    """How much attention each head's calibration would move, on ``tokens``: one row per (layer, head) of the
+    model with ``moved`` (mean over prompts and real query rows of (1 - beta) x the row's weight on the sink set)
+    and ``n_sinks`` (the sink set's size, mean over prompts). One forward of ``tokens``, no edit.
+
+    Why a screen: a head that moves no mass is not changed by its calibration, so its gain is exactly 0; the heads
+    that move the most are those calibration can change most (for better or worse).
+
+    Args:
+        model: a bridge from :func:`sinklens.load_model`.
+        tokens: the prompts (BOS-prepended ids or a TokenBatch).
+        options: the calibration (None: :class:`sinklens.CalibrationOptions` defaults).
+        batch_size: prompts per forward.
+        show_progress: show a progress bar.
+    """
+    options = CalibrationOptions() if options is None else options
+    if not isinstance(options, CalibrationOptions):
+        raise InputError(f"options must be a sinklens.CalibrationOptions, got {type(options).__name__}.")
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    check_calibration_model(model)
+    info = model_info(model)
+    batch = as_batch(model, tokens)
+    moved = torch.zeros(info.n_layers, info.n_heads, dtype=torch.float64)
+    n_sinks = torch.zeros(info.n_layers, info.n_heads, dtype=torch.float64)
+    visible: dict[int, torch.Tensor] = {}
+
+    def read_scores(layer: int):
+        def read(scores, hook):
+            visible[layer] = ~masked_like(scores)
+        return read
+
+    def read_pattern(layer: int):
+        def read(pattern, hook):
+            seen = visible.pop(layer)
+            edited, sinks = calibrate_pattern(pattern, seen, options.beta, options.threshold, options.min_queries)
+            real = seen.diagonal(dim1=-2, dim2=-1)  # [b, h, query]: a token is real when it sees itself
+            taken = (pattern.float() - edited).clamp(min=0).sum(-1) * real  # mass taken off the sink set, per row
+            moved[layer] += (taken.sum(-1) / real.sum(-1).clamp(min=1)).sum(0).double().cpu()
+            n_sinks[layer] += sinks.sum(-1).sum(0).double().cpu()
+        return read
+
+    hooks = [hook for layer in range(info.n_layers)
+             for hook in ((f"blocks.{layer}.attn.hook_attn_scores", read_scores(layer)),
+                          (pattern_hook(layer), read_pattern(layer)))]
+    n = 0
+    for _, sub in batches(batch, batch_size, "moved mass", show_progress):
+        run_hooked(model, sub, hooks, list(range(info.n_layers)))
+        n += sub.tokens.shape[0]
+    layers, heads = torch.meshgrid(torch.arange(info.n_layers), torch.arange(info.n_heads), indexing="ij")
+    return pd.DataFrame({"layer": layers.flatten().numpy(), "head": heads.flatten().numpy(),
+                         "moved": (moved / n).flatten().numpy(), "n_sinks": (n_sinks / n).flatten().numpy()})
 
 
 def gain_table(dense: EvalResult, calibrated: EvalResult, *, n_boot: int = 500, ci: float = 0.9,
@@ -95,9 +159,11 @@ def gain_table(dense: EvalResult, calibrated: EvalResult, *, n_boot: int = 500, 
 class CalibrationSearch:
     """Everything :func:`calibration_head_search` measured (module docstring).
 
-    ``layers``: the layer screen, one row per screened layer (empty when the candidates were given): layer,
-    n_heads, the metric dense and calibrated, gain, gain_low, gain_high, loss, ``candidate`` (its heads were
-    searched). ``heads``: one row per candidate head (search split): layer, head, the same columns, ``kept``.
+    ``layers``: the layer screen (``candidates="layers"``; else empty), one row per screened layer: layer, n_heads,
+    the metric dense and calibrated, gain, gain_low, gain_high, loss, ``candidate`` (its heads were searched).
+    ``mass``: the mass screen (``candidates="mass"``; else empty), one row per head of the model: layer, head,
+    moved, n_sinks (:func:`moved_mass`), ``candidate``. ``heads``: one row per candidate head (search split): layer,
+    head, the layer screen's columns, ``kept``.
     ``kept``: the kept heads. ``combined``: the kept heads and ACT's recipe calibrated together, one row per
     (configuration, split, metric) from :func:`gain_table`, with ``n_heads``. ``dense``: the dense metrics per split.
     ``cost``: forward-equivalents per stage, per candidate, and the sweep's totals. ``dense_results``: the dense
@@ -105,6 +171,7 @@ class CalibrationSearch:
     """
 
     layers: pd.DataFrame
+    mass: pd.DataFrame
     heads: pd.DataFrame
     kept: list[Head]
     combined: pd.DataFrame
@@ -218,10 +285,11 @@ def _select(heads: pd.DataFrame, top_m: int | None) -> list[Head]:
     return sorted((int(l), int(h)) for l, h in zip(chosen["layer"], chosen["head"]))
 
 
-def calibration_head_search(model, *, candidates: CalibrationCandidates | Sequence[Head] = "screen",
+def calibration_head_search(model, *, candidates: CalibrationCandidates | Sequence[Head] = "mass",
                             options: CalibrationOptions | None = None,
                             evaluation: EvalOptions | Mapping[str, EvalPlan] | None = None, metric: str = MEAN_ACC,
-                            screen: Sequence[int] | None = None, screen_layers: int = 2, top_m: int | None = None,
+                            n_candidates: int = 12, screen_tokens=None, screen: Sequence[int] | None = None,
+                            screen_layers: int = 2, top_m: int | None = None,
                             act_recipe: bool = True, n_boot: int = 500, ci: float = 0.9,
                             results: str | Path | None = None, fresh: bool = False,
                             show_progress: bool = True) -> CalibrationSearch:
@@ -231,13 +299,15 @@ def calibration_head_search(model, *, candidates: CalibrationCandidates | Sequen
 
     Args:
         model: a bridge from :func:`sinklens.load_model`, without active edits.
-        candidates: ``"screen"``: the heads of the best layers of a layer screen; ``"all"``: every head; or a list
-            of ``(layer, head)`` pairs.
+        candidates: ``"mass"``: the heads moving the most mass; ``"layers"``: the heads of the best layers of a
+            layer screen; ``"all"``: every head; or a list of ``(layer, head)`` pairs.
         options: the calibration (:class:`sinklens.CalibrationOptions`; default ACT's beta 0.4, threshold 0.1 and
             sinklens's min_queries).
         evaluation: an :class:`EvalOptions` (None: its defaults; its plans are built with ``share_context=False``)
             or the two built plans ``{"search": plan, "held_out": plan}`` (built with ``share_context=False``).
         metric: the metric whose gain decides (default ``acc/mean``; every metric is reported).
+        n_candidates: heads of the ``"mass"`` screen.
+        screen_tokens: the prompts of the ``"mass"`` screen (None: 16 probe-split prompts of 64 tokens, BOS first).
         screen: the layers of the layer screen (None: every layer).
         screen_layers: how many of the screen's best layers give their heads as candidates.
         top_m: None: keep the heads whose gain's lower bound is above 0; m: keep the m heads of highest gain among
@@ -253,11 +323,14 @@ def calibration_head_search(model, *, candidates: CalibrationCandidates | Sequen
     options, evaluation = _check_options(options, evaluation, metric)
     if isinstance(candidates, str):
         candidates = check_choice("candidates", candidates, CALIBRATION_CANDIDATES)
+        screen_name = candidates
     else:
+        screen_name = "given"
         candidates = check_heads(candidates, info)
         if not candidates:
-            raise InputError("candidates is empty: pass (layer, head) pairs, 'all', or 'screen' for a layer screen.")
+            raise InputError("candidates is empty: pass (layer, head) pairs, or 'mass', 'layers' or 'all'.")
     screen = check_layers(screen, info.n_layers)
+    n_candidates = check_int("n_candidates", n_candidates, minimum=1, meaning="heads of the mass screen")
     screen_layers = check_int("screen_layers", screen_layers, minimum=1, meaning="layers whose heads are searched")
     check_int("top_m", top_m, minimum=1, allow_none=True, meaning="heads kept")
     n_boot = check_int("n_boot", n_boot, minimum=1, meaning="bootstrap draws")
@@ -281,9 +354,24 @@ def calibration_head_search(model, *, candidates: CalibrationCandidates | Sequen
             spent[name] = spent.get(name, 0.0) + sweep.cost()["forward_equivalents"] - before
             return records
 
+        layer_rows, mass = [], pd.DataFrame(columns=["layer", "head", "moved", "n_sinks", "candidate"])
+        screen_cost = {}
+        if candidates == "mass":  # first: it refuses a calibration that moves nothing before any evaluation
+            tokens = as_batch(model, probe_tokens(model, n_prompts=16, seq_len=64, prepend_bos=True, split="probe")
+                              if screen_tokens is None else screen_tokens)
+            mass = moved_mass(model, tokens, options=options, show_progress=show_progress)
+            screen_cost = {"mass_screen_prompts": int(tokens.tokens.shape[0]),
+                           "mass_screen_tokens": int(tokens.attention_mask.sum())}
+            order = mass.sort_values(["moved", "layer", "head"], ascending=[False, True, True])
+            chosen = order.head(n_candidates)
+            chosen = chosen[chosen["moved"] > 0]  # a head that moves nothing has gain 0
+            candidates = sorted((int(l), int(h)) for l, h in zip(chosen["layer"], chosen["head"]))
+            mass["candidate"] = [(int(l), int(h)) in set(candidates) for l, h in zip(mass["layer"], mass["head"])]
+            if not candidates:
+                raise InputError(f"No head moves any attention mass under {options} on the screen prompts (no "
+                                 "non-first sinks): lower threshold or min_queries, or pass candidates.")
         run("dense", [("dense", (), SPLIT_DECIDE), ("dense", (), SPLIT_CONFIRM)])
-        layer_rows = []
-        if candidates == "screen":
+        if candidates == "layers":
             configs = [(method, tuple((l, h) for h in range(info.n_heads)), SPLIT_DECIDE) for l in screen]
             for layer, record in zip(screen, run("layer screen", configs)):
                 layer_rows.append({"layer": layer, **stage.row(record)})
@@ -295,7 +383,7 @@ def calibration_head_search(model, *, candidates: CalibrationCandidates | Sequen
         else:
             layers = pd.DataFrame(columns=["layer", "n_heads", "dense", "calibrated", "gain", "gain_low", "gain_high",
                                            "loss", "key", "cached", "candidate"])
-            if candidates == "all":
+            if isinstance(candidates, str):  # "all"
                 candidates = [(l, h) for l in range(info.n_layers) for h in range(info.n_heads)]
         head_records = run("heads", [(method, (head,), SPLIT_DECIDE) for head in candidates])
         heads = pd.DataFrame([{"layer": h[0], "head": h[1], **stage.row(r)} for h, r in zip(candidates, head_records)])
@@ -314,20 +402,22 @@ def calibration_head_search(model, *, candidates: CalibrationCandidates | Sequen
                      "gain_low", "gain_high"])
         dense = {split: sweep.dense(split).metrics for split in (SPLIT_DECIDE, SPLIT_CONFIRM)}
         totals = sweep.cost()
-        n_candidates = max(len(candidates), 1)
         cost = {"stages": spent, "total": float(sum(spent.values())),
-                "per_head_candidate": spent.get("heads", 0.0) / n_candidates,
+                "per_head_candidate": spent.get("heads", 0.0) / max(len(candidates), 1),
                 "per_screened_layer": spent.get("layer screen", 0.0) / max(len(layer_rows), 1),
-                "n_screened_layers": len(layer_rows), "n_candidates": len(candidates), "sweep": totals}
-        settings = {"metric": metric, "options": options.as_dict(), "method": method,
-                    "candidates": "screen" if layer_rows else "given", "screen": screen if layer_rows else None,
+                "n_screened_layers": len(layer_rows), "n_candidates": len(candidates), **screen_cost,
+                "sweep": totals}
+        settings = {"metric": metric, "options": options.as_dict(), "method": method, "candidates": screen_name,
+                    "n_candidates": n_candidates if screen_name == "mass" else None,
+                    "screen": screen if layer_rows else None,
                     "screen_layers": screen_layers, "top_m": top_m, "keep_rule": "top_m" if top_m else "lower_bound",
                     "n_boot": n_boot, "ci": ci, "evaluation": evaluation_settings, "model": info.name,
                     "n_layers": info.n_layers, "n_heads": info.n_heads,
                     "act_recipe": {"layers": [2, info.n_layers - 2], "n_heads": len(recipe)} if recipe else None,
                     "results": str(results) if results is not None else None,
                     "chance": sweep.dense(SPLIT_CONFIRM).result.chance}
-        return CalibrationSearch(layers=layers.reset_index(drop=True), heads=heads, kept=kept, combined=combined,
+        return CalibrationSearch(layers=layers.reset_index(drop=True), mass=mass, heads=heads, kept=kept,
+                                 combined=combined,
                                  dense=dense, settings=settings, cost=cost,
                                  dense_results={split: sweep.dense(split).result for split in dense})
     finally:
@@ -335,4 +425,4 @@ def calibration_head_search(model, *, candidates: CalibrationCandidates | Sequen
 
 
 __all__ = ["ACT_RECIPE", "CalibrationSearch", "KEPT", "act_recipe_heads", "calibration_head_search", "gain_table",
-           "shares_context"]
+           "moved_mass", "shares_context"]

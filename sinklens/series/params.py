@@ -176,7 +176,7 @@ VALUE_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "selection_from": _file_or_empty("the layer_selection.json of a run, written by notebook 05"),
     "beta": _fraction(),
     "threshold": _open_fraction,
-    **dict.fromkeys(["min_queries", "screen_layers", "census_prompts"], _at_least(1)),
+    **dict.fromkeys(["min_queries", "n_candidates", "screen_layers", "screen_prompts"], _at_least(1)),
     "top_m": _at_least(0),  # 0: keep the heads whose gain's lower bound is above 0
     "candidates": _choice(CALIBRATION_CANDIDATES),
     "ci": _fraction(open_low=True),

@@ -62,7 +62,7 @@ CI_PARAMS: dict[str, Any] = {
     "greedy_pool": 2, "exhaustive_pool": 2, "exhaustive_size": 2, "n_random": 1,  # layer search (05)
     "n_calibration": 4, "n_held_out": 4, "max_heads": 2, "compare_ks": [5, 10], "pool": 12,  # beyond BOS dims (07)
     "lengths": [64, 128, 256], "detail_length": 128,  # long context (06)
-    "census_prompts": 2,  # attention calibration (08)
+    "n_candidates": 2, "screen_prompts": 2,  # attention calibration (08)
 }
 # Set by the runner itself, never by -p or a params file.
 RESERVED = {"model_name": "--model", "out_dir": "--out"}

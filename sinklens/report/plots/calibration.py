@@ -50,6 +50,29 @@ def gain_heatmap(search: CalibrationSearch, *, marked: Sequence[tuple[int, int]]
     return fig
 
 
+def mass_screen(search: CalibrationSearch) -> go.Figure:
+    """Attention mass each head's calibration moves on the screen prompts (layer x head), ``o`` on the candidates.
+
+    Args:
+        search: a :class:`~sinklens.assess.calibration_search.CalibrationSearch` with a mass screen.
+    """
+    search = check_type(search, CalibrationSearch, "search")
+    n_layers, n_heads = search.settings["n_layers"], search.settings["n_heads"]
+    grid = np.full((n_layers, n_heads), np.nan)
+    text = [["" for _ in range(n_heads)] for _ in range(n_layers)]
+    for _, row in search.mass.iterrows():
+        grid[int(row["layer"]), int(row["head"])] = row["moved"]
+        if row["candidate"]:
+            text[int(row["layer"])][int(row["head"])] = "o"
+    fig = go.Figure(go.Heatmap(z=grid, x=list(range(n_heads)), y=list(range(n_layers)), text=text,
+                               texttemplate="%{text}", colorscale="Viridis", colorbar={"title": "moved"},
+                               hovertemplate="L%{y}.H%{x}: moves %{z:.3f} per query<extra></extra>"))
+    fig.update_layout(title="Mass screen: attention each head's calibration moves per query (screen prompts; o: "
+                            "candidates)", xaxis_title="head", yaxis_title="layer", xaxis={"dtick": 1},
+                      yaxis={"dtick": 1}, height=max(400, 22 * n_layers + 150))
+    return fig
+
+
 def layer_screen(search: CalibrationSearch) -> go.Figure:
     """Gain of the search metric per layer calibrated whole (search items), with its bootstrap interval; the layers
     whose heads were searched in red.
@@ -139,4 +162,5 @@ def edits_side_by_side(table: pd.DataFrame) -> go.Figure:
     return fig
 
 
-__all__ = ["edits_side_by_side", "gain_heatmap", "held_out_gains", "layer_screen", "sinks_before_after"]
+__all__ = ["edits_side_by_side", "gain_heatmap", "held_out_gains", "layer_screen", "mass_screen",
+           "sinks_before_after"]
