@@ -11,7 +11,7 @@ import torch
 
 import sinklens as sl
 from sinklens.assess.calibration_effects import COMPARED, calibration_census, calibration_comparison
-from sinklens.assess.calibration_search import act_recipe_heads, calibration_head_search, gain_table
+from sinklens.assess.calibration_search import act_recipe_heads, calibration_head_search, gain_table, moved_mass
 from sinklens.core.hooks import pattern_hook
 
 from helpers import build_tiny_checkpoint, mc_items, write_items
@@ -30,7 +30,7 @@ def deep(tmp_path_factory):
 
 
 def evaluation(items) -> sl.EvalOptions:
-    return sl.EvalOptions(items=str(items), n_lm_prompts=4, lm_seq_len=16, n_copy=4, copy_len=6)
+    return sl.EvalOptions(items=str(items), n_lm_prompts=4, lm_seq_len=16, n_copy=4, copy_len=6, share_context=False)
 
 
 def mean_acc(per_item: pd.DataFrame) -> float:
@@ -56,16 +56,20 @@ def test_gain_table_against_the_per_item_table(deep):
     assert table.loc["lm/loss", "change"] == pytest.approx(loss(calibrated) - loss(dense))
     assert table.loc["lm/loss", "dense"] == pytest.approx(loss(dense))
     assert table.loc["lm/ppl", "gain"] == pytest.approx(math.exp(loss(dense) - loss(calibrated)) - 1)
-    assert (table["gain_low"] <= table["gain"] + 1e-12).all() and (table["gain"] <= table["gain_high"] + 1e-12).all()
+    finite = table.dropna()
+    assert len(finite) and (finite["gain_low"] <= finite["gain_high"]).all()  # the interval is the retention's - 1
+    ret = sl.retention(dense, calibrated, n_boot=200, ci=0.9).set_index("metric")
+    assert table.loc["acc/mean", "gain_low"] == pytest.approx(ret.loc["acc/mean", "ci_low"] - 1)
 
 
 @pytest.mark.parametrize("top_m", [None, 2])
 def test_search_stages_equal_the_public_edit_and_keep_by_the_stated_rule(deep, tmp_path, top_m):
     model, items = deep
     options = sl.CalibrationOptions(**OPTIONS)
-    search = calibration_head_search(model, options=options, evaluation=evaluation(items), screen_layers=2,
+    search = calibration_head_search(model, candidates="layers", options=options, evaluation=evaluation(items),
+                                     screen_layers=2,
                                      top_m=top_m, n_boot=200, results=tmp_path / "store.sqlite", show_progress=False)
-    plans = sl.EvalOptions(**{**evaluation(items).as_dict(), "share_context": False}).plans(model)
+    plans = evaluation(items).plans(model)
     dense = {split: plan.run(model) for split, plan in plans.items()}
     assert search.dense["search"] == pytest.approx(dense["search"].metrics)
     n_heads = sl.model_info(model).n_heads
@@ -119,7 +123,8 @@ def test_search_stages_equal_the_public_edit_and_keep_by_the_stated_rule(deep, t
     assert search.cost["total"] == pytest.approx(search.cost["sweep"]["forward_equivalents"])
 
     # resumed from the results file: nothing is computed again, the same tables come back
-    again = calibration_head_search(model, options=options, evaluation=evaluation(items), screen_layers=2,
+    again = calibration_head_search(model, candidates="layers", options=options, evaluation=evaluation(items),
+                                    screen_layers=2,
                                     top_m=top_m, n_boot=200, results=tmp_path / "store.sqlite", show_progress=False)
     assert again.cost["total"] == 0 and again.heads["cached"].all() and again.kept == search.kept
     pd.testing.assert_series_equal(again.heads["gain"], search.heads["gain"])
@@ -185,7 +190,7 @@ def test_census_before_and_after_against_the_patterns(deep):
 
 def test_side_by_side_equals_each_edit_by_its_public_call(deep):
     model, items = deep
-    plan = sl.EvalOptions(**{**evaluation(items).as_dict(), "share_context": False}).plans(model)["held_out"]
+    plan = evaluation(items).plans(model)["held_out"]
     tokens = sl.probe_tokens(model, 4, 12, prepend_bos=True)
     heads = [(2, 0), (2, 1), (3, 2)]
     massive = sl.massive_activations(model, tokens, layers=[2, 3], show_progress=False)
@@ -212,3 +217,27 @@ def test_side_by_side_equals_each_edit_by_its_public_call(deep):
         calibration_comparison(model, spec, shared, options=options, calibration=massive)
     with pytest.raises(sl.InputError, match="PruneSpec with heads"):
         calibration_comparison(model, sl.PruneSpec.template(4), plan, calibration=massive)
+
+
+def test_moved_mass_against_the_sink_sets_and_patterns(deep):
+    model, _ = deep
+    tokens = sl.probe_tokens(model, 3, 12, prepend_bos=True)
+    options = sl.CalibrationOptions(**OPTIONS)
+    table = moved_mass(model, tokens, options=options, show_progress=False).set_index(["layer", "head"])
+    info = sl.model_info(model)
+    assert len(table) == info.n_layers * info.n_heads
+    every = [(l, h) for l in range(info.n_layers) for h in range(info.n_heads)]
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(tokens.tokens, names_filter=lambda name: name.endswith("hook_pattern"))
+    sinks = {}
+    for layer in range(info.n_layers):  # one layer at a time: the layers below it stay dense, as in the screen
+        with sl.calibrate_attention(model, [(layer, h) for h in range(info.n_heads)], **OPTIONS) as handle:
+            model(tokens.tokens)
+            sinks.update(handle.sink_sets())
+    for layer, head in every:
+        a = cache[pattern_hook(layer)][:, head].float()  # [prompt, query, key], causal: row i sees keys <= i
+        s = sinks[(layer, head)].float()  # [prompt, key]
+        by_hand = (1 - OPTIONS["beta"]) * (a * s[:, None, :]).sum(-1).mean(-1).mean().item()
+        assert table.loc[(layer, head), "moved"] == pytest.approx(by_hand, abs=1e-6)
+        assert table.loc[(layer, head), "n_sinks"] == pytest.approx(s.sum(-1).mean().item())
+    assert (table["moved"] > 0).any()

@@ -326,9 +326,9 @@ def calibration_head_search(model, *, candidates: CalibrationCandidates | Sequen
         screen_name = candidates
     else:
         screen_name = "given"
-        candidates = check_heads(candidates, info)
-        if not candidates:
+        if candidates is None or not len(candidates):
             raise InputError("candidates is empty: pass (layer, head) pairs, or 'mass', 'layers' or 'all'.")
+        candidates = check_heads(candidates, info)
     screen = check_layers(screen, info.n_layers)
     n_candidates = check_int("n_candidates", n_candidates, minimum=1, meaning="heads of the mass screen")
     screen_layers = check_int("screen_layers", screen_layers, minimum=1, meaning="layers whose heads are searched")

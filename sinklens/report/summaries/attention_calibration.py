@@ -50,9 +50,9 @@ def attention_calibration_headline(search: CalibrationSearch, census: pd.DataFra
             "alpha0_change": _number(census["alpha0_change"].mean()),
             "non_first_sinks_before": _number(census["non_first_before"].mean()),
             "non_first_sinks_after": _number(census["non_first_after"].mean()),
-            "qk_retention_same_heads": _number(by_method["qk"]),
-            "head_removal_retention_same_heads": _number(by_method["head_removal"]),
-            "qk_calibration_retention_same_heads": _number(by_method["qk+calibration"])}
+            "same_heads_qk_retention": _number(by_method["qk"]),
+            "same_heads_removal_retention": _number(by_method["head_removal"]),
+            "same_heads_qk_calibration_retention": _number(by_method["qk+calibration"])}
 
 
 def attention_calibration_summary(search: CalibrationSearch, *, census: pd.DataFrame, comparison: pd.DataFrame,
@@ -71,8 +71,10 @@ def attention_calibration_summary(search: CalibrationSearch, *, census: pd.DataF
     """
     headline = attention_calibration_headline(search, census, comparison)
     held_out = search.combined[search.combined["split"] == "held_out"]
+    mass = search.mass[search.mass["candidate"].astype(bool)] if len(search.mass) else search.mass
     return {"metric": search.metric, "kept": [list(h) for h in search.kept],
-            "candidates": search.settings["candidates"], "n_screened_layers": int(search.cost["n_screened_layers"]),
+            "candidates": search.settings.get("candidates"), "mass_screen": mass.to_dict("records"),
+            "n_screened_layers": int(search.cost["n_screened_layers"]),
             "screened_layers": search.layers.to_dict("records"), "heads": search.heads.to_dict("records"),
             "held_out": held_out.to_dict("records"), "dense": search.dense, "cost": search.cost,
             "census": census.to_dict("records"), "comparison": comparison.to_dict("records"), "layer_set": layer_set,
