@@ -61,6 +61,17 @@ BAD = [
     ("07", "temperatures", "[platt]"),
     ("07", "temperatures", "[True, True]"),
     ("07", "heads_from", "/no/such/specialized_heads.json"),
+    ("08", "selection_from", "/no/such/layer_selection.json"),
+    ("08", "beta", "1.5"),
+    ("08", "threshold", "0"),
+    ("08", "threshold", "1.0"),
+    ("08", "min_queries", "0"),
+    ("08", "candidates", "some"),
+    ("08", "n_candidates", "0"),
+    ("08", "screen_layers", "0"),
+    ("08", "screen_prompts", "0"),
+    ("08", "top_m", "-1"),
+    ("08", "ci", "0"),
 ]
 
 
