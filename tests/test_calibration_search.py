@@ -241,3 +241,16 @@ def test_moved_mass_against_the_sink_sets_and_patterns(deep):
         assert table.loc[(layer, head), "moved"] == pytest.approx(by_hand, abs=1e-6)
         assert table.loc[(layer, head), "n_sinks"] == pytest.approx(s.sum(-1).mean().item())
     assert (table["moved"] > 0).any()
+
+
+def test_a_mass_screen_where_nothing_moves_searches_no_head(deep):
+    model, items = deep
+    options = sl.CalibrationOptions(threshold=0.99, min_queries=2)  # no key holds 99 % of its column
+    with pytest.warns(UserWarning, match="No head moves any attention mass"):
+        search = calibration_head_search(model, options=options, evaluation=evaluation(items), n_boot=50,
+                                         screen_tokens=sl.probe_tokens(model, 2, 12), show_progress=False)
+    assert search.heads.empty and search.kept == [] and not search.mass["candidate"].any()
+    assert (search.mass["moved"] == 0).all() and search.cost["stages"]["heads"] == 0
+    recipe = search.held_out("act_recipe").set_index("metric")
+    assert recipe.loc["acc/mean", "gain"] == 0  # nothing moves: the recipe is the dense model
+    assert search.shown_heads(2) == [(0, 0), (0, 1)]  # the screen's first heads, to show something

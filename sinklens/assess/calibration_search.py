@@ -35,6 +35,7 @@ plans are built with ``share_context=False`` (an :class:`EvalOptions` with ``sha
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -201,7 +202,7 @@ class CalibrationSearch:
     def shown_heads(self, n: int = 3) -> list[Head]:
         """The heads a notebook shows the calibration's effect on: the kept heads, or, when none is kept, the ``n``
         candidate heads of highest search gain (so that a search that keeps nothing still shows what calibration
-        does to the heads it measured).
+        does to the heads it measured), or, with no candidate, the first ``n`` heads of the mass screen.
 
         Args:
             n: heads shown when none is kept.
@@ -209,7 +210,10 @@ class CalibrationSearch:
         n = check_int("n", n, minimum=1)
         if self.kept:
             return list(self.kept)
-        best = self.heads.sort_values(["gain", "layer", "head"], ascending=[False, True, True]).head(n)
+        if len(self.heads):
+            best = self.heads.sort_values(["gain", "layer", "head"], ascending=[False, True, True]).head(n)
+        else:  # no candidate (a mass screen where nothing moves): the screen's first heads
+            best = self.mass.sort_values(["moved", "layer", "head"], ascending=[False, True, True]).head(n)
         return sorted((int(l), int(h)) for l, h in zip(best["layer"], best["head"]))
 
     def gain_grid(self, n_layers: int, n_heads: int) -> np.ndarray:
@@ -367,9 +371,10 @@ def calibration_head_search(model, *, candidates: CalibrationCandidates | Sequen
             chosen = chosen[chosen["moved"] > 0]  # a head that moves nothing has gain 0
             candidates = sorted((int(l), int(h)) for l, h in zip(chosen["layer"], chosen["head"]))
             mass["candidate"] = [(int(l), int(h)) in set(candidates) for l, h in zip(mass["layer"], mass["head"])]
-            if not candidates:
-                raise InputError(f"No head moves any attention mass under {options} on the screen prompts (no "
-                                 "non-first sinks): lower threshold or min_queries, or pass candidates.")
+            if not candidates:  # nothing to search: the dense and ACT-recipe rows still say what calibration does
+                warnings.warn(f"No head moves any attention mass under {options} on the screen prompts (no non-first "
+                              "sinks): no head is searched. Lower threshold or min_queries, or pass candidates.",
+                              UserWarning, stacklevel=2)
         run("dense", [("dense", (), SPLIT_DECIDE), ("dense", (), SPLIT_CONFIRM)])
         if candidates == "layers":
             configs = [(method, tuple((l, h) for h in range(info.n_heads)), SPLIT_DECIDE) for l in screen]
@@ -386,7 +391,9 @@ def calibration_head_search(model, *, candidates: CalibrationCandidates | Sequen
             if isinstance(candidates, str):  # "all"
                 candidates = [(l, h) for l in range(info.n_layers) for h in range(info.n_heads)]
         head_records = run("heads", [(method, (head,), SPLIT_DECIDE) for head in candidates])
-        heads = pd.DataFrame([{"layer": h[0], "head": h[1], **stage.row(r)} for h, r in zip(candidates, head_records)])
+        heads = pd.DataFrame([{"layer": h[0], "head": h[1], **stage.row(r)} for h, r in zip(candidates, head_records)],
+                             columns=["layer", "head", "n_heads", "dense", "calibrated", "gain", "gain_low",
+                                      "gain_high", "loss", "key", "cached"])
         kept = _select(heads, top_m)
         heads["kept"] = [(int(l), int(h)) in set(kept) for l, h in zip(heads["layer"], heads["head"])]
         together = []
