@@ -167,7 +167,9 @@ class CalibrationSearch:
     head, the layer screen's columns, ``kept``.
     ``kept``: the kept heads. ``combined``: the kept heads and ACT's recipe calibrated together, one row per
     (configuration, split, metric) from :func:`gain_table`, with ``n_heads``. ``dense``: the dense metrics per split.
-    ``cost``: forward-equivalents per stage, per candidate, and the sweep's totals. ``dense_results``: the dense
+    ``cost``: forward-equivalents of the evaluation plans per stage (``dense``, ``layer screen``, ``heads``,
+    ``together``) and per candidate, the sweep's totals, and for a mass screen its one forward's prompts and tokens
+    (not in forward-equivalents: other prompts than the plans'). ``dense_results``: the dense
     evaluations per split (not stored; for comparisons on the same plans).
     """
 
