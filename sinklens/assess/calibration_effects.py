@@ -29,7 +29,7 @@ from ..prune.attention_calibration import CalibrationOptions, calibrate_attentio
 from ..prune.pruning import prune_qk
 from ..prune.removal import remove_heads
 from ..prune.spec import Head, PruneSpec, check_heads
-from .evaluation import MEAN_ACC, EvalPlan, EvalResult, retention
+from .evaluation import MEAN_ACC, EvalPlan, retention
 
 COMPARED = ("qk", "head_removal", "calibration", "qk+calibration")  # the rows of calibration_comparison
 
@@ -84,13 +84,15 @@ def calibration_census(model, tokens, heads: Sequence[Head], *, options: Calibra
 
 
 def calibration_comparison(model, spec: PruneSpec, plan: EvalPlan, *, options: CalibrationOptions | None = None,
-                           calibration=None, dense: EvalResult | None = None, metric: str = MEAN_ACC,
-                           n_boot: int = 500, ci: float = 0.95) -> pd.DataFrame:
+                           calibration=None, metric: str = MEAN_ACC, n_boot: int = 500,
+                           ci: float = 0.95) -> pd.DataFrame:
     """QK pruning, whole-head removal, calibration, and pruning plus calibration of the same heads, side by side.
 
     One row per method of ``COMPARED``: method, n_heads, params_zeroed (Q/K weights for pruning, o_proj weights for
     removal, none for calibration alone), the retention of ``metric`` with its paired bootstrap interval, and the
-    retention of every metric (``retention:<metric>`` columns).
+    retention of every metric (``retention:<metric>`` columns). The layers below the first edited one are run once:
+    the dense run keeps the residual entering that layer and every edit starts there (as the sweep's prefix cache),
+    ``1 + 4 (L - l) / L`` forward-equivalents for a first edited layer l.
 
     Args:
         model: a bridge from :func:`sinklens.load_model`, without active edits.
@@ -99,7 +101,6 @@ def calibration_comparison(model, spec: PruneSpec, plan: EvalPlan, *, options: C
         plan: the evaluation plan (held-out items), built with ``share_context=False``.
         options: the calibration (None: :class:`sinklens.CalibrationOptions` defaults).
         calibration: what the pruning's fitted parts are measured on (as :func:`sinklens.prune_qk`).
-        dense: the dense model's evaluation of ``plan`` (None: computed here).
         metric: the metric whose interval is reported.
         n_boot: bootstrap draws.
         ci: level of the intervals.
@@ -116,7 +117,9 @@ def calibration_comparison(model, spec: PruneSpec, plan: EvalPlan, *, options: C
     heads = list(spec.check(model_info(model)).heads)
     if active_edits(model):
         raise InputError("The model has active edits: compare on the dense model.")
-    dense = plan.run(model) if dense is None else dense
+    start = min(layer for layer, _ in heads)
+    dense = plan.run(model, capture=[start])
+    resid, dense.resid = dense.resid[start], {}
     if metric not in dense:
         raise InputError(f"Unknown metric {metric!r}: this evaluation has {sorted(dense)}.")
     rows = []
@@ -130,7 +133,7 @@ def calibration_comparison(model, spec: PruneSpec, plan: EvalPlan, *, options: C
             if method in ("calibration", "qk+calibration"):
                 stack.enter_context(calibrate_attention(model, heads, beta=options.beta, threshold=options.threshold,
                                                     min_queries=options.min_queries))
-            result = plan.run(model)
+            result = plan.run(model, start_layer=start, resid=resid)
         table = retention(dense, result, n_boot=n_boot, ci=ci).set_index("metric")
         row = {"method": method, "n_heads": len(heads), "params_zeroed": int(params.get("total", 0)),
                "retention": float(table.loc[metric, "retention"]), "ci_low": float(table.loc[metric, "ci_low"]),

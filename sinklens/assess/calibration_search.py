@@ -169,8 +169,7 @@ class CalibrationSearch:
     (configuration, split, metric) from :func:`gain_table`, with ``n_heads``. ``dense``: the dense metrics per split.
     ``cost``: forward-equivalents of the evaluation plans per stage (``dense``, ``layer screen``, ``heads``,
     ``together``) and per candidate, the sweep's totals, and for a mass screen its one forward's prompts and tokens
-    (not in forward-equivalents: other prompts than the plans'). ``dense_results``: the dense
-    evaluations per split (not stored; for comparisons on the same plans).
+    (not in forward-equivalents: other prompts than the plans').
     """
 
     layers: pd.DataFrame
@@ -181,7 +180,6 @@ class CalibrationSearch:
     dense: dict[str, dict[str, float]]
     settings: dict
     cost: dict = field(default_factory=dict)
-    dense_results: dict[str, EvalResult] = field(default_factory=dict, repr=False)  # for further comparisons
 
     @property
     def metric(self) -> str:
@@ -427,8 +425,7 @@ def calibration_head_search(model, *, candidates: CalibrationCandidates | Sequen
                     "chance": sweep.dense(SPLIT_CONFIRM).result.chance}
         return CalibrationSearch(layers=layers.reset_index(drop=True), mass=mass, heads=heads, kept=kept,
                                  combined=combined,
-                                 dense=dense, settings=settings, cost=cost,
-                                 dense_results={split: sweep.dense(split).result for split in dense})
+                                 dense=dense, settings=settings, cost=cost)
     finally:
         sweep.close()
 
