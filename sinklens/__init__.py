@@ -44,6 +44,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "sinklens.assess.evaluation": ("EvalResult", "evaluate", "retention"),
     "sinklens.assess.lm_eval_bridge": ("evaluate_lm_eval",),
     "sinklens.assess.selection": ("EvalOptions", "LayerSelection", "SearchOptions", "layer_selection"),
+    "sinklens.assess.executor": ("LocalExecutor", "RayExecutor"),
 }
 # modules reached as attributes (sl.plots.census, sl.views): the figure helpers and views notebooks call
 _MODULES: dict[str, str] = {
