@@ -148,7 +148,8 @@ class SweepRecipe:
             raise InputError("The sweep's model was not loaded with sinklens.load_model, so its workers cannot load "
                              "it: pass the model's name, hub id or folder as RayExecutor(model=...).")
         source = str(source)
-        is_path = Path(source).expanduser().is_dir()
+        path = Path(source).expanduser()
+        is_path = path.is_dir() or path.is_absolute() or source.startswith(".")  # a folder (maybe gone since)
         if is_path:
             source = str(Path(source).expanduser().resolve())
         info = model_info(sweep.model)
@@ -252,25 +253,37 @@ class SweepWorker:
 
 # --- Ray -------------------------------------------------------------------------------------------------------------
 
+GRPC_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + an empty SETTINGS frame
+
+
 def check_address(address: str, timeout: float) -> None:
-    """Refuse, within ``timeout`` seconds and naming it, a cluster address ``host:port`` that does not answer.
+    """Refuse, within ``timeout`` seconds and naming it, a cluster address ``host:port`` that does not answer as a
+    Ray head does: Ray's GCS (and its client server) speak gRPC, whose server answers the HTTP/2 preface with a
+    SETTINGS frame at once. A TCP connection alone proves nothing (a firewall or proxy may accept it and then say
+    nothing), and ``ray.init`` itself would wait a minute or more.
 
     Args:
         address: ``host:port`` or ``ray://host:port`` (``"auto"`` and ``"local"`` are left to Ray).
-        timeout: seconds to wait for a TCP connection.
+        timeout: seconds to wait for the answer.
     """
     if address in ("auto", "local"):
         return
     host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not port.isdigit() or not host:
         raise InputError(f"Ray cluster address {address!r} is not host:port (e.g. 10.0.0.1:6379 or "
                          "ray://10.0.0.1:10001), 'auto' or None (a local cluster).")
+    deadline = time.monotonic() + timeout
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        with socket.create_connection((host, int(port)), timeout=timeout) as conn:
+            conn.settimeout(max(0.1, deadline - time.monotonic()))
+            conn.sendall(GRPC_PREFACE)
+            answer = conn.recv(9)
+        if len(answer) < 9 or answer[3] != 4:  # not an HTTP/2 SETTINGS frame
+            raise OSError("it answered, but not as a Ray head node (gRPC)")
     except OSError as err:
-        raise InputError(f"The Ray cluster at {address} does not answer ({err.strerror or err}, waited up to "
-                         f"{timeout:g} s): start it (ray start --head on that node) or pass the head node's "
-                         "address.") from None
+        why = "no answer" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+        raise InputError(f"The Ray cluster at {address} does not answer ({why}; waited up to {timeout:g} s): start "
+                         "it (ray start --head on that node) or pass the head node's address.") from None
 
 
 def connect_ray(address: str | None = None, *, timeout: float = 30.0) -> bool:
@@ -285,6 +298,10 @@ def connect_ray(address: str | None = None, *, timeout: float = 30.0) -> bool:
     if address is not None:  # also when connected already: a wrong address is reported, not silently replaced
         check_address(str(address), timeout)
     if ray.is_initialized():
+        connected = ray.get_runtime_context().gcs_address
+        if address not in (None, "auto") and address.removeprefix("ray://") != connected:
+            raise InputError(f"This process is connected to the Ray cluster at {connected}, not {address}: pass "
+                             "that address (or None), or ray.shutdown() first.")
         return False
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
@@ -429,9 +446,7 @@ class RayExecutor:
                     self.on_result(self, config, done)
                 submit(actor)
         except BaseException:  # Ctrl-C included: the stored rows are whole; stop the workers
-            for ref in running:
-                ray.cancel(ref, force=True)
-            self.release()
+            self.release()  # killing an actor ends its running configuration
             raise
         finally:
             bar.close()
