@@ -18,21 +18,19 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import ray  # pinned in requirements.txt: make test installs it, nothing here is skipped without it
 
 import sinklens as sl
 from sinklens.assess.evaluation import build_plan
-from sinklens.assess.sweep import Sweep, open_results
+from sinklens.assess.sweep import Sweep
 
 from helpers import build_family_checkpoint, mc_items, write_items
-
-ray = pytest.importorskip("ray", reason="Ray is pinned in requirements.txt; make test installs it")  # never skipped there
 
 REPO = Path(__file__).resolve().parent.parent
 FAMILIES = ["llama3", "gpt_neox"]
