@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(PY) bench/census.py
 	$(PY) bench/attention_calibration.py
 	$(PY) bench/sweep.py
+	$(PY) bench/ray_sweep.py
 	$(PY) bench/scale.py --shape llama-2-7b --layers 2 --device cpu --dtype fp32 --prompts 16 --long-prompts 2
 
 # The GPU check (bench/gpu_check.sh) rehearsed on this CPU machine; not part of `make test`. A FRESH Python 3.12

@@ -286,13 +286,14 @@ def check_address(address: str, timeout: float) -> None:
                          "it (ray start --head on that node) or pass the head node's address.") from None
 
 
-def connect_ray(address: str | None = None, *, timeout: float = 30.0) -> bool:
+def connect_ray(address: str | None = None, *, timeout: float = 30.0, log_to_driver: bool = False) -> bool:
     """Connect to the Ray cluster at ``address`` (None: the one Ray is connected to already, else a new local
     one); True when this call started the connection (and should shut it down).
 
     Args:
         address: ``host:port``, ``ray://host:port``, ``"auto"`` or None.
         timeout: seconds an address may take to answer.
+        log_to_driver: show the workers' output here.
     """
     ray = ray_module()
     if address is not None:  # also when connected already: a wrong address is reported, not silently replaced
@@ -304,7 +305,7 @@ def connect_ray(address: str | None = None, *, timeout: float = 30.0) -> bool:
                              "that address (or None), or ray.shutdown() first.")
         return False
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver, logging_level="ERROR")
     except (ConnectionError, TimeoutError, RuntimeError) as err:
         raise InputError(f"Cannot connect to the Ray cluster at {address or 'a new local cluster'}: {err}") from None
     return True

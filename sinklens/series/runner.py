@@ -595,7 +595,7 @@ def run_models(models: Sequence[str], *, ray_address: str | None = None, use_ray
         if use_ray:
             from ..assess.executor import connect_ray  # Ray only here: `make run` does not need it
 
-            connected = connect_ray(ray_address)
+            connected = connect_ray(ray_address, log_to_driver=True)  # each series' progress lines
     except InputError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return EXIT_INPUT
