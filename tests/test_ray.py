@@ -290,3 +290,33 @@ def test_a_model_path_a_worker_cannot_read_is_refused_before_any_configuration(c
         sweep.run(CONFIGS[:2], executor=sl.RayExecutor(workers=2))
     assert len(sweep.file) == 0
     sweep.close()
+
+
+def test_head_configurations_on_ray_equal_the_serial_sweep(cluster, folders, tmp_path):
+    """Head-edit configurations (attention calibration of head sets): the options travel in the workers' recipe."""
+    built, items = folders
+    configs = [("calibration", ((0, 0),), "all"), ("calibration", ((1, 1), (2, 0)), "all"),
+               ("calibration", ((3, 2), (3, 3)), "all"), ("qk", (2,), "all")]
+
+    def head_sweep(results):
+        model = sl.load_model(str(built["llama3"]), device="cpu")
+        plan = build_plan(model, "default", items=str(items), share_context=False, **EVAL)
+        return Sweep(model, {"all": plan}, sl.PruneSpec([(2, 0), (2, 1)], 4, "random"),
+                     head_edits=[sl.CalibrationOptions(threshold=0.05, min_queries=1)], results=results,
+                     show_progress=False)
+
+    serial = head_sweep(tmp_path / "serial.sqlite")
+    serial.run(configs)
+    serial.close()
+    sweep = head_sweep(tmp_path / "ray.sqlite")
+    executor = sl.RayExecutor(workers=2)
+    try:
+        sweep.run(configs, executor=executor)
+    finally:
+        executor.close()
+        sweep.close()
+    a, b = configurations(rows(tmp_path / "serial.sqlite")), rows(tmp_path / "ray.sqlite")
+    worst = max_difference(a, b)
+    print(f"head configurations: {len(a)} serial rows, {len(b)} Ray rows, max |difference| {worst:.3g}")
+    assert len(b) == len(configs) and worst <= TOL
+    assert sorted(c["options"]["threshold"] for c, _, _ in b.values() if c["method"] == "calibration") == [0.05] * 3

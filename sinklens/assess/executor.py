@@ -44,7 +44,7 @@ from .evaluation import EvalPlan
 from .sweep import Record, Sweep
 
 RAY_INSTALL = 'pip install "sinklens[ray]"'
-Config = tuple[str, tuple[int, ...], str]
+Config = tuple[str, tuple, str]  # (method, units: layers or (layer, head) pairs, split)
 
 
 class Executor(Protocol):
@@ -116,11 +116,13 @@ class SweepRecipe:
         dtype: the driver's dtype (``"float32"``...), so keys and numbers match.
         device_type: ``"cpu"`` or ``"cuda"`` (a worker loads on its own device of that type).
         plans: the evaluation plans by split.
-        spec: the sweep's pruning of every candidate head.
+        spec: the sweep's pruning of every candidate head of its layer configurations (None: head configurations
+            only).
         calibration: the calibration set's :attr:`~sinklens.prune.calibration.CalibrationSet.source` (prompts or
             BOS vectors), or None.
         calibration_batch_size: its prompts per forward.
-        options: further keyword arguments of :class:`~sinklens.assess.sweep.Sweep` (e.g. ``max_cached``).
+        options: further keyword arguments of :class:`~sinklens.assess.sweep.Sweep`: ``max_cached`` and
+            ``head_edits`` (the head-edit option objects, frozen dataclasses: they pickle).
         is_path: ``model`` is a folder (checked on every worker before any configuration is sent).
     """
 
@@ -158,7 +160,8 @@ class SweepRecipe:
                    spec=sweep.spec,
                    calibration=None if calibration is None else calibration.source,
                    calibration_batch_size=8 if calibration is None else calibration.batch_size,
-                   options={"max_cached": sweep.max_cached}, is_path=is_path)
+                   options={"max_cached": sweep.max_cached, "head_edits": tuple(sweep.head_edits.values())},
+                   is_path=is_path)
 
     def check_source(self, where: str) -> None:
         """Refuse, naming ``where`` and the model, a model this process cannot load (a folder it cannot read, a

@@ -1,8 +1,16 @@
-"""Sweep engine: evaluate pruning configurations once, store each result as it finishes, resume.
+"""Sweep engine: evaluate edit configurations once, store each result as it finishes, resume.
 
-A sweep has one :class:`~sinklens.prune.spec.PruneSpec` whose heads are every candidate head; a
-configuration prunes (``"qk"``: the spec restricted to the heads of a set of layers) or removes
-(``"head_removal"``) those heads and evaluates an :class:`~sinklens.assess.evaluation.EvalPlan`. Results go to a
+Two kinds of configuration share one engine, one results file and one residual cache:
+
+- layer configurations: the sweep's :class:`~sinklens.prune.spec.PruneSpec` holds every candidate head; a
+  configuration prunes (``"qk"``: the spec restricted to the heads of a set of layers) or removes
+  (``"head_removal"``) the spec's heads of a set of layers;
+- head configurations: each option object of ``head_edits`` (e.g. :class:`~sinklens.prune.attention_calibration.
+  CalibrationOptions`, method ``"calibration"``) edits a set of ``(layer, head)`` pairs (its ``apply(model, heads)``
+  returns the persistent edit, restored after the configuration). Per-head searches (calibration, streaming scores)
+  are batches of such configurations.
+
+Every configuration evaluates an :class:`~sinklens.assess.evaluation.EvalPlan`. Results go to a
 SQLite file, one row per configuration, committed in its own transaction as soon as it is computed,
 keyed by a hash of the configuration, the evaluation plan, the pruning spec (the kept dims it
 measured and, for a pruning fitted on a :class:`~sinklens.prune.calibration.CalibrationSet`, that set's fingerprint)
@@ -34,11 +42,11 @@ import os
 import sqlite3
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import ClassVar, Literal, Protocol, get_args, runtime_checkable
 
 import pandas as pd
 import torch
@@ -53,13 +61,30 @@ from ..prune.calibration import CalibrationSet, calibration_argument, calibratio
 from ..prune.dims import dims_of
 from ..prune.pruning import prune_qk
 from ..prune.removal import remove_heads
-from ..prune.spec import Head, PruneSpec, dims_records
+from ..prune.spec import Head, PruneSpec, check_heads, dims_records
 from .evaluation import EvalPlan, EvalResult, plan_fingerprint
 
 _WRITE_FIX = "free disk space, make the file and its folder writable, or close the program holding it"
 SCHEMA = 3  # 2: configurations keyed and recorded by their PruneSpec; 3: the vocabulary (head_removal, temperature)
 Method = Literal["dense", "qk", "head_removal"]
-METHODS: tuple[str, ...] = get_args(Method)
+METHODS: tuple[str, ...] = get_args(Method)  # the layer methods; head-edit methods come from a sweep's head_edits
+
+
+@runtime_checkable
+class HeadEditOptions(Protocol):
+    """What a sweep needs of a head edit's options (a frozen dataclass next to its edit in ``prune/``).
+
+    ``method`` names the configurations it makes; ``apply(model, heads)`` applies the edit persistently (the sweep
+    restores it); ``as_dict()`` describes the settings (part of every key: rows of other settings are not reused).
+    ``per_sequence_pattern`` (optional, default False): the edit computes something per sequence, so the plans may
+    not pack several MC choices behind one context.
+    """
+
+    method: ClassVar[str]
+
+    def apply(self, model, heads: Sequence[Head]): ...
+
+    def as_dict(self) -> dict: ...
 
 
 def model_fingerprint(model) -> str:
@@ -265,6 +290,40 @@ def open_results(model, path: str | Path | None, *, fresh: bool = False) -> Resu
 
 # --- configurations ------------------------------------------------------------------------------
 
+@contextmanager
+def _applied(options: HeadEditOptions, model, heads: tuple[Head, ...]) -> Iterator:
+    """A head edit applied for one configuration, restored however the configuration ends."""
+    handle = options.apply(model, heads)
+    try:
+        yield handle
+    finally:
+        handle.restore()
+
+
+def _check_head_edits(head_edits: Sequence[HeadEditOptions], plans: Mapping[str, EvalPlan]) -> dict:
+    """The head edits by method, checked before any forward: option objects, one per method, none taking a layer
+    method's name, none computing per sequence while a plan packs MC choices behind one context."""
+    if isinstance(head_edits, HeadEditOptions):
+        head_edits = (head_edits,)
+    out: dict[str, HeadEditOptions] = {}
+    for options in head_edits:
+        if not isinstance(options, HeadEditOptions):
+            raise InputError(f"head_edits takes option objects of head edits (e.g. sinklens.CalibrationOptions()), "
+                             f"got {type(options).__name__}.")
+        if options.method in METHODS or options.method in out:
+            raise InputError(f"head_edits: method {options.method!r} is "
+                             f"{'a layer method' if options.method in METHODS else 'given twice'}: one option object "
+                             "per head-edit method.")
+        if getattr(options, "per_sequence_pattern", False):
+            for name, plan in plans.items():
+                if "mc" in plan.meta.get("parts", ()) and plan.meta.get("share_context", True):
+                    raise InputError(f"Plan {name!r} packs each MC item's choices behind one shared context, but "
+                                     f"{options.method!r} computes its edit per sequence, which a packed row cannot "
+                                     "honour: build the plans with share_context=False.")
+        out[options.method] = options
+    return out
+
+
 @dataclass
 class Record:
     """One evaluated configuration."""
@@ -285,13 +344,16 @@ class Record:
 
 
 class Sweep:
-    """Evaluate pruning configurations of one model on named evaluation plans, with a results file.
+    """Evaluate edit configurations of one model on named evaluation plans, with a results file.
 
     Args:
         model: a bridge from :func:`sinklens.load_model`, without active edits.
         plans: evaluation plans by split name (:func:`sinklens.assess.evaluation.build_plan`).
-        spec: the pruning of every candidate head; selecting a layer prunes the spec's heads of that layer
-            (``spec.replace(heads=...)``), removing it removes them.
+        spec: the pruning of every candidate head of the layer configurations; selecting a layer prunes the spec's
+            heads of that layer (``spec.replace(heads=...)``), removing it removes them. None: a sweep of head
+            configurations (and dense) only.
+        head_edits: option objects of head edits (:class:`HeadEditOptions`, e.g.
+            ``sinklens.CalibrationOptions()``), one per method: configurations ``(method, heads, split)``.
         calibration: what the spec's fitted parts (data-driven kept dims, fill means, temperatures) are measured
             on: a :class:`~sinklens.prune.calibration.CalibrationSet` (BOS-prepended ids or a TokenBatch are made into
             one), or, for a plain ``bos_top`` spec (zero fill, no temperature), the MassiveActivations of
@@ -304,33 +366,42 @@ class Sweep:
         tokens: deprecated spelling of ``calibration``.
     """
 
-    def __init__(self, model, plans: Mapping[str, EvalPlan], spec: PruneSpec, *, calibration=None,
-                 results: str | Path | None = None, fresh: bool = False, show_progress: bool = True,
-                 max_cached: int = 2, tokens=None):
+    def __init__(self, model, plans: Mapping[str, EvalPlan], spec: PruneSpec | None = None, *,
+                 head_edits: Sequence[HeadEditOptions] = (), calibration=None, results: str | Path | None = None,
+                 fresh: bool = False, show_progress: bool = True, max_cached: int = 2, tokens=None):
         calibration = calibration_argument(calibration, where="Sweep", tokens=tokens)
         if not plans:
             raise InputError("plans is empty: pass at least one evaluation plan "
                              "(sinklens.assess.evaluation.build_plan).")
-        if not isinstance(spec, PruneSpec):
-            raise InputError(f"spec must be a sinklens.PruneSpec (every candidate head, k, policy...), got "
+        if spec is not None and not isinstance(spec, PruneSpec):
+            raise InputError(f"spec must be a sinklens.PruneSpec (every candidate head, k, policy...) or None, got "
                              f"{type(spec).__name__}.")
+        self.head_edits = _check_head_edits(head_edits, plans)
+        if spec is None and not self.head_edits:
+            raise InputError("A sweep needs spec= (layer configurations) or head_edits= (head configurations), "
+                             "or both.")
+        if spec is None and calibration is not None:
+            raise InputError("calibration= fits a pruning spec's kept dims: pass spec= with it, or drop it.")
         self.model = model
         self.info = model_info(model)
         self.plans = dict(plans)
-        self.spec = spec.check(self.info)
-        self.calibration = resolve_calibration(model, spec, calibration)  # refused before any forward
+        self.spec = None if spec is None else spec.check(self.info)
+        self.calibration = None if spec is None else resolve_calibration(model, spec, calibration)  # before forwards
         self.heads_by_layer: dict[int, tuple[int, ...]] = {}
-        for layer, head in spec.heads:
+        for layer, head in (spec.heads if spec is not None else ()):
             self.heads_by_layer[layer] = self.heads_by_layer.get(layer, ()) + (head,)
         self.show_progress = show_progress
         self.file = open_results(model, results, fresh=fresh)
         self.fingerprint = dict(self.file.conn.execute("SELECT name, value FROM meta"))["fingerprint"]
-        if calibration_need(spec) == "inputs":
-            self.calibration.inputs(spec.layers())  # every layer's attention input in one forward, not one per layer
-        # the kept dims are part of every key: rows measured on another probe are not reused
-        self.dims = dims_of(model, spec, self.calibration)
-        self.settings = {"spec": {**spec.as_dict(), "heads": None}, "dims": dims_records(self.dims),
-                         "heads": [[l, list(h)] for l, h in sorted(self.heads_by_layer.items())]}
+        self.settings = {"heads": [[l, list(h)] for l, h in sorted(self.heads_by_layer.items())]}
+        self.dims = {}
+        if spec is not None:
+            if calibration_need(spec) == "inputs":
+                self.calibration.inputs(spec.layers())  # every layer's attention input in one forward
+            # the kept dims are part of every key: rows measured on another probe are not reused
+            self.dims = dims_of(model, spec, self.calibration)
+            self.settings = {"spec": {**spec.as_dict(), "heads": None}, "dims": dims_records(self.dims),
+                             **self.settings}
         if isinstance(self.calibration, CalibrationSet) and not self.calibration.bos_only:
             # fill means and temperatures are fitted on these prompts: rows fitted on other prompts are not reused
             described = self.calibration.as_dict()
@@ -347,6 +418,12 @@ class Sweep:
         self.n_dense_runs = 0
 
     # keys ------------------------------------------------------------------------------------
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods this sweep evaluates: ``"dense"``, the layer methods when it has a spec, and its head edits'."""
+        layer_methods = METHODS[1:] if self.spec is not None else ()
+        return ("dense", *layer_methods, *self.head_edits)
+
     def heads_of(self, layers: Iterable[int]) -> tuple[Head, ...]:
         """The spec's heads in ``layers``.
 
@@ -369,44 +446,64 @@ class Sweep:
         """
         return self.spec.replace(heads=self.heads_of(layers))
 
-    def _normalize(self, method: str, layers: Iterable[int], split: str) -> tuple[str, tuple[int, ...]]:
-        check_choice("method", method, METHODS)
+    def _normalize(self, method: str, units: Iterable, split: str) -> tuple[str, tuple]:
+        """(method, units): units are sorted layers for the layer methods, sorted (layer, head) pairs for a head
+        edit's method, empty for dense."""
+        check_choice("method", method, self.methods)
         if split not in self.plans:
             raise InputError(f"Unknown split {split!r}: this sweep has plans {sorted(self.plans)}.")
-        layers = tuple(sorted({check_int("layer", l) for l in layers}))
-        if method == "dense" and layers:
+        if method in self.head_edits:
+            units = tuple(units)
+            if not units:
+                raise InputError(f"The head set is empty: pass at least one (layer, head) pair to edit with "
+                                 f"{method!r} (or method='dense').")
+            return method, tuple(tuple(h) for h in check_heads(units, self.info))
+        units = tuple(sorted({check_int("layer", l) for l in units}))
+        if method == "dense" and units:
             raise InputError("A dense configuration has no layers.")
-        if method != "dense" and not layers:
+        if method != "dense" and not units:
             raise InputError("The layer set is empty: pass at least one layer to prune (or method='dense').")
-        for layer in layers:
+        for layer in units:
             check_index("layer", layer, self.info.n_layers, "layers")
-        return method, layers
+        return method, units
 
-    def key(self, method: Method, layers: Iterable[int], split: str) -> str:
-        """The results-file key of a configuration (model, evaluation plan, spec and kept dims, method, layers).
+    def key(self, method: str, units: Iterable, split: str) -> str:
+        """The results-file key of a configuration (model, evaluation plan, method, its units and settings: the
+        spec and kept dims of ``"qk"``, the options of a head edit).
 
         Args:
-            method: ``"dense"``, ``"qk"`` or ``"head_removal"``.
-            layers: the layers pruned or removed (none for dense).
+            method: ``"dense"``, ``"qk"``, ``"head_removal"`` or a head edit's method (see :attr:`methods`).
+            units: the layers pruned or removed, or the ``(layer, head)`` pairs a head edit edits (none for dense).
             split: the evaluation plan's name.
         """
-        method, layers = self._normalize(method, layers, split)
-        payload = {"schema": SCHEMA, "model": self.fingerprint, "plan": self.plan_ids[split],
-                   "settings": self.settings if method == "qk" else {"heads": self.settings["heads"]},
-                   "method": method, "layers": list(layers)}
+        method, units = self._normalize(method, units, split)
+        payload = {"schema": SCHEMA, "model": self.fingerprint, "plan": self.plan_ids[split], "method": method}
+        if method in self.head_edits:
+            payload |= {"settings": self.head_edits[method].as_dict(), "heads": [list(h) for h in units]}
+        else:
+            payload |= {"settings": self.settings if method == "qk" else {"heads": self.settings["heads"]},
+                        "layers": list(units)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
-    def _prefix(self, method: str, layers: tuple[int, ...], below: int) -> tuple:
-        return tuple((method, l) for l in layers if l < below)
+    def _heads_and_layers(self, method: str, units: tuple) -> tuple[tuple[Head, ...], tuple[int, ...]]:
+        if method in self.head_edits:
+            return units, tuple(sorted({l for l, _ in units}))
+        return (self.heads_of(units) if method != "dense" else ()), units
+
+    def _prefix(self, method: str, units: tuple, below: int) -> tuple:
+        """The edits of a configuration below layer ``below`` (the cache key of the residual entering it)."""
+        if method in self.head_edits:
+            return tuple((method, l, h) for l, h in units if l < below)
+        return tuple((method, l) for l in units if l < below)
 
     # evaluation ------------------------------------------------------------------------------
-    def has(self, method: str, layers: Iterable[int], split: str) -> bool:
+    def has(self, method: str, units: Iterable, split: str) -> bool:
         """Whether this configuration's result is already known (this session or the results file).
 
         Args:
-            method, layers, split: as in :meth:`key`.
+            method, units, split: as in :meth:`key`.
         """
-        key = self.key(method, layers, split)
+        key = self.key(method, units, split)
         return key in self._records or key in self.file
 
     def dense(self, split: str) -> Record:
@@ -417,20 +514,20 @@ class Sweep:
         """
         return self.evaluate("dense", (), split)
 
-    def evaluate(self, method: Method, layers: Iterable[int], split: str, keep_prefix: bool = False) -> Record:
+    def evaluate(self, method: str, units: Iterable, split: str, keep_prefix: bool = False) -> Record:
         """One configuration: read back from the results file, or computed and appended to it.
 
         ``keep_prefix`` caches this configuration's residuals (for extensions of it, as in greedy
         selection); the dense residuals of each split are always cached.
 
         Args:
-            method, layers, split: as in :meth:`key`.
+            method, units, split: as in :meth:`key`.
             keep_prefix: cache this configuration's residuals.
         """
-        method, layers = self._normalize(method, layers, split)
-        heads = self.heads_of(layers) if method != "dense" else ()
+        method, units = self._normalize(method, units, split)
+        heads, layers = self._heads_and_layers(method, units)
         spec = self.spec_of(layers) if method == "qk" else None
-        key = self.key(method, layers, split)
+        key = self.key(method, units, split)
         if key in self._records and not keep_prefix:
             return self._records[key]
         stored = self.file.get(key)
@@ -445,22 +542,22 @@ class Sweep:
             raise InputError("The model has active pruning edits: run the sweep on the dense model.")
         plan = self.plans[split]
         n_layers = self.info.n_layers
-        start, resid = self._lookup(split, method, layers) if method != "dense" else (0, None)
+        start, resid = self._lookup(split, method, units) if method != "dense" else (0, None)
         if method != "dense" and resid is None:  # the dense pass fills the cache first
             self._ensure_dense_cache(split)
-            start, resid = self._lookup(split, method, layers)
+            start, resid = self._lookup(split, method, units)
         capture = range(start, n_layers) if (method == "dense" or keep_prefix) else ()
         params = {}
         with self._edit(method, heads, spec) as handle:
             result = plan.run(self.model, start_layer=start, resid=resid, capture=capture)
-            if handle is not None:
+            if handle is not None and hasattr(handle, "params_zeroed"):
                 params = handle.params_zeroed()
         self.forward_equivalents += (n_layers - start) / n_layers
         if method == "dense":
             self.n_dense_runs += 1
         elif stored is None:
             self.n_evaluated += 1
-        self._store_prefix(split, method, layers, result.resid, pin=method == "dense")
+        self._store_prefix(split, method, units, result.resid, pin=method == "dense")
         result.resid = {}
         if stored is None:
             self.file.put(key, self._config(method, layers, heads, split, spec), result,
@@ -469,16 +566,17 @@ class Sweep:
         self._records[key] = record
         return record
 
-    def run(self, configs: Sequence[tuple[Method, Iterable[int], str]], desc: str = "sweep", *, executor=None,
-            prefix: tuple[Method, Iterable[int], str] | None = None) -> list[Record]:
-        """Evaluate ``(method, layers, split)`` configurations, with a progress bar; the records in their order.
+    def run(self, configs: Sequence[tuple[str, Iterable, str]], desc: str = "sweep", *, executor=None,
+            prefix: tuple[str, Iterable, str] | None = None) -> list[Record]:
+        """Evaluate ``(method, units, split)`` configurations, with a progress bar; the records in their order.
 
         The configurations are independent: an executor may evaluate them elsewhere (Ray workers, each holding
         its own copy of the model and of this sweep) in any order. This sweep stays the only writer of the results
         file and stores each result as it arrives (:meth:`store`), so a rerun resumes after them.
 
         Args:
-            configs: ``(method, layers, split)`` triples; every one is checked before any is evaluated.
+            configs: ``(method, units, split)`` triples (units: layers, or (layer, head) pairs for a head edit);
+                every one is checked before any is evaluated.
             desc: the progress bar's label.
             executor: where to evaluate those not known yet: None or ``"local"`` (here, in order), ``"ray"`` or an
                 executor object (:mod:`sinklens.assess.executor`).
@@ -487,11 +585,11 @@ class Sweep:
         """
         from .executor import resolve_executor  # the executor module imports this one
 
-        configs = [(m, tuple(ls), s) for m, ls, s in configs]
-        for method, layers, split in configs:  # validate every configuration before any work
-            method, layers = self._normalize(method, layers, split)
-            if method != "dense":
-                self.heads_of(layers)
+        configs = [(m, tuple(units), s) for m, units, s in configs]
+        for method, units, split in configs:  # validate every configuration before any work
+            method, units = self._normalize(method, units, split)
+            if method in METHODS[1:]:
+                self.heads_of(units)
         pending = list(dict.fromkeys(c for c in configs if not self.has(*c)))
         if pending:
             resolve_executor(executor).map(self, pending, desc=desc, prefix=prefix)
@@ -503,17 +601,18 @@ class Sweep:
 
         Args:
             record: the other sweep's record; its key must be this sweep's key of the configuration (the same
-                model weights, plan, spec and kept dims), else it is refused.
+                model weights, plan, spec and kept dims, or head-edit options), else it is refused.
             extra: what the other sweep stored beside it (parameters zeroed, start layer, where it ran).
         """
-        key = self.key(record.method, record.layers, record.split)
+        units = record.heads if record.method in self.head_edits else record.layers
+        key = self.key(record.method, units, record.split)
         if record.key != key:
-            raise InputError(f"A worker evaluated {record.method} {list(record.layers)} on {record.split!r} under key "
-                             f"{record.key}, but this sweep's key is {key}: the worker's model, plan, spec or kept "
-                             "dims differ from the driver's (another checkpoint at the same path, another device or "
-                             "dtype?). Give every worker the same model files and settings.")
+            raise InputError(f"A worker evaluated {record.method} {list(units)} on {record.split!r} under key "
+                             f"{record.key}, but this sweep's key is {key}: the worker's model, plan, spec, kept "
+                             "dims or head-edit options differ from the driver's (another checkpoint at the same "
+                             "path, another device or dtype?). Give every worker the same model files and settings.")
         if key in self._records or key in self.file:
-            return self.evaluate(record.method, record.layers, record.split)
+            return self.evaluate(record.method, units, record.split)
         extra = dict(extra or {"params": record.params})
         self.file.put(key, self._config(record.method, record.layers, record.heads, record.split, record.spec),
                       record.result, extra)
@@ -525,14 +624,19 @@ class Sweep:
 
     def _config(self, method: str, layers: tuple[int, ...], heads: tuple[Head, ...], split: str,
                 spec: PruneSpec | None) -> dict:
-        return {"method": method, "layers": list(layers), "heads": [list(h) for h in heads], "split": split,
-                "spec": None if spec is None else spec.as_dict()}
+        config = {"method": method, "layers": list(layers), "heads": [list(h) for h in heads], "split": split,
+                  "spec": None if spec is None else spec.as_dict()}
+        if method in self.head_edits:
+            config["options"] = self.head_edits[method].as_dict()
+        return config
 
     def _edit(self, method: str, heads: tuple[Head, ...], spec: PruneSpec | None):
         if method == "qk":
             return prune_qk(self.model, spec, calibration=self.calibration)
         if method == "head_removal":
             return remove_heads(self.model, list(heads))
+        if method in self.head_edits:
+            return _applied(self.head_edits[method], self.model, heads)
         return nullcontext(None)
 
     # the residual cache ----------------------------------------------------------------------
@@ -550,7 +654,7 @@ class Sweep:
         self.n_dense_runs += 1
         self._store_prefix(split, "dense", (), result.resid, pin=True)
 
-    def _store_prefix(self, split: str, method: str, layers: tuple[int, ...], resid: dict, pin: bool) -> None:
+    def _store_prefix(self, split: str, method: str, units: tuple, resid: dict, pin: bool) -> None:
         """Cache the residuals a run captured, keyed by (split, layer, edits below the layer).
 
         Dense residuals are kept for the whole sweep; those of other configurations only for the
@@ -558,13 +662,13 @@ class Sweep:
         """
         if not resid:
             return
-        keys = [(split, layer, self._prefix(method, layers, layer)) for layer in resid]
+        keys = [(split, layer, self._prefix(method, units, layer)) for layer in resid]
         for key, layer in zip(keys, resid):
             self._cache[key] = resid[layer]
         if pin:
             self._pinned.update(keys)
             return
-        owner = (split, method, layers)
+        owner = (split, method, units)
         self._owners[owner] = [k for k in keys if k not in self._pinned]
         self._owners.move_to_end(owner)
         while len(self._owners) > self.max_cached:
@@ -574,10 +678,11 @@ class Sweep:
                 if key not in in_use and key not in self._pinned:
                     self._cache.pop(key, None)
 
-    def _lookup(self, split: str, method: str, layers: tuple[int, ...]) -> tuple[int, list | None]:
+    def _lookup(self, split: str, method: str, units: tuple) -> tuple[int, list | None]:
         """The highest layer whose entering residual is cached for this configuration's edits below it."""
-        for layer in range(max(layers), -1, -1):  # nothing above the last edited layer can be reused
-            hit = self._cache.get((split, layer, self._prefix(method, layers, layer)))
+        top = max(u[0] if isinstance(u, tuple) else u for u in units)
+        for layer in range(top, -1, -1):  # nothing above the last edited layer can be reused
+            hit = self._cache.get((split, layer, self._prefix(method, units, layer)))
             if hit is not None:
                 return layer, hit
         return 0, None

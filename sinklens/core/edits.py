@@ -203,12 +203,13 @@ class Edit:
         """A handle is no context manager: the edit is already applied. Raises :class:`HandleUsageError` naming the
         scoped call (``with sinklens.prune_qk(...)``) and ``handle.restore()``."""
         name = type(self).__name__
-        scoped = f"`with {self.scoped_call} as handle:` for a {self.kind} scoped to a with block"
+        article = "an" if self.kind[0] in "aeiou" else "a"
+        scoped = f"`with {self.scoped_call} as handle:` for {article} {self.kind} scoped to a with block"
         if self.active:
-            raise HandleUsageError(f"A {name} is not a context manager: {self.applied_by} already applied this "
+            raise HandleUsageError(f"{name} is not a context manager: {self.applied_by} already applied this "
                                    f"{self.kind}, and it stays until handle.restore(). Use {scoped}, or call "
                                    "handle.restore() to undo this one.")
-        raise HandleUsageError(f"A {name} is not a context manager, and this {self.kind} was already restored (the "
+        raise HandleUsageError(f"{name} is not a context manager, and this {self.kind} was already restored (the "
                                f"model is back as it was). Use {scoped}, or {self.applied_by} to apply it again "
                                "(handle.restore() undoes it).")
 

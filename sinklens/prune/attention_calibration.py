@@ -40,6 +40,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from jaxtyping import Bool, Float
@@ -92,6 +94,27 @@ def calibrate_pattern(pattern: Float[Tensor, "batch head query key"], visible: B
     factor = 1 + (1 - beta) * mass_s / torch.where(ok, mass_o, torch.ones((), dtype=a.dtype, device=a.device))
     edited = torch.where(in_s, a * beta, torch.where(other, a * factor, a))
     return torch.where(ok, edited, a), sinks
+
+
+def check_threshold(threshold: float) -> float:
+    """ACT's sink threshold: a column score in (0, 1), as a float; an InputError naming ``threshold`` otherwise.
+
+    Args:
+        threshold: the value to check.
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+        raise InputError(f"threshold must lie in (0, 1) (a column score), got {threshold!r}.")
+    return float(threshold)
+
+
+def check_min_queries(min_queries: int) -> int:
+    """How many real queries must see a key for it to be a sink candidate: an int >= 1.
+
+    Args:
+        min_queries: the value to check.
+    """
+    return check_int("min_queries", min_queries, minimum=1,
+                     meaning="queries that must see a key for it to count as a sink")
 
 
 def check_calibration_model(model) -> None:
@@ -157,10 +180,8 @@ class AttentionCalibrationHandle(Edit):
     def __init__(self, model, heads: Sequence[Head], beta: float = DEFAULT_BETA, threshold: float = DEFAULT_THRESHOLD,
                  min_queries: int = DEFAULT_MIN_QUERIES):
         beta = check_fraction("beta", beta)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
-            raise InputError(f"threshold must lie in (0, 1) (a column score), got {threshold!r}.")
-        min_queries = check_int("min_queries", min_queries, minimum=1,
-                                meaning="queries that must see a key for it to count as a sink")
+        threshold = check_threshold(threshold)
+        min_queries = check_min_queries(min_queries)
         check_calibration_model(model)
         info = model_info(model)
         heads = check_heads(heads, info)
@@ -210,6 +231,41 @@ class AttentionCalibrationHandle(Edit):
                 f"min_queries={self.min_queries}, {'active' if self.active else 'restored'})")
 
 
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """ACT's settings as a head edit of a :class:`~sinklens.assess.sweep.Sweep` (configurations
+    ``("calibration", heads, split)``), checked on creation.
+
+    Args:
+        beta, threshold, min_queries: as in :func:`apply_attention_calibration`.
+    """
+
+    method: ClassVar[str] = "calibration"
+    per_sequence_pattern: ClassVar[bool] = True  # the sweep's plans may not pack MC choices behind one context
+    beta: float = DEFAULT_BETA
+    threshold: float = DEFAULT_THRESHOLD
+    min_queries: int = DEFAULT_MIN_QUERIES
+
+    def __post_init__(self):
+        object.__setattr__(self, "beta", check_fraction("beta", self.beta))
+        object.__setattr__(self, "threshold", check_threshold(self.threshold))
+        object.__setattr__(self, "min_queries", check_min_queries(self.min_queries))
+
+    def apply(self, model, heads: Sequence[Head]) -> AttentionCalibrationHandle:
+        """Calibrate ``heads`` of ``model`` with these settings (persistent; ``restore()`` undoes it).
+
+        Args:
+            model: a bridge from :func:`sinklens.load_model`.
+            heads: the ``(layer, head)`` pairs to calibrate.
+        """
+        return apply_attention_calibration(model, heads, beta=self.beta, threshold=self.threshold,
+                                           min_queries=self.min_queries)
+
+    def as_dict(self) -> dict:
+        """The settings, JSON-ready (part of a sweep configuration's key)."""
+        return {"beta": self.beta, "threshold": self.threshold, "min_queries": self.min_queries}
+
+
 def apply_attention_calibration(model, heads: Sequence[Head], *, beta: float = DEFAULT_BETA,
                                 threshold: float = DEFAULT_THRESHOLD,
                                 min_queries: int = DEFAULT_MIN_QUERIES) -> AttentionCalibrationHandle:
@@ -244,5 +300,6 @@ def calibrate_attention(model, heads: Sequence[Head], *, beta: float = DEFAULT_B
         handle.restore()
 
 
-__all__ = ["AttentionCalibrationHandle", "DEFAULT_BETA", "DEFAULT_MIN_QUERIES", "DEFAULT_THRESHOLD",
-           "apply_attention_calibration", "calibrate_attention", "calibrate_pattern", "check_calibration_model"]
+__all__ = ["AttentionCalibrationHandle", "CalibrationOptions", "DEFAULT_BETA", "DEFAULT_MIN_QUERIES",
+           "DEFAULT_THRESHOLD", "apply_attention_calibration", "calibrate_attention", "calibrate_pattern",
+           "check_calibration_model", "check_min_queries", "check_threshold"]
