@@ -562,7 +562,7 @@ def run(notebooks_dir: str | os.PathLike | None = None, model: str | None = None
 
 def _execute_quietly(plan: RunPlan) -> tuple[str, str]:
     """One model's series (a Ray task's body): its run folder and status."""
-    run_dir, manifest = execute(plan, log=lambda text: print(f"[{plan.model}] {text}", flush=True))
+    run_dir, manifest = execute(plan, log=lambda text: print(f"[{model_label(plan.model)}] {text}", flush=True))
     return str(run_dir), manifest["status"]
 
 
