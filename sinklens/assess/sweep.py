@@ -592,7 +592,12 @@ class Sweep:
                 self.heads_of(units)
         pending = list(dict.fromkeys(c for c in configs if not self.has(*c)))
         if pending:
-            resolve_executor(executor).map(self, pending, desc=desc, prefix=prefix)
+            runner = resolve_executor(executor)
+            try:
+                runner.map(self, pending, desc=desc, prefix=prefix)
+            finally:
+                if runner is not executor:  # made here from a name ("ray"): its workers end with this batch
+                    runner.close()
         return [self.evaluate(*config) for config in configs]
 
     def store(self, record: Record, extra: Mapping | None = None) -> Record:
