@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import ray  # pinned in requirements.txt: make test installs it, nothing here is skipped without it
+import ray  # pinned in requirements-ray.txt: make test installs it, nothing here is skipped without it
 
 import sinklens as sl
 from sinklens.assess.evaluation import build_plan
