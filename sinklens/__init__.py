@@ -47,6 +47,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "sinklens.assess.selection": ("EvalOptions", "LayerSelection", "SearchOptions", "layer_selection"),
     "sinklens.assess.calibration_search": ("CalibrationSearch", "calibration_head_search"),
     "sinklens.assess.calibration_effects": ("calibration_census", "calibration_comparison"),
+    "sinklens.assess.executor": ("LocalExecutor", "RayExecutor"),
 }
 # modules reached as attributes (sl.plots.census, sl.views): the figure helpers and views notebooks call
 _MODULES: dict[str, str] = {

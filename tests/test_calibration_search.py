@@ -151,6 +151,7 @@ def test_search_of_given_candidates_and_bad_input(deep):
         (dict(options={"beta": 0.4}), "CalibrationOptions"),
         (dict(ci=0), "ci"),
         (dict(metric="acc/best"), "metric"),
+        (dict(executor="nowhere"), "executor"),
     ]
     for kwargs, match in bad:
         with pytest.raises(sl.InputError, match=match):

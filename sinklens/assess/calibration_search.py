@@ -55,6 +55,7 @@ from ..core.validate import check_choice, check_fraction, check_int, check_layer
 from ..prune.attention_calibration import CalibrationOptions, calibrate_pattern, check_calibration_model
 from ..prune.spec import Head, check_heads
 from .evaluation import MEAN_ACC, EvalPlan, EvalResult, retention
+from .executor import resolve_executor
 from .selection import SPLIT_CONFIRM, SPLIT_DECIDE, EvalOptions, evaluation_plans, selection_loss
 from .sweep import Record, Sweep
 
@@ -295,8 +296,8 @@ def calibration_head_search(model, *, candidates: CalibrationCandidates | Sequen
                             n_candidates: int = 12, screen_tokens=None, screen: Sequence[int] | None = None,
                             screen_layers: int = 2, top_m: int | None = None,
                             act_recipe: bool = True, n_boot: int = 500, ci: float = 0.9,
-                            results: str | Path | None = None, fresh: bool = False,
-                            show_progress: bool = True) -> CalibrationSearch:
+                            results: str | Path | None = None, fresh: bool = False, show_progress: bool = True,
+                            executor=None) -> CalibrationSearch:
     """Find the heads whose attention calibration (ACT) raises ``metric``, and measure them on held-out items.
 
     See the module's docstring for the stages and the keep rule. Every argument is checked before any forward.
@@ -322,6 +323,10 @@ def calibration_head_search(model, *, candidates: CalibrationCandidates | Sequen
         results: the SQLite results file (shared with the layer sweeps of a run; None: in memory).
         fresh: delete an existing results file first.
         show_progress: show progress bars.
+        executor: where each stage's independent configurations run (:meth:`Sweep.run
+            <sinklens.assess.sweep.Sweep.run>`): None or ``"local"`` (here), ``"ray"`` or a
+            :class:`~sinklens.assess.executor.RayExecutor`; this process stays the only writer of ``results``.
+            ``cost`` counts the forwards of this process.
     """
     info = model_info(model)
     options, evaluation = _check_options(options, evaluation, metric)
@@ -347,14 +352,19 @@ def calibration_head_search(model, *, candidates: CalibrationCandidates | Sequen
             raise InputError(f"evaluation[{split!r}] was built with a shared MC context: build it with "
                              "build_plan(..., share_context=False) (a calibration's sink set is per sequence).")
     method = options.method
-    sweep = Sweep(model, plans, head_edits=(options,), results=results, fresh=fresh, show_progress=show_progress)
+    executor = resolve_executor(executor)  # before any forward: an unknown executor or a missing Ray is refused
+    try:
+        sweep = Sweep(model, plans, head_edits=(options,), results=results, fresh=fresh, show_progress=show_progress)
+    except BaseException:
+        executor.close()
+        raise
     try:
         stage = _Stage(sweep, metric, n_boot, ci)
         spent: dict[str, float] = {}
 
         def run(name: str, configs: list) -> list[Record]:
             before = sweep.cost()["forward_equivalents"]
-            records = sweep.run(configs, desc=name) if configs else []
+            records = sweep.run(configs, desc=name, executor=executor) if configs else []
             spent[name] = spent.get(name, 0.0) + sweep.cost()["forward_equivalents"] - before
             return records
 
@@ -428,6 +438,7 @@ def calibration_head_search(model, *, candidates: CalibrationCandidates | Sequen
                                  dense=dense, settings=settings, cost=cost)
     finally:
         sweep.close()
+        executor.close()
 
 
 __all__ = ["ACT_RECIPE", "CalibrationSearch", "KEPT", "act_recipe_heads", "calibration_head_search", "gain_table",

@@ -74,6 +74,7 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 EXIT_INPUT = 2
 EXIT_FAILED = 1
+RAY_INSTALL = 'pip install "sinklens[ray]"'  # (sinklens.assess.executor imports torch: not imported here)
 
 
 def source_checkout() -> Path | None:
@@ -566,3 +567,72 @@ def run(notebooks_dir: str | os.PathLike | None = None, model: str | None = None
     plan.argv = list(argv or [])
     _, manifest = execute(plan, log=lambda text: print(text, flush=True))
     return 0 if manifest["status"] == "ok" else EXIT_FAILED
+
+
+def _execute_quietly(plan: RunPlan) -> tuple[str, str]:
+    """One model's series (a Ray task's body): its run folder and status."""
+    run_dir, manifest = execute(plan, log=lambda text: print(f"[{model_label(plan.model)}] {text}", flush=True))
+    return str(run_dir), manifest["status"]
+
+
+def run_models(models: Sequence[str], *, ray_address: str | None = None, use_ray: bool = False,
+               notebooks_dir: str | os.PathLike | None = None, overrides: Mapping[str, str] | None = None,
+               params_file: str | os.PathLike | None = None, only: Iterable[str] | None = None, ci: bool = False,
+               out: str | os.PathLike | None = None, argv: Sequence[str] | None = None,
+               cpus_per_model: int = 1) -> int:
+    """One series per model (``run --models A B C [--ray [ADDRESS]]``), each into its own run folder as today, then
+    the cross-model report of the finished ones (:mod:`sinklens.report.compare`) in ``<out>/<time>-compare/``.
+
+    Every model's run is planned (parameters, model, output folder checked) before any starts. With ``use_ray``
+    each series is a Ray task (``cpus_per_model`` CPUs; one GPU when the cluster has GPUs) on the cluster at
+    ``ray_address`` (None: a new local cluster): the checkout, the models and ``out`` must be at the same paths on
+    every node. Returns the exit code: 0 all ok, 1 a series failed, 2 bad input (nothing was run).
+
+    Args:
+        models: model names, checkpoint folders or hub ids (distinct).
+        ray_address: the cluster's address (with ``use_ray``).
+        use_ray: run the series as Ray tasks (else one after another here).
+        notebooks_dir, overrides, params_file, only, ci, out: as in :func:`run`, for every model.
+        argv: the command line, recorded in each manifest.
+        cpus_per_model: CPUs of each Ray task.
+    """
+    try:
+        if len(set(models)) != len(models) or not models:
+            raise InputError(f"--models needs distinct model names, got {list(models)}.")
+        plans = [plan_run(notebooks_dir, model, overrides, params_file, only, ci, out) for model in models]
+        connected = False
+        if use_ray:
+            from ..assess.executor import connect_ray  # Ray only here: `make run` does not need it
+
+            connected = connect_ray(ray_address, log_to_driver=True)  # each series' progress lines
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return EXIT_INPUT
+    for plan in plans:
+        plan.argv = list(argv or [])
+    results: list[tuple[str, str]] = []
+    if use_ray:
+        import ray
+
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        task = ray.remote(num_cpus=cpus_per_model, num_gpus=gpus, max_retries=0)(_execute_quietly)
+        try:
+            print(f"Ray: {len(plans)} series on {ray.cluster_resources().get('CPU', 0):g} CPUs, {gpus} GPU per "
+                  "series", flush=True)
+            results = ray.get([task.remote(plan) for plan in plans])
+        finally:
+            if connected:
+                ray.shutdown()
+    else:
+        results = [_execute_quietly(plan) for plan in plans]
+    for (run_dir, status), model in zip(results, models):
+        print(f"{model}: {status}: {run_dir}", flush=True)
+    finished = [run_dir for run_dir, _ in results]
+    from ..report.compare import write_comparison
+
+    target = plans[0].out_root / f"{time.strftime('%Y%m%d-%H%M%S')}-compare"
+    try:
+        print(f"Comparison: {write_comparison(finished, target)}", flush=True)
+    except SinklensError as error:
+        print(f"warning: the comparison could not be written: {error}", flush=True)
+    return 0 if all(status == "ok" for _, status in results) else EXIT_FAILED
