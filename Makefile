@@ -15,6 +15,12 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (sinklens)" >/dev/null
 	touch $(STAMP)
 
+# Ray for the tests (tests/test_ray.py, the cross-model browser test); the series does not need it.
+RAY_STAMP := .venv/.sinklens-ray-installed
+$(RAY_STAMP): requirements-ray.txt $(STAMP)
+	$(PY) -m pip install -q -r requirements-ray.txt
+	touch $(RAY_STAMP)
+
 run: $(STAMP)
 	$(PY) -m sinklens run $(ARGS)
 
@@ -22,11 +28,11 @@ run: $(STAMP)
 # A module's fixtures stay in one worker (--dist loadfile). One process: make test PYTEST_ARGS="-n 0".
 XDIST := -n auto --maxprocesses 4 --dist loadfile
 
-test: $(STAMP)
+test: $(STAMP) $(RAY_STAMP)
 	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The edit loop: everything but the notebook and browser tests.
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(RAY_STAMP)
 	$(PY) -m pytest $(XDIST) -m "not notebook and not browser" $(PYTEST_ARGS)
 
 # Rewrite README.md's headline block from runs/latest, when that is a successful default `make run` of the embedded
@@ -49,6 +55,7 @@ bench: $(STAMP)
 	$(PY) bench/census.py
 	$(PY) bench/attention_calibration.py
 	$(PY) bench/sweep.py
+	$(PY) bench/ray_sweep.py
 	$(PY) bench/streaming.py --length 4096 --stream 512 --repeats 1
 	$(PY) bench/scale.py --shape llama-2-7b --layers 2 --device cpu --dtype fp32 --prompts 16 --long-prompts 2
 

@@ -9,7 +9,14 @@ of ``--repeats`` runs of each and their ratio (target <= 1.3).
 every head: flagged keys per (prompt, head), and how many of them are seen by fewer than 8 queries (the last 7
 positions, whose column mean is mostly a query's attention to itself).
 
-Run with `.venv/bin/python bench/attention_calibration.py [--model NAME] [--repeats N] [--sinks]`.
+``--search``: the cost of the head search per candidate, on a small evaluation plan (``--limit`` items per task):
+one candidate head per layer in ``--layers`` searched alone (``sl.calibration_head_search(candidates=[...])``), its
+forward-equivalents per candidate (layers run / L: a head in layer l runs layers l..L-1 from the cached dense
+residual) and its seconds per candidate against one plain run of the same plan, measured in the same run; then the
+forward-equivalents of the default mass screen's candidates and of a full per-head search (every head), computed
+from the same rule.
+
+Run with `.venv/bin/python bench/attention_calibration.py [--model NAME] [--repeats N] [--sinks | --search]`.
 """
 
 from __future__ import annotations
@@ -61,6 +68,34 @@ def sink_sets(bridge, batch, heads, last: int = 8) -> None:
               f"({late / n_units:.2f} per head and prompt, {100 * late / max(flagged, 1):.1f}%)")
 
 
+def search_cost(bridge, layers: list[int], limit: int) -> None:
+    from sinklens.assess.selection import SPLIT_DECIDE
+
+    info = sl.model_info(bridge)
+    evaluation = sl.EvalOptions(limit=limit, n_lm_prompts=limit, lm_seq_len=64, n_copy=limit, share_context=False)
+    plan = evaluation.plans(bridge)[SPLIT_DECIDE]
+    plan.run(bridge)  # warm-up
+    start = time.perf_counter()
+    plan.run(bridge)
+    plain = time.perf_counter() - start
+    candidates = [(layer, 0) for layer in layers]
+    start = time.perf_counter()
+    search = sl.calibration_head_search(bridge, candidates=candidates, evaluation=evaluation, act_recipe=False,
+                                        n_boot=100, show_progress=False)
+    seconds = time.perf_counter() - start
+    stages = search.cost["stages"]
+    print(f"search plan: {len(plan.units)} units, one plain run {plain:.2f} s")
+    print(f"{len(candidates)} candidates in layers {layers}: {stages['heads']:.2f} forward-equivalents, "
+          f"{search.cost['per_head_candidate']:.3f} per candidate (rule: mean of (L - l) / L = "
+          f"{sum(info.n_layers - l for l in layers) / info.n_layers / len(layers):.3f})")
+    together = stages.get("together", 0.0)
+    print(f"whole search {seconds:.1f} s = {seconds / plain:.2f} plain runs for {search.cost['total']:.2f} "
+          f"forward-equivalents (dense {stages['dense']:.0f}, heads {stages['heads']:.2f}, together {together:.2f})")
+    full = sum((info.n_layers - l) / info.n_layers for l in range(info.n_layers)) * info.n_heads
+    print(f"full per-head search ({info.n_layers * info.n_heads} heads): {full:.1f} forward-equivalents of the search "
+          f"plan, {full / (info.n_layers * info.n_heads):.3f} per candidate")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
@@ -68,6 +103,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sinks", action="store_true", help="count the sink sets of min_queries=1 and 8")
+    parser.add_argument("--search", action="store_true", help="cost of the head search per candidate")
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 10, 20, 28], help="--search: candidate layers")
+    parser.add_argument("--limit", type=int, default=2, help="--search: evaluation items per task and split")
     args = parser.parse_args()
 
     torch.set_grad_enabled(False)
@@ -78,6 +116,8 @@ def main() -> None:
     print(f"model {args.model}, tokens {args.batch} x {args.seq_len}, {torch.get_num_threads()} threads")
     if args.sinks:
         sink_sets(bridge, batch, heads)
+    elif args.search:
+        search_cost(bridge, args.layers, args.limit)
     else:
         print(f"{args.repeats} alternating runs")
         timing(bridge, batch, heads, args.repeats)

@@ -8,7 +8,8 @@ without loading torch's model stack. The stages, imports flowing one way (``test
 - ``measure``: census engines, massive activations, sink-specialized heads, long context;
 - ``prune``: ``PruneSpec``, kept dims and the search, calibration sets, temperature, pruning, removal,
   checkpoints;
-- ``assess``: reconstruction error, evaluation, lm-eval, sweeps, layer selection, kept-dims comparisons;
+- ``assess``: reconstruction error, evaluation, lm-eval, sweeps, layer selection, kept-dims comparisons, the
+  attention-calibration head search and its effects;
 - ``report``: attention views, notebook summaries, figures (``sl.plots``);
 - ``series``: the notebook series, its run folders and report (``python -m sinklens``).
 """
@@ -50,6 +51,9 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "sinklens.assess.streaming_heads": ("compare_with_sinks", "kv_budget", "streaming_head_scores",
                                         "streaming_sweep"),
     "sinklens.assess.selection": ("EvalOptions", "LayerSelection", "SearchOptions", "layer_selection"),
+    "sinklens.assess.calibration_search": ("CalibrationSearch", "calibration_head_search"),
+    "sinklens.assess.calibration_effects": ("calibration_census", "calibration_comparison"),
+    "sinklens.assess.executor": ("LocalExecutor", "RayExecutor"),
 }
 # modules reached as attributes (sl.plots.census, sl.views): the figure helpers and views notebooks call
 _MODULES: dict[str, str] = {

@@ -413,6 +413,65 @@ def test_a_remote_script_is_caught(chromium_path, browser, tmp_path):
     assert ink(browser.screenshot())[0] < 0.001
 
 
+# --- the cross-model report of three real runs, made as Ray tasks -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def models_run(chromium_path, tmp_path_factory):
+    """``run --models`` of the embedded model and two tiny random families (Qwen2, GPT-NeoX) with ``--ray`` (a new
+    local cluster), notebooks 01 and 02 with --ci: three run folders and their comparison."""
+    from sinklens.__main__ import main
+
+    from helpers import build_family_checkpoint
+
+    root = tmp_path_factory.mktemp("browser-models")
+    tiny = [str(build_family_checkpoint(root / family, family, n_layers=4, max_positions=256))
+            for family in ("qwen2", "gpt_neox")]
+    out = root / "runs"
+    start = time.perf_counter()
+    code = main(["run", "--models", "smollm2-135m", *tiny, "--only", "01", "02", "--ci", "--ray", "--out", str(out),
+                 "--notebooks", str(REPO / "notebooks")])
+    print(f"run --models (3) --only 01 02 --ci --ray: {time.perf_counter() - start:.0f} s")
+    assert code == 0
+    (report,) = out.glob("*-compare/index.html")
+    return report, sorted(p for p in out.iterdir() if p.is_dir() and not p.name.endswith("-compare")
+                          and not p.is_symlink())
+
+
+_COMPARE_STATE = """(() => {
+  const divs = [...document.querySelectorAll('.plotly-graph-div')];
+  return {ready: document.readyState, plotly: typeof Plotly === 'object', figures: divs.length,
+          drawn: divs.filter(d => d.querySelector('.main-svg')).length,
+          lines: divs.map(d => (d.data || []).length),
+          rows: [...document.querySelectorAll('#summary tr')].slice(1).map(
+            tr => [...tr.querySelectorAll('td')].map(td => td.textContent))};
+})()"""
+
+
+def test_cross_model_report_renders_offline(models_run, browser, tmp_path):
+    report, runs = models_run
+    assert len(runs) == 3
+    browser.open(report)
+    state = browser.wait_for(lambda: (lambda s: s if s["ready"] == "complete" and s["figures"] and
+                                      s["drawn"] == s["figures"] else None)(browser.evaluate(_COMPARE_STATE)))
+    assert state, browser.problems()
+    assert browser.problems() == []
+    assert state["figures"] == 4 and state["lines"][0] == 3  # sink rate by relative depth: one line per model
+    # the table: one row per model, its sink rate and share of sink-specialized heads as its run folder wrote them
+    rows = {row[0]: row for row in state["rows"]}
+    assert set(rows) == {"smollm2-135m", "qwen2", "gpt_neox"}
+    for run in runs:
+        discovery = json.loads((run / "sink_discovery.json").read_text())
+        heads = json.loads((run / "specialized_heads.json").read_text())
+        row = rows[json.loads((run / "manifest.json").read_text())["model"].rstrip("/").rsplit("/", 1)[-1]]
+        rate = discovery["sink_rate_pct"]
+        assert row[5] == (f"{rate:.3g}" if abs(rate) < 1 else f"{rate:.1f}"), row
+        share = heads["n_specialized"] / heads["n_heads"]
+        assert row[6] == (f"{share:.3g}" if abs(share) < 1 else f"{share:.1f}"), row
+    print("compared:", {model: (row[5], row[6], row[7]) for model, row in rows.items()})
+    share, colours = screenshot_ink(browser, tmp_path / "compare.png")
+    assert share > 0.03 and colours > 20
+
+
 def screenshot_report(run_dir: Path, out: Path, height: int = 1700, scale: float = 0.6) -> None:
     """Save a screenshot of the top ``height`` pixels of a run's report, figures drawn, to ``out``."""
     chromium = Chromium(ensure_chromium(), width=1280, height=height)

@@ -103,3 +103,28 @@ def test_record_refuses_heads_outside_the_model(tiny):
     with pytest.raises(InputError, match="lists head"):
         head_list.head_list_record(tiny, [(info.n_layers, 0)], eps=EPS, q=Q, prepend_bos=True,
                                    probe={"n_prompts": 1, "seq_len": 2})
+
+
+def test_best_layer_set_reads_notebook_05_or_falls_back(tiny, tmp_path):
+    info = sl.model_info(tiny)
+    sink = head_list.HeadList(heads=[(0, 1), (1, 0), (1, 2), (2, 3)], eps=0.3, q=0.9, model=info.as_dict(),
+                              probe={}, source="measured")
+    alone = head_list.best_layer_set(tiny, sink)  # no file: the layer holding most of the heads
+    assert alone.heads == [(1, 0), (1, 2)] and alone.k is None and alone.source.startswith("the sink-specialized")
+    best = {"layers": [0, 2], "heads": [[0, 1], [2, 3]], "retention": 0.93}
+    path = tmp_path / "layer_selection.json"
+    path.write_text(json.dumps({"best": best, "settings": {"model": info.name, "k": 4}}))
+    chosen = head_list.best_layer_set(tiny, sink, selection_from=str(path))
+    assert chosen.heads == [(0, 1), (2, 3)] and chosen.k == 4 and chosen.retention == 0.93
+    assert chosen.as_dict() == {"source": str(path), "layers": [0, 2], "n_heads": 2, "k": 4, "retention": 0.93}
+    path.write_text(json.dumps({"best": None, "settings": {"model": info.name, "k": 4}}))  # no set met the target
+    missed = head_list.best_layer_set(tiny, sink, selection_from=str(path))
+    assert missed.heads == alone.heads and "met no retention target" in missed.source
+    path.write_text(json.dumps({"best": best, "settings": {"model": "other/model", "k": 4}}))
+    with pytest.raises(InputError, match="selection_from .*other/model"):
+        head_list.best_layer_set(tiny, sink, selection_from=str(path))
+    path.write_text("{}")
+    with pytest.raises(InputError, match="not a layer_selection.json"):
+        head_list.best_layer_set(tiny, sink, selection_from=str(path))
+    with pytest.raises(InputError, match="no such file"):
+        head_list.best_layer_set(tiny, sink, selection_from=str(tmp_path / "missing.json"))

@@ -126,3 +126,12 @@ def test_notebooks_use_only_the_top_level_names():
                 elif node.module != "sinklens.series":
                     found.append(f"{notebook.name}: from {node.module} import ...")
     assert not found, f"notebooks reach past sinklens' public names: {found}"
+
+
+def test_the_ray_extra_and_the_test_requirements_pin_the_same_ray():
+    import tomllib
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["ray"]
+    pinned = [line.strip() for line in (ROOT / "requirements-ray.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert extra == pinned and len(pinned) == 1 and "==" in pinned[0], (extra, pinned)

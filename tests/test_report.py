@@ -483,6 +483,31 @@ def test_findings_of_long_context_and_beyond_bos(tmp_path):
     assert findings.findings(headline.summaries_of(make_series_run(tmp_path / "partial", partial))) == []
 
 
+CALIBRATION = {"attention_calibration.json": {  # shaped like notebook 08's summary
+    "metric": "acc/mean", "cost": {"total": 23.4}, "layer_set": {"n_heads": 51, "retention": 0.94},
+    "headline": {"n_head_candidates": 18, "n_kept_heads": 2, "kept_gain": 0.0123, "kept_gain_low": -0.004,
+                 "act_recipe_gain": -0.25, "act_recipe_gain_low": -0.3, "alpha0_change": 0.0412,
+                 "non_first_sinks_before": 1.25, "non_first_sinks_after": 0.5, "same_heads_qk_retention": 0.9512,
+                 "same_heads_removal_retention": 0.7, "same_heads_qk_calibration_retention": 0.9401}}}
+
+
+def test_findings_of_attention_calibration(tmp_path):
+    text = "\n".join(findings.findings(headline.summaries_of(make_series_run(tmp_path, CALIBRATION))))
+    assert ("Attention calibration (ACT): of 18 candidate heads calibrated one at a time (23.4 forward-equivalents), "
+            "2 raised acc/mean with a bootstrap lower bound above 0.") in text
+    assert ("On held-out items the kept heads calibrated together change acc/mean by +1.23 % (bootstrap lower bound "
+            "-0.40 %); ACT's recipe (every head of layers 2 to L-2) changes it by -25.00 % (bootstrap lower bound "
+            "-30.00 %).") in text
+    assert ("Calibrated, the shown heads' alpha_0 changes by +0.041 and their non-first sinks per prompt go from "
+            "1.25 to 0.50.") in text
+    assert ("On the 51 heads of notebook 05's best layer set, acc/mean retention is 95.1 % QK-pruned, 70.0 % removed "
+            "whole and 94.0 % QK-pruned and calibrated.") in text
+    nothing = json.loads(json.dumps(CALIBRATION))
+    nothing["attention_calibration.json"]["headline"].update(n_kept_heads=0, kept_gain=None, kept_gain_low=None)
+    text = "\n".join(findings.findings(headline.summaries_of(make_series_run(tmp_path / "none", nothing))))
+    assert "kept heads calibrated together" not in text and "On held-out items ACT's recipe" in text
+
+
 def _refuse_constant(name: str):
     raise AssertionError(f"{name} in a JSON file: not strict JSON")
 

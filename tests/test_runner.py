@@ -289,3 +289,28 @@ def test_relative_out_dir_from_the_notebooks_folder_means_the_project_root(tmp_p
     monkeypatch.chdir(tmp_path)  # papermill and the runner work from the root
     assert RunFolder("runs/scratch").path.resolve() == tmp_path / "runs" / "scratch"
     assert RunFolder(tmp_path / "abs").path == tmp_path / "abs"
+
+
+def test_the_runner_passes_the_run_files_to_later_notebooks(tmp_path):
+    """A notebook that declares ``selection_from`` (notebook 08) gets the run's ``layer_selection.json`` once an
+    earlier notebook wrote it, as ``heads_from`` gets ``specialized_heads.json``; before that it is told nothing and
+    the log says what the notebook does instead."""
+    folder = tmp_path / "series"
+    folder.mkdir()
+    _write_notebook(folder / "01_reader.ipynb", 'model_name: str = "m"\nselection_from: str = ""\n'
+                    'out_dir: str = "runs/scratch"', "json.dump(selection_from, open(os.path.join(out_dir, "
+                                                     "'first.json'), 'w'))")
+    _write_notebook(folder / "02_writer.ipynb", 'model_name: str = "m"\nout_dir: str = "runs/scratch"',
+                    "json.dump({'best': None}, open(os.path.join(out_dir, 'layer_selection.json'), 'w'))")
+    _write_notebook(folder / "03_reader.ipynb", 'model_name: str = "m"\nselection_from: str = ""\n'
+                    'out_dir: str = "runs/scratch"', "json.dump(selection_from, open(os.path.join(out_dir, "
+                                                     "'second.json'), 'w'))")
+    lines = []
+    plan = runner.plan_run(folder, out=tmp_path / "runs")
+    run_dir, manifest = runner.execute(plan, log=lines.append)
+    assert manifest["status"] == "ok"
+    assert json.loads((run_dir / "first.json").read_text()) == ""
+    assert json.loads((run_dir / "second.json").read_text()) == str(run_dir / "layer_selection.json")
+    assert manifest["notebooks"][2]["passed"]["selection_from"] == str(run_dir / "layer_selection.json")
+    assert any("no layer_selection.json in this run yet: 01_reader uses its fallback layer set" in line
+               for line in lines)

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 import sinklens as sl
+from sinklens.assess.calibration_search import CalibrationSearch
 from sinklens.report import summaries
 
 from helpers import fake_selection
@@ -56,6 +57,48 @@ def test_layer_selection_headline_and_summary_on_a_constructed_selection():
         summaries.layer_selection_headline({"best": None})
 
 
+def constructed_search(kept, held_out_gain, recipe_gain):
+    """A CalibrationSearch from rows (no model): two candidate heads, held-out rows of the kept set (if any) and of
+    ACT's recipe."""
+    heads = pd.DataFrame({"layer": [3, 4], "head": [1, 0], "gain": [0.02, -0.01], "gain_low": [0.005, -0.03],
+                          "gain_high": [0.04, 0.01], "kept": [(3, 1) in kept, False]})
+    rows = []
+    for name, gain, n in (("kept", held_out_gain, len(kept)), ("act_recipe", recipe_gain, 243)):
+        if gain is None:
+            continue
+        rows += [{"configuration": name, "split": "held_out", "n_heads": n, "metric": "acc/mean", "dense": 0.5,
+                  "calibrated": 0.5 * (1 + gain), "change": 0.5 * gain, "gain": gain, "gain_low": gain - 0.01,
+                  "gain_high": gain + 0.01},
+                 {"configuration": name, "split": "held_out", "n_heads": n, "metric": "lm/acc", "dense": 0.4,
+                  "calibrated": 0.4, "change": 0.0, "gain": 0.0, "gain_low": -0.01, "gain_high": 0.01}]
+    return CalibrationSearch(layers=pd.DataFrame(), mass=pd.DataFrame(), heads=heads, kept=kept,
+                             combined=pd.DataFrame(rows), dense={}, settings={"metric": "acc/mean"},
+                             cost={"n_candidates": 2, "n_screened_layers": 0, "total": 3.5})
+
+
+CENSUS = pd.DataFrame({"layer": [3], "head": [1], "alpha0_before": [0.5], "alpha0_after": [0.62],
+                       "alpha0_change": [0.12], "non_first_before": [1.5], "non_first_after": [0.25]})
+SIDE = pd.DataFrame({"method": ["qk", "head_removal", "calibration", "qk+calibration"], "n_heads": [4] * 4,
+                     "params_zeroed": [10, 20, 0, 10], "retention": [0.95, 0.7, 1.01, 0.96],
+                     "ci_low": [0.9, 0.6, 0.99, 0.9], "ci_high": [1.0, 0.8, 1.03, 1.0]})
+
+
+@pytest.mark.parametrize("kept, gain", [([(3, 1)], 0.012), ([], None)])
+def test_attention_calibration_headline_reads_the_tables(kept, gain):
+    search = constructed_search(kept, gain, -0.004)
+    head = summaries.attention_calibration_headline(search, CENSUS, SIDE)
+    assert head["n_head_candidates"] == 2 and head["n_kept_heads"] == len(kept)
+    assert head["kept_gain"] == (None if gain is None else pytest.approx(gain))
+    assert head["kept_gain_low"] == (None if gain is None else pytest.approx(gain - 0.01))
+    assert head["act_recipe_gain"] == pytest.approx(-0.004) and head["act_recipe_gain_low"] == pytest.approx(-0.014)
+    assert head["alpha0_change"] == pytest.approx(0.12) and head["non_first_sinks_after"] == pytest.approx(0.25)
+    assert (head["same_heads_qk_retention"], head["same_heads_removal_retention"],
+            head["same_heads_qk_calibration_retention"]) == (0.95, 0.7, 0.96)
+    assert len(head) <= 12
+    summary = summaries.attention_calibration_summary(search, census=CENSUS, comparison=SIDE,
+                                                      layer_set={"n_heads": 4}, heads_from="measured", n_sink_heads=9)
+    assert summary["headline"] == head and summary["kept"] == [list(h) for h in kept]
+    assert len(summary["held_out"]) == 2 * (2 if kept else 1) and summary["n_sink_heads"] == 9
 def test_streaming_heads_summary_on_constructed_results(tmp_path):
     """Notebook 09's summary from hand-made curves and tables: past-context and common-position losses by hand."""
     import numpy as np

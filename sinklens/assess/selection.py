@@ -43,7 +43,6 @@ from ..core.choices import HEAD_REMOVAL_CHOICES, STRATEGIES, HeadRemoval
 from ..core.errors import InputError
 from ..core.loading import model_info
 from ..core.probes import probe_tokens
-from ..core.progress import progress
 from ..core.validate import check_choice, check_choices, check_fraction, check_frame, check_int, check_k, check_layers
 from ..measure.census import run_census
 from ..measure.massive import massive_activations
@@ -51,6 +50,7 @@ from ..measure.specialization import sink_specialized_heads
 from ..prune.calibration import CalibrationSet, calibration_argument, calibration_need, resolve_calibration
 from ..prune.spec import PruneSpec, check_heads, dims_records, parse_heads, parse_layers
 from .evaluation import MEAN_ACC, EvalPlan, EvalResult, build_plan, check_suite, load_items, retention, retention_value
+from .executor import Executor, resolve_executor
 from .sweep import Record, Sweep, open_results
 
 SPLIT_DECIDE, SPLIT_CONFIRM = "search", "held_out"
@@ -74,6 +74,10 @@ class EvalOptions:
         prepend_bos: start every request with BOS.
         seed: seed of the copy sequences.
         batch_tokens: tokens per forward (rows x padded width; not prompts: see ``batch_size`` elsewhere).
+        share_context: MC part: one copy of an item's context for its choices (True), a row per choice (False), or
+            None: shared unless an attention calibration is active when the plans are built
+            (:func:`~sinklens.assess.evaluation.build_plan`). A search over calibrations builds its plans on the
+            dense model, so it needs False (the calibration's sink set is per sequence).
     """
 
     suite: str = "default"
@@ -86,6 +90,7 @@ class EvalOptions:
     prepend_bos: bool = True
     seed: int = 0
     batch_tokens: int = 2048
+    share_context: bool | None = None
 
     def __post_init__(self):
         check_suite(self.suite)
@@ -98,6 +103,8 @@ class EvalOptions:
         check_int("batch_tokens", self.batch_tokens, minimum=1, meaning="tokens per forward")
         if not isinstance(self.prepend_bos, bool):
             raise InputError(f"prepend_bos must be True or False, got {self.prepend_bos!r}.")
+        if self.share_context is not None and not isinstance(self.share_context, bool):
+            raise InputError(f"share_context must be True, False or None, got {self.share_context!r}.")
         if self.items is not None and not isinstance(self.items, (str, Path)):
             raise InputError(f"items must be a path to a JSONL item file (or None), got {type(self.items).__name__}.")
 
@@ -344,8 +351,15 @@ def _check_metric(metric: str, parts: Sequence[str], tasks: Sequence[str], where
         raise InputError(f"Unknown metric {metric!r} for {where}: use one of {names}.")
 
 
-def _evaluation_plans(model, evaluation, metric: str) -> tuple[dict[str, EvalPlan], dict]:
-    """The two plans of a selection and what its settings record of them, the metric checked against them."""
+def evaluation_plans(model, evaluation, metric: str) -> tuple[dict[str, EvalPlan], dict]:
+    """The two plans of a selection and what its settings record of them, the metric checked against them.
+
+    Args:
+        model: the bridge the plans are built for.
+        evaluation: an :class:`EvalOptions` (None: its defaults) or the built plans
+            ``{"search": ..., "held_out": ...}``.
+        metric: the selection metric, checked against the plans' parts and tasks.
+    """
     if evaluation is None:
         evaluation = EvalOptions()
     if isinstance(evaluation, EvalOptions):
@@ -375,7 +389,8 @@ def layer_selection(model, template: PruneSpec | None = None, *, target_retentio
                     eps: float = 0.3, q: float = 0.9, calibration=None,
                     evaluation: EvalOptions | Mapping[str, EvalPlan] | None = None,
                     search: SearchOptions | None = None, n_boot: int = 500, results: str | Path | None = None,
-                    fresh: bool = False, show_progress: bool = True, calibration_tokens=None) -> LayerSelection:
+                    fresh: bool = False, show_progress: bool = True, calibration_tokens=None,
+                    executor=None) -> LayerSelection:
     """Find layer sets whose sink-specialized heads can be QK-pruned with ``template`` keeping ``metric``.
 
     ``metric`` (default ``"acc/mean"``: the mean of the suite's accuracies, LM next-token, zero-shot
@@ -408,8 +423,13 @@ def layer_selection(model, template: PruneSpec | None = None, *, target_retentio
         fresh: delete an existing results file first.
         show_progress: show progress bars.
         calibration_tokens: deprecated spelling of ``calibration``.
+        executor: where each batch of independent configurations (the single-layer ranking, each greedy step's
+            candidates, each exhaustive size, the whole-head removals) is evaluated: None or ``"local"`` (here),
+            ``"ray"`` or a :class:`~sinklens.assess.executor.RayExecutor` (workers on a Ray cluster; this process
+            stays the only writer of ``results``). Its workers are stopped when the selection ends.
     """
     calibration = calibration_argument(calibration, where="layer_selection", calibration_tokens=calibration_tokens)
+    executor = resolve_executor(executor)  # before any forward: an unknown executor or a missing Ray is refused
     info = model_info(model)
     template = PruneSpec.template(10) if template is None else template
     if not isinstance(template, PruneSpec):
@@ -433,7 +453,7 @@ def layer_selection(model, template: PruneSpec | None = None, *, target_retentio
     check_fraction("q", q)
     if calibration is not None:
         calibration = resolve_calibration(model, template, calibration)  # a template says what it needs
-    plans, evaluation_settings = _evaluation_plans(model, evaluation, metric)
+    plans, evaluation_settings = evaluation_plans(model, evaluation, metric)
     open_results(model, results, fresh=fresh).close()  # refuse another model's results before any forward
 
     # measured, never typed in: the sink-specialized heads and the kept dims of each of them
@@ -457,7 +477,7 @@ def layer_selection(model, template: PruneSpec | None = None, *, target_retentio
         calibration = CalibrationSet.from_tokens(model, probe)
     sweep = Sweep(model, plans, spec, calibration=calibration, results=results, show_progress=show_progress)
     try:
-        run = _Run(sweep, metric, target, n_boot, search.max_layers, search.patience, show_progress)
+        run = _Run(sweep, metric, target, n_boot, search.max_layers, search.patience, show_progress, executor)
         run.single_layers(cand)
         order = run.rank(cand)
         for name in search.strategy:
@@ -487,6 +507,7 @@ def layer_selection(model, template: PruneSpec | None = None, *, target_retentio
         return LayerSelection(table=table, single_layer=single.reset_index(drop=True), heads=sorted(heads),
                               dims=dims_records(sweep.dims), dense=dense, settings=settings, cost=sweep.cost())
     finally:
+        executor.close()
         sweep.close()
 
 
@@ -494,8 +515,8 @@ class _Run:
     """The bookkeeping of one selection: evaluate through the sweep, add annotated table rows."""
 
     def __init__(self, sweep: Sweep, metric: str, target: float, n_boot: int, max_layers: int | None, patience: int,
-                 show_progress: bool):
-        self.sweep, self.metric, self.target = sweep, metric, target
+                 show_progress: bool, executor: Executor):
+        self.sweep, self.metric, self.target, self.executor = sweep, metric, target, executor
         self.n_boot, self.max_layers, self.patience = n_boot, max_layers, patience
         self.show_progress = show_progress
         self.rows: list[dict] = []
@@ -528,7 +549,8 @@ class _Run:
     def single_layers(self, layers: list[int]) -> None:
         self.sweep.dense(SPLIT_DECIDE)
         self.sweep.dense(SPLIT_CONFIRM)
-        records = self.sweep.run([("qk", (l,), SPLIT_DECIDE) for l in layers], desc="single layers")
+        records = self.sweep.run([("qk", (l,), SPLIT_DECIDE) for l in layers], desc="single layers",
+                                 executor=self.executor)
         for layer, record in zip(layers, records):
             self.single[layer] = record
             self._row(record, "single_layer", 1)
@@ -562,11 +584,11 @@ class _Run:
             left = [l for l in pool if l not in chosen]
             if step == 1:
                 records = {l: self.single[l] for l in left}
-            else:
-                if not all(self.sweep.has("qk", chosen + [l], SPLIT_DECIDE) for l in left):
-                    self.sweep.evaluate("qk", chosen, SPLIT_DECIDE, keep_prefix=True)  # residuals of the base set
-                records = {l: self.sweep.evaluate("qk", chosen + [l], SPLIT_DECIDE)
-                           for l in progress(left, desc=f"greedy step {step}", enabled=self.show_progress)}
+            else:  # one batch; the chosen set's residuals are cached first where they are evaluated
+                batch = self.sweep.run([("qk", tuple(chosen + [l]), SPLIT_DECIDE) for l in left],
+                                       desc=f"greedy step {step}", executor=self.executor,
+                                       prefix=("qk", tuple(chosen), SPLIT_DECIDE))
+                records = dict(zip(left, batch))
             for record in records.values():
                 self._row(record, "greedy", step)
             best = min(left, key=lambda l: (self._score(records[l]), l))
@@ -581,7 +603,8 @@ class _Run:
             if self.max_layers is not None and n > self.max_layers:
                 break
             subsets = [tuple(sorted(s)) for s in itertools.combinations(pool, n)]
-            records = self.sweep.run([("qk", s, SPLIT_DECIDE) for s in subsets], desc=f"exhaustive size {n}")
+            records = self.sweep.run([("qk", s, SPLIT_DECIDE) for s in subsets], desc=f"exhaustive size {n}",
+                                     executor=self.executor)
             for record in records:
                 self._row(record, "exhaustive", n)
             best = min(records, key=lambda r: (self._score(r), r.layers))
@@ -602,7 +625,7 @@ class _Run:
                 chosen.add(_layer_key(pick.iloc[0]["layers"]))
             sets = [s for s in sets if tuple(s) in chosen]
         configs = [("head_removal", layers, SPLIT_CONFIRM) for layers in sets]
-        for record in self.sweep.run(configs, desc="whole-head removal"):
+        for record in self.sweep.run(configs, desc="whole-head removal", executor=self.executor):
             self._row(record, "head_removal", len(record.layers))
 
 

@@ -34,9 +34,11 @@ SmolLM2-135M and 3k tokens), on the model's device.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
+import os
 import sqlite3
 import time
 from collections import OrderedDict
@@ -53,7 +55,6 @@ from ..core.edits import active_edits
 from ..core.errors import InputError
 from ..core.files import write_error
 from ..core.loading import model_info
-from ..core.progress import progress
 from ..core.validate import check_choice, check_index, check_int
 from ..core.version import __version__
 from ..prune.calibration import CalibrationSet, calibration_argument, calibration_need, resolve_calibration
@@ -111,19 +112,79 @@ def model_fingerprint(model) -> str:
 
 # --- the results file ----------------------------------------------------------------------------
 
+_LOCKS: dict[str, list] = {}  # results file -> [open lock file, users in this process]
+
+
+def lock_results(path: Path) -> str | None:
+    """Take the one-driver lock of a results file: an exclusive ``flock`` on ``<file>.lock`` beside it, held by this
+    process (shared by its own sweeps) until :func:`unlock_results`. Another process holding it (a second driver,
+    e.g. a second ``layer_selection`` on the same file) is refused naming the file: two writers would evaluate the
+    same configurations twice. The lock dies with its process, so a killed driver leaves nothing to clean up.
+    None when no lock file can be made beside it (a read-only folder: the results file cannot be written either,
+    and opening it reports that).
+
+    Args:
+        path: the results file.
+    """
+    name = os.path.realpath(path)
+    if name in _LOCKS:
+        _LOCKS[name][1] += 1
+        return name
+    try:
+        handle = open(name + ".lock", "a")
+    except OSError:
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise InputError(f"Results file {path} is in use by another driver (another process holds {name}.lock): "
+                         "one driver writes a results file. Wait for it to finish (or stop it), or pass another "
+                         "results path.") from None
+    _LOCKS[name] = [handle, 1]
+    return name
+
+
+def unlock_results(name: str | None) -> None:
+    """Release one use of the lock taken by :func:`lock_results` (the lock itself when none is left).
+
+    Args:
+        name: what :func:`lock_results` returned.
+    """
+    entry = _LOCKS.get(name)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] <= 0:
+        del _LOCKS[name]
+        entry[0].close()  # closing the file releases the flock
+
+
 class ResultsFile:
-    """SQLite results of one model and sinklens version; ``":memory:"`` (or None) keeps them in memory."""
+    """SQLite results of one model and sinklens version; ``":memory:"`` (or None) keeps them in memory. A file on
+    disk is locked for this process while open (:func:`lock_results`): a second driver is refused."""
 
     def __init__(self, path: str | Path | None, meta: Mapping[str, str], fresh: bool = False):
         self.path = ":memory:" if path is None or str(path) == ":memory:" else Path(path)
+        self.lock = None
         if isinstance(self.path, Path):
-            if fresh and self.path.exists():
-                self.path.unlink()
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as err:
                 raise InputError(f"Cannot create the folder of results file {self.path}: {err}. "
                                  "Pass a writable path.") from err
+            self.lock = lock_results(self.path)
+        try:
+            self._open(meta, fresh)
+        except BaseException:
+            if self.lock is not None:
+                unlock_results(self.lock)
+                self.lock = None
+            raise
+
+    def _open(self, meta: Mapping[str, str], fresh: bool) -> None:
+        if isinstance(self.path, Path) and fresh and self.path.exists():
+            self.path.unlink()
         try:
             self.conn = sqlite3.connect(str(self.path), timeout=30)
             self.conn.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
@@ -206,6 +267,9 @@ class ResultsFile:
 
     def close(self) -> None:
         self.conn.close()
+        if self.lock is not None:
+            unlock_results(self.lock)
+            self.lock = None
 
 
 def open_results(model, path: str | Path | None, *, fresh: bool = False) -> ResultsFile:
@@ -496,29 +560,80 @@ class Sweep:
         self._store_prefix(split, method, units, result.resid, pin=method == "dense")
         result.resid = {}
         if stored is None:
-            config = {"method": method, "layers": list(layers), "heads": [list(h) for h in heads], "split": split,
-                      "spec": None if spec is None else spec.as_dict()}
-            if method in self.head_edits:
-                config["options"] = self.head_edits[method].as_dict()
-            self.file.put(key, config, result, {"params": params, "start_layer": start})
+            self.file.put(key, self._config(method, layers, heads, split, spec), result,
+                          {"params": params, "start_layer": start})
         record = Record(method, layers, heads, split, key, result, params, cached=stored is not None, spec=spec)
         self._records[key] = record
         return record
 
-    def run(self, configs: Sequence[tuple[str, Iterable, str]], desc: str = "sweep") -> list[Record]:
-        """Evaluate ``(method, units, split)`` configurations in order, with a progress bar.
+    def run(self, configs: Sequence[tuple[str, Iterable, str]], desc: str = "sweep", *, executor=None,
+            prefix: tuple[str, Iterable, str] | None = None) -> list[Record]:
+        """Evaluate ``(method, units, split)`` configurations, with a progress bar; the records in their order.
+
+        The configurations are independent: an executor may evaluate them elsewhere (Ray workers, each holding
+        its own copy of the model and of this sweep) in any order. This sweep stays the only writer of the results
+        file and stores each result as it arrives (:meth:`store`), so a rerun resumes after them.
 
         Args:
             configs: ``(method, units, split)`` triples (units: layers, or (layer, head) pairs for a head edit);
                 every one is checked before any is evaluated.
             desc: the progress bar's label.
+            executor: where to evaluate those not known yet: None or ``"local"`` (here, in order), ``"ray"`` or an
+                executor object (:mod:`sinklens.assess.executor`).
+            prefix: a configuration that the others extend (greedy selection's chosen set): its residuals are
+                cached first where the work is done, so each extension runs from its new layer.
         """
+        from .executor import resolve_executor  # the executor module imports this one
+
         configs = [(m, tuple(units), s) for m, units, s in configs]
         for method, units, split in configs:  # validate every configuration before any work
             method, units = self._normalize(method, units, split)
             if method in METHODS[1:]:
                 self.heads_of(units)
-        return [self.evaluate(*config) for config in progress(configs, desc=desc, enabled=self.show_progress)]
+        pending = list(dict.fromkeys(c for c in configs if not self.has(*c)))
+        if pending:
+            runner = resolve_executor(executor)
+            try:
+                runner.map(self, pending, desc=desc, prefix=prefix)
+            finally:
+                if runner is not executor:  # made here from a name ("ray"): its workers end with this batch
+                    runner.close()
+        return [self.evaluate(*config) for config in configs]
+
+    def store(self, record: Record, extra: Mapping | None = None) -> Record:
+        """Add a configuration evaluated elsewhere (by a copy of this sweep on another process or node) to this
+        session and to the results file; a configuration already known is not written again.
+
+        Args:
+            record: the other sweep's record; its key must be this sweep's key of the configuration (the same
+                model weights, plan, spec and kept dims, or head-edit options), else it is refused.
+            extra: what the other sweep stored beside it (parameters zeroed, start layer, where it ran).
+        """
+        units = record.heads if record.method in self.head_edits else record.layers
+        key = self.key(record.method, units, record.split)
+        if record.key != key:
+            raise InputError(f"A worker evaluated {record.method} {list(units)} on {record.split!r} under key "
+                             f"{record.key}, but this sweep's key is {key}: the worker's model, plan, spec, kept "
+                             "dims or head-edit options differ from the driver's (another checkpoint at the same "
+                             "path, another device or dtype?). Give every worker the same model files and settings.")
+        if key in self._records or key in self.file:
+            return self.evaluate(record.method, units, record.split)
+        extra = dict(extra or {"params": record.params})
+        self.file.put(key, self._config(record.method, record.layers, record.heads, record.split, record.spec),
+                      record.result, extra)
+        self.n_evaluated += record.method != "dense"
+        stored = Record(record.method, tuple(record.layers), tuple(record.heads), record.split, key, record.result,
+                        dict(record.params), cached=False, spec=record.spec)
+        self._records[key] = stored
+        return stored
+
+    def _config(self, method: str, layers: tuple[int, ...], heads: tuple[Head, ...], split: str,
+                spec: PruneSpec | None) -> dict:
+        config = {"method": method, "layers": list(layers), "heads": [list(h) for h in heads], "split": split,
+                  "spec": None if spec is None else spec.as_dict()}
+        if method in self.head_edits:
+            config["options"] = self.head_edits[method].as_dict()
+        return config
 
     def _edit(self, method: str, heads: tuple[Head, ...], spec: PruneSpec | None):
         if method == "qk":

@@ -31,3 +31,8 @@ Strategy = Literal["single_layer_rank", "greedy", "exhaustive", "random"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 HeadRemoval = Literal["best", "all", "none"]
 HEAD_REMOVAL_CHOICES: tuple[str, ...] = get_args(HeadRemoval)
+
+# the candidate heads of an attention-calibration head search (sinklens.assess.calibration_search): the heads that
+# move the most attention mass, the heads of the best layers of a whole-layer screen, or every head
+CalibrationCandidates = Literal["mass", "layers", "all"]
+CALIBRATION_CANDIDATES: tuple[str, ...] = get_args(CalibrationCandidates)

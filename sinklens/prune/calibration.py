@@ -135,6 +135,13 @@ class CalibrationSet:
         return self.batch is None
 
     @property
+    def source(self) -> TokenBatch | MassiveActivations:
+        """What this set was made from: its prompts (:meth:`from_tokens`) or its BOS vectors (:meth:`from_massive`).
+        Unlike the set, which holds its model, it pickles: another copy of the model (a Ray worker's) rebuilds the
+        same set from it (with :attr:`batch_size`)."""
+        return self._massive if self.batch is None else self.batch
+
+    @property
     def prepend_bos(self) -> bool | None:
         """Whether the prompts started with BOS (always, for prompts; as the MassiveActivations says, else)."""
         return True if self.batch is not None else self._massive.prepend_bos

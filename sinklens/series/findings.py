@@ -226,6 +226,48 @@ def beyond_bos_dims(data: dict) -> list[str]:
     return out
 
 
+def _gain_text(gain: Any, low: Any, high: Any = None) -> str:
+    """``+1.23 % (lower bound -0.40 %)`` of a gain stored as a fraction."""
+    bound = f"{100 * low:+.2f} %" if _measured(low) else "-"
+    return f"{100 * gain:+.2f} % (bootstrap lower bound {bound})"
+
+
+def attention_calibration(data: dict) -> list[str]:
+    """Sentences of notebook 08's ``attention_calibration.json``: how many heads the calibration search kept, the
+    held-out gain of the kept set against ACT's recipe, what calibration does to the sinks, and the same heads
+    pruned, removed and calibrated.
+
+    Args:
+        data: the summary's content.
+    """
+    h = data["headline"]
+    metric, cost = data.get("metric", "the metric"), data.get("cost") or {}
+    spent = cost.get("total")
+    spent_text = f" ({spent:.1f} forward-equivalents)" if _measured(spent) else ""
+    out = [f"Attention calibration (ACT): of {_plural(h['n_head_candidates'], 'candidate head')} calibrated one at "
+           f"a time{spent_text}, {h['n_kept_heads']} raised {metric} with a bootstrap lower bound above 0."]
+    recipe = (f"ACT's recipe (every head of layers 2 to L-2) changes it by "
+              f"{_gain_text(h['act_recipe_gain'], h['act_recipe_gain_low'])}" if _measured(h["act_recipe_gain"])
+              else "")
+    if _measured(h["kept_gain"]):
+        out.append(f"On held-out items the kept heads calibrated together change {metric} by "
+                   f"{_gain_text(h['kept_gain'], h['kept_gain_low'])}" + (f"; {recipe}." if recipe else "."))
+    elif recipe:
+        out.append(f"On held-out items {recipe}.")
+    if _measured(h["alpha0_change"]):
+        out.append(f"Calibrated, the shown heads' alpha_0 changes by {h['alpha0_change']:+.3f} and their non-first "
+                   f"sinks per prompt go from {h['non_first_sinks_before']:.2f} to {h['non_first_sinks_after']:.2f}.")
+    if _measured(h["same_heads_qk_retention"]):
+        layer_set = data.get("layer_set") or {}
+        n = layer_set.get("n_heads")
+        which = f"the {n} heads of notebook 05's best layer set" if layer_set.get("retention") is not None and n \
+            else "the same heads"
+        out.append(f"On {which}, {metric} retention is {_share(h['same_heads_qk_retention'])} QK-pruned, "
+                   f"{_share(h['same_heads_removal_retention'])} removed whole and "
+                   f"{_share(h['same_heads_qk_calibration_retention'])} QK-pruned and calibrated.")
+    return out
+
+
 def streaming_heads(data: dict) -> list[str]:
     """Sentences of notebook 09's ``streaming_heads.json``: the streamed loss past the trained context, the
     per-KV-head streaming score against alpha_0 and the sink-specialized heads, the KV budget and the sink count.
@@ -274,6 +316,7 @@ BUILDERS: dict[str, Callable[[dict], list[str]]] = {
     "sink_discovery.json": sink_discovery, HEAD_LIST_FILE: specialized_heads, "topk_pruning.json": topk_pruning,
     "reconstruction_error.json": reconstruction_error, "layer_selection.json": layer_selection,
     "long_context.json": long_context, "beyond_bos_dims.json": beyond_bos_dims,
+    "attention_calibration.json": attention_calibration,
     "streaming_heads.json": streaming_heads,
 }
 

@@ -25,6 +25,7 @@ from ..core.loading import model_info
 from ..core.tokens import TokenBatch
 from ..measure.census import run_census
 from ..measure.specialization import sink_specialized_heads
+from ..prune.spec import check_heads, layer_heads
 
 HEAD_LIST_FILE = "specialized_heads.json"
 MEASURED = "measured"
@@ -231,3 +232,70 @@ def specialized_heads(model, probe: TokenBatch, *, heads_from: str = "", eps: fl
                     probe={"n_prompts": int(n_prompts), "seq_len": int(seq_len), "prepend_bos": probe.prepend_bos},
                     source=MEASURED)
 
+
+
+# --- the best layer set of notebook 05 (notebook 08 compares pruning and calibration on its heads) ------------------
+
+SELECTION_FILE = "layer_selection.json"
+
+
+@dataclass(frozen=True)
+class LayerSet:
+    """Heads that a later notebook edits together: notebook 05's best layer set, or a stated fallback.
+
+    ``heads``: sorted ``(layer, head)`` pairs; ``k``: the kept dims of the selection's pruning (None for the fallback);
+    ``retention``: its held-out retention (None for the fallback); ``source``: the file read, or the fallback's
+    description.
+    """
+
+    heads: list[tuple[int, int]]
+    k: int | None
+    retention: float | None
+    source: str
+
+    @property
+    def layers(self) -> list[int]:
+        """The layers that hold the heads, sorted."""
+        return sorted({layer for layer, _ in self.heads})
+
+    def as_dict(self) -> dict:
+        """What a notebook summary stores about the set."""
+        return {"source": self.source, "layers": self.layers, "n_heads": len(self.heads), "k": self.k,
+                "retention": self.retention}
+
+
+def best_layer_set(model, sink: HeadList, *, selection_from: str = "") -> LayerSet:
+    """The sink-specialized heads of notebook 05's best layer set (``selection_from``: the run's
+    ``layer_selection.json``, checked against the model), or, when it is empty or its selection met no target,
+    the fallback: the sink-specialized heads of the layer holding most of them (notebook 03's default layer).
+
+    Args:
+        model: the loaded bridge.
+        sink: the run's sink-specialized heads (:func:`specialized_heads`), for the fallback.
+        selection_from: path of this run's ``layer_selection.json``, or ``""``.
+    """
+    if not isinstance(selection_from, str):
+        raise InputError(f"selection_from must be a path (str), got {selection_from!r}.")
+    info = model_info(model)
+    fallback = "the sink-specialized heads of the layer holding most of them"
+    if selection_from:
+        path = Path(selection_from).expanduser()
+        if not path.is_file():
+            raise InputError(f"selection_from {path}: no such file. In a series notebook 05 writes it into the run "
+                             "folder; or leave selection_from empty for the fallback (the layer with most "
+                             "sink-specialized heads).")
+        try:
+            data = json.loads(path.read_text())
+            settings, best = data["settings"], data["best"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise InputError(f"selection_from {path} is not a layer_selection.json written by notebook 05 ({err}).")
+        if settings.get("model") != info.name:
+            raise InputError(f"selection_from {path} holds the selection of model {settings.get('model')!r}, not of "
+                             f"{info.name!r}: pass this run's file, or leave selection_from empty.")
+        if best is not None:
+            heads = check_heads([tuple(h) for h in best["heads"]], info)
+            return LayerSet(heads=sorted(heads), k=int(settings["k"]), retention=float(best["retention"]),
+                            source=str(path))
+        fallback += f" ({path} met no retention target)"
+    _, heads = layer_heads(sink.heads, -1)
+    return LayerSet(heads=heads, k=None, retention=None, source=fallback)

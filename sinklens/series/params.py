@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Any
 
 # light modules only: the command line checks a run's values before torch or pandas is imported
-from ..core.choices import BASES, FILLS, GQA_POLICIES, HEAD_REMOVAL_CHOICES, POLICIES, STRATEGIES
+from ..core.choices import (
+    BASES,
+    CALIBRATION_CANDIDATES,
+    FILLS,
+    GQA_POLICIES,
+    HEAD_REMOVAL_CHOICES,
+    POLICIES,
+    STRATEGIES,
+)
 from ..core.errors import InputError
 from ..core.validate import as_int, check_choice, check_choices, check_fraction
 
@@ -78,6 +86,9 @@ def _fractions(name: str, value: Any) -> None:
         check_fraction(f"each entry of {name}", item)
 
 
+def _open_fraction(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise InputError(f"Parameter {name} must be a number in (0, 1), e.g. {name}=0.1; got {value!r}.")
 def _positive_floats(name: str, value: Any) -> None:
     if (not isinstance(value, list) or not value
             or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 for v in value)):
@@ -166,6 +177,14 @@ VALUE_CHECKS: dict[str, Callable[[str, Any], None]] = {
     **dict.fromkeys(["policies", "all_heads_policies"], _choices(POLICIES)),
     "fills": _choices(FILLS),
     "temperatures": _flags,
+    # 08 attention calibration
+    "selection_from": _file_or_empty("the layer_selection.json of a run, written by notebook 05"),
+    "beta": _fraction(),
+    "threshold": _open_fraction,
+    **dict.fromkeys(["min_queries", "n_candidates", "screen_layers", "screen_prompts"], _at_least(1)),
+    "top_m": _at_least(0),  # 0: keep the heads whose gain's lower bound is above 0
+    "candidates": _choice(CALIBRATION_CANDIDATES),
+    "ci": _fraction(open_low=True),
     # 09 streaming heads (sink + window attention, the KV budget)
     "sink": _at_least(0),  # 0: window attention
     **dict.fromkeys(["score_window", "score_texts", "budget_steps", "kv_context", "curve_window", "bin_size",
@@ -177,7 +196,7 @@ VALUE_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "ablation_windows": _ints_at_least(1),
 }
 # parameters that name a file: the runner passes them as absolute paths (the notebooks run in the checkout)
-PATH_PARAMS = ("items_file", "heads_from")
+PATH_PARAMS = ("items_file", "heads_from", "selection_from")
 
 
 def check_value(name: str, value: Any) -> Any:

@@ -6,7 +6,8 @@ the parameters its ``parameters`` cell declares, plus ``model_name`` and ``out_d
 folder). The probe of the series (:data:`SERIES_PARAMS`: prompts, their length, eps and q) is
 set once for the run and passed to every notebook that declares it; a notebook that declares
 ``heads_from`` gets this run's ``specialized_heads.json`` once an earlier notebook wrote it, so
-the whole run works on one list of sink-specialized heads. Parameter overrides are parsed to the
+the whole run works on one list of sink-specialized heads (and one that declares ``selection_from`` gets the run's
+``layer_selection.json`` the same way). Parameter overrides are parsed to the
 declared types, their values and the model name are checked before a run folder is created or
 a kernel started. The folder receives the executed notebooks, a ``manifest.json`` (versions,
 git commit, parameters, wall time, status and the files written, per notebook) and the report
@@ -61,16 +62,21 @@ CI_PARAMS: dict[str, Any] = {
     "greedy_pool": 2, "exhaustive_pool": 2, "exhaustive_size": 2, "n_random": 1,  # layer search (05)
     "n_calibration": 4, "n_held_out": 4, "max_heads": 2, "compare_ks": [5, 10], "pool": 12,  # beyond BOS dims (07)
     "lengths": [64, 128, 256], "detail_length": 128,  # long context (06)
+    "n_candidates": 2, "screen_prompts": 2,  # attention calibration (08)
     "score_window": 8, "score_len": 40, "budget_steps": 3, "curve_len": 320, "curve_ref_len": 160,  # streaming (09)
     "curve_window": 60, "bin_size": 32, "ablation_len": 96, "ablation_window": 16, "ablation_windows": [8, 16],
 }
 # Set by the runner itself, never by -p or a params file.
 RESERVED = {"model_name": "--model", "out_dir": "--out"}
 HEADS_FROM = "heads_from"  # the parameter through which a notebook takes the run's head list
+SELECTION_FROM = "selection_from"  # ... and notebook 05's layer selection (notebook 08 compares edits on its heads)
+# runner-filled parameters: name -> what the notebook does while the run has no such file yet
+RUN_INPUTS = {HEADS_FROM: "measures its own heads", SELECTION_FROM: "uses its fallback layer set"}
 MANIFEST = "manifest.json"
 LATEST = "latest"
 EXIT_INPUT = 2
 EXIT_FAILED = 1
+RAY_INSTALL = 'pip install "sinklens[ray]"'  # (sinklens.assess.executor imports torch: not imported here)
 
 
 def source_checkout() -> Path | None:
@@ -463,7 +469,9 @@ def execute(plan: RunPlan, log: Callable[[str], None] = print,
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    from .head_list import HEAD_LIST_FILE
+    from .head_list import HEAD_LIST_FILE, SELECTION_FILE
+
+    files = {HEADS_FROM: HEAD_LIST_FILE, SELECTION_FROM: SELECTION_FILE}  # the run's file of each runner input
 
     err = err or (lambda text: print(text, file=sys.stderr, flush=True))
     run_dir = new_run_folder(plan.out_root, plan.model)
@@ -482,11 +490,13 @@ def execute(plan: RunPlan, log: Callable[[str], None] = print,
     status = "ok"
     for i, (nb, entry) in enumerate(zip(plan.notebooks, manifest["notebooks"]), 1):
         log(f"[{i}/{total}] {nb.path.name} ...")
-        if HEADS_FROM in nb.declared and HEADS_FROM not in entry["passed"]:
-            if (run_dir / HEAD_LIST_FILE).is_file():
-                entry["passed"][HEADS_FROM] = entry["parameters"][HEADS_FROM] = str(run_dir / HEAD_LIST_FILE)
-            else:
-                log(f"      no {HEAD_LIST_FILE} in this run yet: {nb.path.stem} measures its own heads.")
+        for name, fallback in RUN_INPUTS.items():
+            file = files[name]
+            if name in nb.declared and name not in entry["passed"]:
+                if (run_dir / file).is_file():
+                    entry["passed"][name] = entry["parameters"][name] = str(run_dir / file)
+                else:
+                    log(f"      no {file} in this run yet: {nb.path.stem} {fallback}.")
         start = time.perf_counter()
         entry["status"] = "running"
         _write_manifest(run_dir, manifest)
@@ -559,3 +569,72 @@ def run(notebooks_dir: str | os.PathLike | None = None, model: str | None = None
     plan.argv = list(argv or [])
     _, manifest = execute(plan, log=lambda text: print(text, flush=True))
     return 0 if manifest["status"] == "ok" else EXIT_FAILED
+
+
+def _execute_quietly(plan: RunPlan) -> tuple[str, str]:
+    """One model's series (a Ray task's body): its run folder and status."""
+    run_dir, manifest = execute(plan, log=lambda text: print(f"[{model_label(plan.model)}] {text}", flush=True))
+    return str(run_dir), manifest["status"]
+
+
+def run_models(models: Sequence[str], *, ray_address: str | None = None, use_ray: bool = False,
+               notebooks_dir: str | os.PathLike | None = None, overrides: Mapping[str, str] | None = None,
+               params_file: str | os.PathLike | None = None, only: Iterable[str] | None = None, ci: bool = False,
+               out: str | os.PathLike | None = None, argv: Sequence[str] | None = None,
+               cpus_per_model: int = 1) -> int:
+    """One series per model (``run --models A B C [--ray [ADDRESS]]``), each into its own run folder as today, then
+    the cross-model report of the finished ones (:mod:`sinklens.report.compare`) in ``<out>/<time>-compare/``.
+
+    Every model's run is planned (parameters, model, output folder checked) before any starts. With ``use_ray``
+    each series is a Ray task (``cpus_per_model`` CPUs; one GPU when the cluster has GPUs) on the cluster at
+    ``ray_address`` (None: a new local cluster): the checkout, the models and ``out`` must be at the same paths on
+    every node. Returns the exit code: 0 all ok, 1 a series failed, 2 bad input (nothing was run).
+
+    Args:
+        models: model names, checkpoint folders or hub ids (distinct).
+        ray_address: the cluster's address (with ``use_ray``).
+        use_ray: run the series as Ray tasks (else one after another here).
+        notebooks_dir, overrides, params_file, only, ci, out: as in :func:`run`, for every model.
+        argv: the command line, recorded in each manifest.
+        cpus_per_model: CPUs of each Ray task.
+    """
+    try:
+        if len(set(models)) != len(models) or not models:
+            raise InputError(f"--models needs distinct model names, got {list(models)}.")
+        plans = [plan_run(notebooks_dir, model, overrides, params_file, only, ci, out) for model in models]
+        connected = False
+        if use_ray:
+            from ..assess.executor import connect_ray  # Ray only here: `make run` does not need it
+
+            connected = connect_ray(ray_address, log_to_driver=True)  # each series' progress lines
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return EXIT_INPUT
+    for plan in plans:
+        plan.argv = list(argv or [])
+    results: list[tuple[str, str]] = []
+    if use_ray:
+        import ray
+
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        task = ray.remote(num_cpus=cpus_per_model, num_gpus=gpus, max_retries=0)(_execute_quietly)
+        try:
+            print(f"Ray: {len(plans)} series on {ray.cluster_resources().get('CPU', 0):g} CPUs, {gpus} GPU per "
+                  "series", flush=True)
+            results = ray.get([task.remote(plan) for plan in plans])
+        finally:
+            if connected:
+                ray.shutdown()
+    else:
+        results = [_execute_quietly(plan) for plan in plans]
+    for (run_dir, status), model in zip(results, models):
+        print(f"{model}: {status}: {run_dir}", flush=True)
+    finished = [run_dir for run_dir, _ in results]
+    from ..report.compare import write_comparison
+
+    target = plans[0].out_root / f"{time.strftime('%Y%m%d-%H%M%S')}-compare"
+    try:
+        print(f"Comparison: {write_comparison(finished, target)}", flush=True)
+    except SinklensError as error:
+        print(f"warning: the comparison could not be written: {error}", flush=True)
+    return 0 if all(status == "ok" for _, status in results) else EXIT_FAILED

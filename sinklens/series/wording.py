@@ -98,6 +98,20 @@ LABELS: dict[str, Label] = {
     "selection_heads_best": Label("layer selection: heads QK-pruned meeting the target, best variant", "heads"),
     "selection_params_bos_top": Label("layer selection: Q/K parameters zeroed, bos_top/zero/none", "params"),
     "selection_params_best": Label("layer selection: Q/K parameters zeroed, best variant", "params"),
+    # 08 attention calibration (gains: retention - 1 of the search metric, held-out items, calibrated together)
+    "n_head_candidates": Label("heads searched one by one for attention calibration", "heads"),
+    "n_kept_heads": Label("heads kept (gain's bootstrap lower bound above 0)", "heads"),
+    "kept_gain": Label("held-out gain of the kept heads calibrated together", **_PERCENT_OF_FRACTION),
+    "kept_gain_low": Label("its bootstrap lower bound", **_PERCENT_OF_FRACTION),
+    "act_recipe_gain": Label("held-out gain of ACT's recipe (every head of layers 2 to L-2)", **_PERCENT_OF_FRACTION),
+    "act_recipe_gain_low": Label("its bootstrap lower bound", **_PERCENT_OF_FRACTION),
+    "alpha0_change": Label("change of alpha_0 of the shown heads under calibration"),
+    "non_first_sinks_before": Label("non-first sinks per prompt of the shown heads, dense"),
+    "non_first_sinks_after": Label("non-first sinks per prompt of the shown heads, calibrated"),
+    "same_heads_qk_retention": Label("best layer set's heads: retention under QK pruning", **_PERCENT_OF_FRACTION),
+    "same_heads_removal_retention": Label("the same heads removed whole: retention", **_PERCENT_OF_FRACTION),
+    "same_heads_qk_calibration_retention": Label("the same heads QK-pruned and calibrated: retention",
+                                                 **_PERCENT_OF_FRACTION),
     # 09 streaming heads (sink + window attention, the KV budget)
     "ppl_past_context_sink_window": Label("perplexity past the trained context, sink + window with position shift"),
     "ppl_past_context_window_only": Label("perplexity past the trained context, window only (no sinks)"),
@@ -200,6 +214,20 @@ CAPTIONS: dict[str, str] = {
     "frob_rel_vs_k_all_heads": "Attention error against k over every sink-specialized head, per policy/fill/"
                                "calibration variant without a search: the best one at k is the one layer selection "
                                "tries against bos_top.",
+    # 08
+    "calibration_mass_screen": "Attention each head's calibration moves per query on the screen prompts: the "
+                               "candidates (o) are the heads moving most.",
+    "calibration_layers_screen": "Gain of the search metric with every head of one layer calibrated: the heads of "
+                                 "the red layers are searched one by one.",
+    "calibration_gain_heatmap": "Gain of each candidate head calibrated alone (search items): blue helps, red "
+                                "hurts; x marks sink-specialized heads, * the kept ones.",
+    "calibration_held_out_gains": "Held-out gain per task group, the kept heads and ACT's recipe calibrated "
+                                  "together: an interval above 0 is a gain that held.",
+    "calibration_sinks_before_after": "alpha_0 and non-first sinks of the shown heads, dense and calibrated: the "
+                                      "mass taken off later sinks flows back to the first token.",
+    "calibration_patterns_before_after": "One calibrated head's pattern on one probe prompt, dense and calibrated.",
+    "calibration_side_by_side": "The same heads QK-pruned, removed, calibrated, and pruned plus calibrated: "
+                                "held-out retention of the search metric.",
     # 09
     "streaming_loss_vs_position": "Streamed next-token loss against position: window only breaks once the first "
                                   "tokens leave the cache, sink + window with the position shift stays flat past the "

@@ -1,11 +1,11 @@
-"""Plotly figure helpers, one module per topic (census, pruning, selection, long context, streaming). Each returns the
-figure. ``sl.plots.census`` imports its module on first use."""
+"""Plotly figure helpers, one module per topic (census, pruning, selection, long context, models compared,
+attention calibration, streaming). Each returns the figure. ``sl.plots.census`` imports its module on first use."""
 
 from __future__ import annotations
 
 import importlib
 
-_TOPICS = ("census", "long_context", "pruning", "selection", "streaming")
+_TOPICS = ("calibration", "census", "compare", "long_context", "pruning", "selection", "streaming")
 __all__ = list(_TOPICS)
 
 

@@ -63,14 +63,15 @@ def kept_dims(massive: MassiveActivations, layer: int, dims: Sequence[int] | Ten
 
 def pattern_pairs(dense: Float[Tensor, "head query key"], pruned: Float[Tensor, "head query key"],
                   heads: Sequence[tuple[int, int]], tokens: Sequence[str] | None = None, *,
-                  title: str = "") -> go.Figure:
+                  title: str = "", names: tuple[str, str] = ("dense", "pruned")) -> go.Figure:
     """Dense and pruned attention patterns side by side, one row per head (same colour scale, 0..1).
 
     Args:
-        dense, pruned: the patterns of ``heads``.
+        dense, pruned: the patterns of ``heads`` (``pruned``: any edited pattern, e.g. calibrated).
         heads: the ``(layer, head)`` pairs of the first axis, all in one layer (e.g. an attention view's heads).
         tokens: the token strings of the axes (None: positions).
         title: the figure title (default: layer and what is shown).
+        names: what the two columns show (the edited one: ``"calibrated"`` for an attention calibration).
     """
     dense, pruned = torch.as_tensor(dense, device="cpu").float(), torch.as_tensor(pruned, device="cpu").float()
     heads = head_pairs(heads)
@@ -82,7 +83,7 @@ def pattern_pairs(dense: Float[Tensor, "head query key"], pruned: Float[Tensor, 
         raise InputError(f"dense and pruned must both be [head, query, key] with {len(heads)} heads, got "
                          f"{tuple(dense.shape)} and {tuple(pruned.shape)}.")
     labels = [f"{i}:{t}" for i, t in enumerate(tokens)] if tokens is not None else list(range(dense.shape[-1]))
-    names = [name for l, h in heads for name in (f"{head_label(l, h)} dense", f"{head_label(l, h)} pruned")]
+    names = [f"{head_label(l, h)} {name}" for l, h in heads for name in names]
     fig = make_subplots(rows=len(heads), cols=2, subplot_titles=names, horizontal_spacing=0.08,
                         vertical_spacing=min(0.3 / max(len(heads), 1), 0.08))
     for row, _ in enumerate(heads, start=1):

@@ -7,6 +7,7 @@
 - 05 :func:`layer_selection_summary` (:mod:`.layer_selection`);
 - 06 :func:`long_context_summary` (:mod:`.long_context`);
 - 07 :func:`beyond_bos_summary` (:mod:`.beyond_bos_dims`);
+- 08 :func:`attention_calibration_summary` (:mod:`.attention_calibration`);
 - 09 :func:`streaming_heads_summary` (:mod:`.streaming_heads`).
 
 Notebook 02's summary is the run's head list (``sinklens.series.head_list``), which notebooks 03-05 read back.
@@ -15,6 +16,7 @@ Notebooks call them through ``sl.summaries``; no summary arithmetic happens in a
 """
 
 from ...measure.census import CASE_AFTER_BOS, CASE_BOS, CASE_NO_BOS
+from .attention_calibration import attention_calibration_headline, attention_calibration_summary
 from .beyond_bos_dims import beyond_bos_headline, beyond_bos_summary, selection_headline
 from .layer_selection import layer_selection_headline, layer_selection_summary
 from .long_context import long_context_details, long_context_headline, long_context_summary
@@ -30,10 +32,11 @@ from .streaming_heads import curve_record, streaming_heads_headline, streaming_h
 from .topk_pruning import reconstruction_headline, topk_pruning_summary
 
 __all__ = [
-    "CASE_AFTER_BOS", "CASE_BOS", "CASE_NO_BOS", "beyond_bos_headline", "beyond_bos_summary", "first_token_record",
+    "CASE_AFTER_BOS", "CASE_BOS", "CASE_NO_BOS", "attention_calibration_headline", "attention_calibration_summary",
+    "beyond_bos_headline", "beyond_bos_summary", "first_token_record",
     "first_token_verdict", "k_sweep_headline", "layer_selection_headline", "layer_selection_summary",
     "long_context_details", "long_context_headline", "long_context_summary", "non_first_summary",
     "reconstruction_error_summary", "reconstruction_headline", "selection_headline", "sink_discovery_summary",
-    "streaming_heads_headline", "streaming_heads_summary", "strongest_sink_head", "topk_pruning_summary",
-    "curve_record",
+    "strongest_sink_head", "topk_pruning_summary",
+    "curve_record", "streaming_heads_headline", "streaming_heads_summary",
 ]
