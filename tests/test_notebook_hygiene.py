@@ -57,3 +57,15 @@ def test_no_two_notebooks_write_the_same_output():
             owners.setdefault(output, []).append(path.name[:2])
     assert sum(len(_saved_outputs(p)) for p in NOTEBOOKS) > 20  # the scan sees the notebooks' outputs
     assert {output: nbs for output, nbs in owners.items() if len(nbs) > 1} == {}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_reads_every_parameter(path, capfd):
+    """papermill parses each parameter line itself (its --help-notebook, the types of -p values): a line it cannot
+    parse (e.g. quotes inside the comment) is skipped with a printed "Unable to parse line"."""
+    import papermill
+
+    found = papermill.inspect_notebook(str(path))
+    out, err = capfd.readouterr()
+    assert "Unable to parse" not in out + err, out + err
+    assert sorted(found) == sorted(notebook_parameters(path)), "papermill and sinklens read other parameters"
