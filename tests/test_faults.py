@@ -120,3 +120,18 @@ def test_bad_values_of_the_new_parameters_are_named(tiny, name, call, fragment):
         call(tiny)
     assert fragment in str(err.value), str(err.value)
     assert sl.active_edits(tiny) == []  # refused before anything was applied
+
+
+def test_kv_budget_bad_values_are_named(tmp_path):
+    from helpers import build_family_checkpoint
+
+    model = sl.load_model(str(build_family_checkpoint(tmp_path / "m", "llama3")), device="cpu")
+    sweep = sl.streaming_sweep(model, sink=2, window=8, seq_len=24, n_texts=1)
+    scores = sl.streaming_head_scores(sweep)
+    for kwargs, fragment in [({"tolerances": [-0.1]}, "tolerances"), ({"tolerances": []}, "tolerances"),
+                             ({"steps": 0}, "steps"), ({"context": 0}, "context")]:
+        with pytest.raises(sl.InputError, match=fragment):
+            sl.kv_budget(sweep, scores, **kwargs)
+    with pytest.raises(sl.InputError, match="scores"):
+        sl.kv_budget(sweep, scores.drop(columns="score"))
+    sweep.close()

@@ -23,7 +23,7 @@ import pandas as pd
 
 from ..core.errors import InputError
 from ..core.loading import model_info
-from ..core.validate import check_int
+from ..core.validate import check_frame, check_int, check_type
 from ..prune.attention_window import WindowOptions
 from .evaluation.plan import build_plan
 from .sweep import Sweep
@@ -72,20 +72,27 @@ def group_heads(model, groups: Sequence[tuple[int, int]]) -> list[tuple[int, int
     return sorted((l, kv * g + i) for l, kv in groups for i in range(g))
 
 
-def streaming_head_scores(sweep: Sweep, split: str = "search") -> pd.DataFrame:
+def streaming_head_scores(sweep: Sweep, split: str = "search", *, executor=None) -> pd.DataFrame:
     """Loss increase (nats, restricted minus dense) of each KV head restricted alone.
+
+    The KV heads are one batch of independent configurations (``sweep.run``): each is stored as it finishes, a rerun
+    resumes, and an executor may evaluate them elsewhere.
 
     Args:
         sweep: from :func:`streaming_sweep`.
         split: the texts scored.
+        executor: where the configurations run: None or ``"local"`` (here), ``"ray"`` or an executor object
+            (:mod:`sinklens.assess.executor`).
     Returns:
         One row per ``(layer, kv_head)``: ``score`` (nats), ``loss`` and ``dense_loss``.
     """
     model = sweep.model
     dense = _loss(sweep.dense(split))
+    groups = kv_groups(model)
+    records = sweep.run([("window", group_heads(model, [group]), split) for group in groups],
+                        desc="streaming scores", executor=executor)
     rows = []
-    for layer, kv in kv_groups(model):
-        record = sweep.evaluate("window", group_heads(model, [(layer, kv)]), split)
+    for (layer, kv), record in zip(groups, records):
         loss = _loss(record)
         rows.append({"layer": layer, "kv_head": kv, "score": loss - dense, "loss": loss, "dense_loss": dense})
     return pd.DataFrame(rows)
@@ -97,7 +104,7 @@ def kv_cache_bytes(n_layers: int, n_kv_heads: int, d_head: int, dtype_bytes: int
 
 
 def kv_budget(sweep: Sweep, scores: pd.DataFrame, tolerances: Sequence[float] = (0.02, 0.05, 0.1), *,
-              context: int = 8192, steps: int = 12) -> pd.DataFrame:
+              context: int = 8192, steps: int = 12, executor=None) -> pd.DataFrame:
     """The largest set of cheapest KV heads whose joint restriction stays within each tolerance, confirmed held out.
 
     KV heads are taken in order of ``score``; prefixes of that order on a grid of ``steps`` sizes are evaluated on the
@@ -109,20 +116,42 @@ def kv_budget(sweep: Sweep, scores: pd.DataFrame, tolerances: Sequence[float] = 
         tolerances: loss increases (nats).
         context: tokens of the cache whose saving is reported.
         steps: prefix sizes tried.
+        executor: where the configurations run (as in :func:`streaming_head_scores`): the search grid is one batch,
+            the held-out confirmations another.
     Returns:
         One row per tolerance: KV heads restricted, search and held-out loss increases, bytes saved at ``context``
         for the model and for Llama-2-7B's shape (the same share of its KV heads), and the shares.
     """
+    check_type(sweep, Sweep, "sweep")
+    if "window" not in sweep.head_edits:
+        raise InputError("sweep has no sink + window restriction: pass the sweep of sinklens.streaming_sweep(...).")
+    check_frame(scores, ["layer", "kv_head", "score"], "scores", "sinklens.streaming_head_scores(sweep)")
+    if isinstance(tolerances, (int, float)):
+        tolerances = [tolerances]
+    tolerances = list(tolerances)
+    if not tolerances or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < math.inf
+                             for t in tolerances):
+        raise InputError(f"tolerances must be loss increases >= 0 (nats), e.g. [0.02, 0.05, 0.1]; got {tolerances!r}.")
+    context = check_int("context", context, minimum=1, meaning="tokens of the cache whose saving is reported")
+    steps = check_int("steps", steps, minimum=1, meaning="prefix sizes tried")
     model = sweep.model
     info = model_info(model)
-    options = next(iter(sweep.head_edits.values()))
+    options = sweep.head_edits["window"]
     order = [tuple(map(int, r)) for r in scores.sort_values("score")[["layer", "kv_head"]].to_numpy()]
     total = len(order)
     sizes = sorted({max(1, round(total * i / steps)) for i in range(1, steps + 1)})
     dense = {split: _loss(sweep.dense(split)) for split in ("search", "held_out")}
-    curve = {}
-    for n in sizes:
-        curve[n] = _loss(sweep.evaluate("window", group_heads(model, order[:n]), "search")) - dense["search"]
+    grid = sweep.run([("window", group_heads(model, order[:n]), "search") for n in sizes], desc="kv budget",
+                     executor=executor)
+    curve = {n: _loss(record) - dense["search"] for n, record in zip(sizes, grid)}
+    chosen = {}
+    for tol in tolerances:
+        within = [n for n in sizes if curve[n] <= tol]
+        chosen[tol] = max(within) if within else 0
+    confirm = sorted({n for n in chosen.values() if n})
+    held_out = sweep.run([("window", group_heads(model, order[:n]), "held_out") for n in confirm],
+                         desc="kv budget held out", executor=executor)
+    held = {n: _loss(record) - dense["held_out"] for n, record in zip(confirm, held_out)}
     per_token = 2 * info.d_head * DTYPE_BYTES.get(info.dtype.replace("torch.", ""), 4)
     kept_tokens = min(context, options.sink + options.window)
     full = kv_cache_bytes(info.n_layers, info.n_kv_heads, info.d_head, per_token // (2 * info.d_head), context)
@@ -130,14 +159,11 @@ def kv_budget(sweep: Sweep, scores: pd.DataFrame, tolerances: Sequence[float] = 
                                 LLAMA2_7B["bytes"], context)
     rows = []
     for tol in tolerances:
-        within = [n for n in sizes if curve[n] <= tol]
-        n = max(within) if within else 0
-        held = (_loss(sweep.evaluate("window", group_heads(model, order[:n]), "held_out")) - dense["held_out"]
-                if n else 0.0)
+        n = chosen[tol]
         share = n / total
         saved = n * per_token * (context - kept_tokens)
         rows.append({"tolerance": tol, "kv_heads": n, "share": share, "search_increase": curve.get(n, 0.0),
-                     "held_out_increase": held, "saved_bytes": saved, "cache_bytes": full,
+                     "held_out_increase": held.get(n, 0.0), "saved_bytes": saved, "cache_bytes": full,
                      "llama2_7b_saved_bytes": int(share * llama_full * (context - kept_tokens) / context),
                      "llama2_7b_cache_bytes": llama_full, "context": context})
     out = pd.DataFrame(rows)

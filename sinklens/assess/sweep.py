@@ -42,8 +42,8 @@ import os
 import sqlite3
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal, Protocol, get_args, runtime_checkable
@@ -51,7 +51,7 @@ from typing import ClassVar, Literal, Protocol, get_args, runtime_checkable
 import pandas as pd
 import torch
 
-from ..core.edits import active_edits
+from ..core.edits import active_edits, applied
 from ..core.errors import InputError
 from ..core.files import write_error
 from ..core.loading import model_info
@@ -289,16 +289,6 @@ def open_results(model, path: str | Path | None, *, fresh: bool = False) -> Resu
 
 
 # --- configurations ------------------------------------------------------------------------------
-
-@contextmanager
-def _applied(options: HeadEditOptions, model, heads: tuple[Head, ...]) -> Iterator:
-    """A head edit applied for one configuration, restored however the configuration ends."""
-    handle = options.apply(model, heads)
-    try:
-        yield handle
-    finally:
-        handle.restore()
-
 
 def _check_head_edits(head_edits: Sequence[HeadEditOptions], plans: Mapping[str, EvalPlan]) -> dict:
     """The head edits by method, checked before any forward: option objects, one per method, none taking a layer
@@ -641,7 +631,7 @@ class Sweep:
         if method == "head_removal":
             return remove_heads(self.model, list(heads))
         if method in self.head_edits:
-            return _applied(self.head_edits[method], self.model, heads)
+            return applied(self.head_edits[method].apply, self.model, heads)
         return nullcontext(None)
 
     # the residual cache ----------------------------------------------------------------------

@@ -12,7 +12,8 @@ edits are listed on the model; an edit that overlaps an active one is refused.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -245,6 +246,23 @@ class Edit:
         edits = self.model.__dict__.get("_sinklens_edits", [])
         edits[:] = [e for e in edits if e is not self]
         self.active = False
+
+
+@contextmanager
+def applied(apply: Callable[..., Edit], *args, **kwargs) -> Iterator[Edit]:
+    """The edit ``apply(*args, **kwargs)`` makes, for the body of a ``with`` block, restored however the block ends:
+    the one scoped form of every edit (``prune_qk``, ``remove_heads``, ``calibrate_attention``,
+    ``restrict_attention``, a sweep's head edit). Nothing is applied before the block is entered.
+
+    Args:
+        apply: the edit's persistent form (``apply_pruning``, ``apply_head_removal``, ...), returning its handle.
+        args, kwargs: its arguments.
+    """
+    handle = apply(*args, **kwargs)
+    try:
+        yield handle
+    finally:
+        handle.restore()
 
 
 def heads_text(heads, limit: int = 6) -> str:

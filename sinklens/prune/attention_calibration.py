@@ -47,7 +47,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from ..core.edits import Edit, heads_text, pattern_edits
+from ..core.edits import Edit, applied, heads_text, pattern_edits
 from ..core.errors import InputError
 from ..core.hooks import pattern_hook
 from ..core.loading import model_info
@@ -293,11 +293,9 @@ def calibrate_attention(model, heads: Sequence[Head], *, beta: float = DEFAULT_B
     Args:
         model, heads, beta, threshold, min_queries: as in :func:`apply_attention_calibration`.
     """
-    handle = apply_attention_calibration(model, heads, beta=beta, threshold=threshold, min_queries=min_queries)
-    try:
+    with applied(apply_attention_calibration, model, heads, beta=beta, threshold=threshold,
+                 min_queries=min_queries) as handle:
         yield handle
-    finally:
-        handle.restore()
 
 
 __all__ = ["AttentionCalibrationHandle", "CalibrationOptions", "DEFAULT_BETA", "DEFAULT_MIN_QUERIES",

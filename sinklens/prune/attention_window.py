@@ -38,7 +38,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..core.edits import Edit, active_edits, heads_text
+from ..core.edits import Edit, active_edits, applied, heads_text
 from ..core.errors import InputError
 from ..core.loading import model_info
 from ..core.local_attention import AttentionPlan, dense_attention, native_attention, sink_window_attention
@@ -198,11 +198,8 @@ def restrict_attention(model, heads=None, *, kv_heads=None, sink: int = DEFAULT_
     Args:
         model, heads, kv_heads, sink, window: as in :func:`apply_attention_restriction`.
     """
-    handle = apply_attention_restriction(model, heads, kv_heads=kv_heads, sink=sink, window=window)
-    try:
+    with applied(apply_attention_restriction, model, heads, kv_heads=kv_heads, sink=sink, window=window) as handle:
         yield handle
-    finally:
-        handle.restore()
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..core.edits import Edit, count_parameters, heads_text
+from ..core.edits import Edit, applied, count_parameters, heads_text
 from ..core.errors import InputError, SinklensError
 from ..core.loading import ModelInfo, model_info
 from ..core.qk import (
@@ -525,13 +525,10 @@ def prune_qk(model, heads: Sequence[Head] | PruneSpec | PruningPlan, k: int | No
     """
     calibration, temperature = temperature_argument(calibration, temperature, where="prune_qk")
     calibration = calibration_argument(calibration, where="prune_qk", tokens=tokens)
-    handle = apply_pruning(model, heads, k, dims, calibration=calibration, basis=basis, gqa=gqa, seed=seed,
-                           force=force, fill=fill, temperature=temperature, objective=objective, pool=pool,
-                           attention_mask=attention_mask)
-    try:
+    with applied(apply_pruning, model, heads, k, dims, calibration=calibration, basis=basis, gqa=gqa, seed=seed,
+                 force=force, fill=fill, temperature=temperature, objective=objective, pool=pool,
+                 attention_mask=attention_mask) as handle:
         yield handle
-    finally:
-        handle.restore()
 
 
 __all__ = ["PruneHandle", "PruningPlan", "apply_pruning", "fill_bias", "plan_pruning", "prune_qk"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from ..core.edits import Edit, count_parameters, heads_text
+from ..core.edits import Edit, applied, count_parameters, heads_text
 from ..core.loading import model_info
 from ..core.qk import check_editable, weights
 from .spec import Head, check_heads
@@ -66,11 +66,8 @@ def remove_heads(model, heads: Sequence[Head]) -> Iterator[HeadRemovalHandle]:
         model: a bridge from :func:`sinklens.load_model`.
         heads: the ``(layer, head)`` pairs to remove.
     """
-    handle = apply_head_removal(model, heads)
-    try:
+    with applied(apply_head_removal, model, heads) as handle:
         yield handle
-    finally:
-        handle.restore()
 
 
 __all__ = ["HeadRemovalHandle", "apply_head_removal", "remove_heads"]
