@@ -203,6 +203,9 @@ def test_labels_and_units():
     # a mapping whose key holds a dot itself (the threshold) keeps its label
     assert headline.labelled("smallest_k_median_below_0.2.bos_top", 500) == (
         "smallest k with median attention error < 0.2 (BOS top-k dims)", "500")
+    # ... and an inner key that is a number with a decimal point (a tolerance) reads as that number
+    assert headline.labelled("kv_heads_at_tolerance.0.02", 68) == (
+        "KV heads on sink + window within the loss tolerance (0.02)", "68 KV heads")
     assert wording.caption("sink_heatmap") and wording.caption("no_such_figure") is None
 
 

@@ -10,6 +10,7 @@ a figure without one is shown without a caption.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -152,7 +153,7 @@ def label(key: str) -> Label:
 
 
 def _words(key: str) -> str:
-    text = key.replace(".", ": ").replace("_", " ")
+    text = re.sub(r"(?<!\d)\.|\.(?!\d)", ": ", key).replace("_", " ")  # a decimal point (0.02) stays
     return text.replace(" pct", " (%)") if text.endswith(" pct") else text
 
 
