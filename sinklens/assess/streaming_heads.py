@@ -24,7 +24,7 @@ import pandas as pd
 from ..core.errors import InputError
 from ..core.loading import model_info
 from ..core.validate import check_frame, check_int, check_type
-from ..prune.attention_window import WindowOptions
+from ..prune.attention_window import WindowOptions, group_heads
 from .evaluation.plan import build_plan
 from .sweep import Sweep
 
@@ -64,12 +64,6 @@ def kv_groups(model) -> list[tuple[int, int]]:
     """Every ``(layer, kv head)`` of the model."""
     info = model_info(model)
     return [(l, g) for l in range(info.n_layers) for g in range(info.n_kv_heads)]
-
-
-def group_heads(model, groups: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The query heads of KV groups ``groups``."""
-    g = model_info(model).group_size
-    return sorted((l, kv * g + i) for l, kv in groups for i in range(g))
 
 
 def streaming_head_scores(sweep: Sweep, split: str = "search", *, executor=None) -> pd.DataFrame:
@@ -231,5 +225,5 @@ def compare_with_sinks(scores: pd.DataFrame, heads_table: pd.DataFrame, speciali
             "other_groups_mean_score": float(other_scores.mean()) if len(other_scores) else None}
 
 
-__all__ = ["LLAMA2_7B", "compare_with_sinks", "group_heads", "kv_budget", "kv_cache_bytes", "kv_groups",
+__all__ = ["LLAMA2_7B", "compare_with_sinks", "kv_budget", "kv_cache_bytes", "kv_groups",
            "streaming_head_scores", "streaming_sweep"]

@@ -44,7 +44,7 @@ from ..core.loading import model_info
 from ..core.local_attention import AttentionPlan, dense_attention, native_attention, sink_window_attention
 from ..core.qk import LAYOUTS, masked_like
 from ..core.validate import check_index, check_int
-from .spec import Head, head_pairs
+from .spec import Head, check_heads, head_pairs
 
 DEFAULT_SINK = 4
 DEFAULT_WINDOW = 256
@@ -70,6 +70,17 @@ def window_keep(visible: Tensor, sink: int, window: int) -> Tensor:
     return visible & ((from_start <= sink) | (from_end <= window))
 
 
+def group_heads(model, groups: Sequence[tuple[int, int]]) -> list[Head]:
+    """The query heads of KV groups ``groups`` (``(layer, kv head)`` pairs), sorted: on GQA the unit a KV cache stores.
+
+    Args:
+        model: the bridge (its group size).
+        groups: ``(layer, kv head)`` pairs.
+    """
+    g = model_info(model).group_size
+    return sorted((l, kv * g + i) for l, kv in groups for i in range(g))
+
+
 def resolve_heads(model, heads, kv_heads) -> tuple[list[Head], list[Head], list[Head]]:
     """``(query heads, whole KV groups, partial KV groups)`` of a restriction; every head when both are None.
 
@@ -87,16 +98,13 @@ def resolve_heads(model, heads, kv_heads) -> tuple[list[Head], list[Head], list[
         for layer, kv in pairs:
             check_index("layer", layer, info.n_layers, "layers")
             check_index("kv_head", kv, info.n_kv_heads, "KV heads per layer")
-        query = sorted((l, kv * g + i) for l, kv in pairs for i in range(g))
+        query = group_heads(model, pairs)
     elif heads is None or (isinstance(heads, str) and heads == "all"):
         query = [(l, h) for l in range(info.n_layers) for h in range(info.n_heads)]
     else:
         if isinstance(heads, str):
             raise InputError(f"heads must be (layer, head) pairs or 'all', got {heads!r}.")
-        query = head_pairs(heads)
-        for layer, head in query:
-            check_index("layer", layer, info.n_layers, "layers")
-            check_index("head", head, info.n_heads, "query heads per layer")
+        query = check_heads(heads, info)
     if not query:
         raise InputError("No heads to restrict: pass (layer, head) pairs, kv_heads, or 'all'.")
     chosen = set(query)
@@ -278,5 +286,5 @@ def fused_restriction(model) -> Iterator[None]:
 
 
 __all__ = ["AttentionWindowHandle", "DEFAULT_SINK", "DEFAULT_WINDOW", "RestrictedPlan", "WindowOptions",
-           "apply_attention_restriction", "check_sink_window", "fused_restriction", "resolve_heads",
+           "apply_attention_restriction", "check_sink_window", "fused_restriction", "group_heads", "resolve_heads",
            "restrict_attention", "window_edits", "window_keep"]
