@@ -111,7 +111,7 @@ def calibration_comparison(model, spec: PruneSpec, plan: EvalPlan, *, options: C
     if not isinstance(plan, EvalPlan):
         raise InputError(f"plan must be an EvalPlan (sinklens.assess.evaluation.build_plan), got "
                          f"{type(plan).__name__}.")
-    if "mc" in plan.meta.get("parts", ()) and plan.meta.get("share_context", True):
+    if plan.shares_context:
         raise InputError("plan shares MC contexts, which a calibration cannot run: build it with "
                          "share_context=False.")
     heads = list(spec.check(model_info(model)).heads)

@@ -245,15 +245,6 @@ def _check_options(options, evaluation, metric: str):
     return options, evaluation
 
 
-def shares_context(plan: EvalPlan) -> bool:
-    """Whether a plan packs MC choices behind one shared context (which a calibration cannot run).
-
-    Args:
-        plan: an evaluation plan.
-    """
-    return "mc" in plan.meta.get("parts", ()) and plan.meta.get("share_context", True)
-
-
 class _Stage:
     """Rows of one stage: each record's gain of the metric against the dense model of its split."""
 
@@ -348,7 +339,7 @@ def calibration_head_search(model, *, candidates: CalibrationCandidates | Sequen
         raise InputError(f"act_recipe must be True or False, got {act_recipe!r}.")
     plans, evaluation_settings = evaluation_plans(model, evaluation, metric)
     for split, plan in plans.items():
-        if shares_context(plan):
+        if plan.shares_context:
             raise InputError(f"evaluation[{split!r}] was built with a shared MC context: build it with "
                              "build_plan(..., share_context=False) (a calibration's sink set is per sequence).")
     method = options.method
@@ -442,4 +433,4 @@ def calibration_head_search(model, *, candidates: CalibrationCandidates | Sequen
 
 
 __all__ = ["ACT_RECIPE", "CalibrationSearch", "KEPT", "act_recipe_heads", "calibration_head_search", "gain_table",
-           "moved_mass", "shares_context"]
+           "moved_mass"]

@@ -306,7 +306,7 @@ def _check_head_edits(head_edits: Sequence[HeadEditOptions], plans: Mapping[str,
                              "per head-edit method.")
         if getattr(options, "per_sequence_pattern", False):
             for name, plan in plans.items():
-                if "mc" in plan.meta.get("parts", ()) and plan.meta.get("share_context", True):
+                if plan.shares_context:
                     raise InputError(f"Plan {name!r} packs each MC item's choices behind one shared context, but "
                                      f"{options.method!r} computes its edit per sequence, which a packed row cannot "
                                      "honour: build the plans with share_context=False.")

@@ -68,6 +68,12 @@ class EvalPlan:
     def n_tokens(self) -> int:
         return sum(b.n_tokens for b in self.batches)
 
+    @property
+    def shares_context(self) -> bool:
+        """Whether the plan packs each MC item's choices behind one shared context: a row then holds several
+        sequences, which an edit computed per sequence (an attention calibration) cannot run."""
+        return "mc" in self.meta.get("parts", ()) and self.meta.get("share_context", True)
+
     def run(self, model, *, start_layer: int = 0, resid: Sequence[Float[Tensor, "batch pos d_model"]] | None = None,
             capture: Collection[int] = (), show_progress: bool = False) -> EvalResult:
         """Score the plan on ``model`` as it is now (edits included).
@@ -83,7 +89,7 @@ class EvalPlan:
         """
         info = model_info(model)
         calibrated = pattern_edits(model)
-        if calibrated and "mc" in self.meta.get("parts", ()) and self.meta.get("share_context", True):
+        if calibrated and self.shares_context:
             raise InputError(f"This plan packs each MC item's choices behind one shared context, but the active "
                              f"{calibrated[0].kind} computes its sink set per sequence, which a packed row cannot "
                              "honour: build the plan under the calibration (or with share_context=False).")
